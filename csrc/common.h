@@ -1,0 +1,37 @@
+// Host-side helpers shared by the CPU and CUDA bindings (never by kernel bodies).
+// The Python layer validates arguments with full messages before any op runs; these checks only keep a
+// direct torch.ops call from reading out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace fastforget {
+
+inline void check_same_layout(const char* name, at::TensorList tensors, at::TensorList params) {
+  TORCH_CHECK(tensors.size() == params.size(), name, " has ", tensors.size(), " tensors but params has ",
+              params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(tensors[i].sizes() == params[i].sizes(), name, "[", i, "] has shape ", tensors[i].sizes(),
+                " but params[", i, "] has shape ", params[i].sizes());
+    TORCH_CHECK(tensors[i].device() == params[i].device(), name, "[", i, "] is on ", tensors[i].device(),
+                " but params[", i, "] is on ", params[i].device());
+  }
+}
+
+// fp64 params are computed in fp64 (so gradcheck is meaningful); everything else in fp32.
+inline at::ScalarType accumulate_type(at::TensorList params) {
+  for (const auto& p : params) {
+    if (p.scalar_type() == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+inline std::vector<at::Tensor> contiguous(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) out.push_back(t.contiguous());
+  return out;
+}
+
+}  // namespace fastforget

@@ -1,0 +1,23 @@
+"""fastforget: fused multi-tensor kernels against catastrophic forgetting."""
+
+from fastforget import _schemas  # noqa: F401  (defines every op before kernels register on them)
+from fastforget import _extension  # noqa: F401  (loads the C++/CUDA kernels when built)
+from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
+from fastforget.ops import ewc_penalty, ewc_penalty_, ewc_penalty_accumulate_ref, ewc_penalty_ref
+
+try:
+    import fastforget.kernels  # noqa: F401  (registers the Triton kernels)
+except ImportError:  # no triton: available_backends() says why
+    pass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendStatus",
+    "available_backends",
+    "ewc_penalty",
+    "ewc_penalty_",
+    "ewc_penalty_accumulate_ref",
+    "ewc_penalty_ref",
+]

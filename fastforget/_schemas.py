@@ -1,0 +1,39 @@
+"""Every fastforget operator schema, in one place.
+
+Each op exists in two flavours that share one schema:
+
+* ``fastforget::<op>``          -- native kernels: C++ on the CPU key, CUDA on the CUDA key (``csrc/``).
+* ``fastforget::<op>_triton``   -- the Triton multi-tensor kernels (``kernels/``), CPU key only under
+  ``TRITON_INTERPRET=1``.
+
+The ``reference`` backend is plain torch and needs no op. Fake (meta) impls and autograd are registered in
+``fastforget/ops/<op>.py``; kernels are registered by ``csrc/`` (``TORCH_LIBRARY_IMPL``) and ``kernels/``.
+"""
+
+import torch
+
+NAMESPACE = "fastforget"
+
+SCHEMAS = {
+    # penalty = lam * sum_i sum_j F_ij (theta_ij - anchor_ij)^2   (0-dim, fp32; fp64 for fp64 params)
+    "ewc_penalty": "(Tensor[] params, Tensor[] anchors, Tensor[] fisher, float lam) -> Tensor",
+    # d penalty / d params * grad_out = 2 * lam * grad_out * F * (theta - anchor), in the params' dtypes
+    "ewc_penalty_backward": (
+        "(Tensor[] params, Tensor[] anchors, Tensor[] fisher, float lam, Tensor grad_out) -> Tensor[]"
+    ),
+    # grads += 2 * lam * F * (theta - anchor) in one pass over the elements; returns the penalty
+    "ewc_penalty_accumulate": (
+        "(Tensor[] params, Tensor[] anchors, Tensor[] fisher, Tensor(a!)[] grads, float lam) -> Tensor"
+    ),
+}
+
+FLAVOURS = ("", "_triton")
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _op, _schema in SCHEMAS.items():
+    for _flavour in FLAVOURS:
+        _lib.define(f"{_op}{_flavour}{_schema}")
+
+
+def qualname(op: str, flavour: str = "") -> str:
+    return f"{NAMESPACE}::{op}{flavour}"

@@ -1,0 +1,74 @@
+"""Argument checks shared by every op. They run before anything is allocated or written, and name the index."""
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def tensor_list(name: str, value) -> list:
+    """One tensor or a sequence of tensors, as a list."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a Tensor or a sequence of Tensors, not {type(value).__name__}")
+    for i, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(t).__name__}, not a Tensor")
+    return list(value)
+
+
+def check_dtype(name: str, i: int, t: torch.Tensor, allowed) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dict.fromkeys(allowed))
+        raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected one of {names}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}[{i}] has layout {t.layout}; only dense (strided) tensors are supported")
+
+
+def check_like_params(name: str, tensors: list, params: list) -> None:
+    """Same length as params, and each tensor shaped and placed like its param."""
+    if len(tensors) != len(params):
+        raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(params)}")
+    for i, (t, p) in enumerate(zip(tensors, params)):
+        if t.shape != p.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but params[{i}] has shape {tuple(p.shape)}")
+        if t.device != p.device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but params[{i}] is on {p.device}")
+
+
+def check_one_device(name: str, tensors: list) -> None:
+    for i, t in enumerate(tensors):
+        if t.device != tensors[0].device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {tensors[0].device}")
+
+
+def check_scalar(name: str, value, *, minimum=None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, not {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_no_overlap(name: str, tensors: list) -> None:
+    """Tensors written in place must not share memory, or one element would be updated twice."""
+    if torch.compiler.is_compiling():
+        return  # no addresses while tracing
+    spans = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+        spans.append((start, start + extent * t.element_size(), i))
+    spans.sort()
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{name}[{min(i, j)}] and {name}[{max(i, j)}] overlap in memory")

@@ -1,0 +1,3 @@
+from fastforget.ops.ewc_penalty import ewc_penalty, ewc_penalty_, ewc_penalty_accumulate_ref, ewc_penalty_ref
+
+__all__ = ["ewc_penalty", "ewc_penalty_", "ewc_penalty_accumulate_ref", "ewc_penalty_ref"]

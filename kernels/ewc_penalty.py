@@ -1,0 +1,111 @@
+"""Triton kernels of the EWC penalty: lam * sum F (theta - anchor)^2 and its gradient 2 lam F (theta - anchor).
+
+One launch per dtype group covers the whole list (multi_tensor.py); each program handles BLOCK elements of one
+tensor and writes one partial; a single-program kernel then sums the partials in a fixed order (no atomics).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastforget import dispatch
+from fastforget._schemas import qualname
+from fastforget.kernels.multi_tensor import contiguous, launch_groups
+
+BLOCK = 4096
+PENALTY, GRADIENT, ACCUMULATE = 0, 1, 2
+
+
+@triton.jit
+def _ewc_kernel(
+    tables, blocks, num_tensors, num_blocks, partials, scale_ptr, c,
+    PASS: tl.constexpr, ACC: tl.constexpr, P: tl.constexpr, A: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(blocks + pid)
+    start = tl.load(blocks + num_blocks + pid)
+    n = tl.load(tables + 4 * num_tensors + t)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    p = tl.load(tl.load(tables + t).to(tl.pointer_type(P)) + offs, mask=mask, other=0).to(ACC)
+    a = tl.load(tl.load(tables + num_tensors + t).to(tl.pointer_type(A)) + offs, mask=mask, other=0).to(ACC)
+    f = tl.load(tl.load(tables + 2 * num_tensors + t).to(tl.pointer_type(F)) + offs, mask=mask, other=0).to(ACC)
+    d = p - a
+    fd = f * d
+    g_ptr = tl.load(tables + 3 * num_tensors + t).to(tl.pointer_type(G)) + offs
+    if PASS == 1:  # GRADIENT: out = (2 lam grad_out) F d
+        scale = c * tl.load(scale_ptr).to(ACC)
+        tl.store(g_ptr, (scale * fd).to(G), mask=mask)
+    else:
+        if PASS == 2:  # ACCUMULATE: grad += 2 lam F d
+            g = tl.load(g_ptr, mask=mask, other=0).to(ACC)
+            tl.store(g_ptr, (g + c * fd).to(G), mask=mask)
+        tl.store(partials + pid, tl.sum(fd * d, axis=0))
+
+
+@triton.jit
+def _sum_partials_kernel(partials, n, out, lam, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=out.dtype.element_ty)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partials + offs, mask=offs < n, other=0)
+    tl.store(out, tl.sum(acc, axis=0) * lam)
+
+
+def _accumulate_dtype(params):
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def _run(pass_, params, anchors, fisher, targets, lam, c, scale=None):
+    """Launches `pass_` over the list; `targets` are the outputs (GRADIENT) or gradients (ACCUMULATE)."""
+    acc = _accumulate_dtype(params)
+    device = params[0].device
+    roles = (params, anchors, fisher, targets if targets is not None else params)
+    groups, total_blocks = launch_groups(roles, BLOCK)
+    partials = torch.empty(total_blocks, dtype=acc, device=device)
+    for group in groups:
+        if group.num_blocks:
+            _ewc_kernel[(group.num_blocks,)](
+                group.tables, group.blocks, group.num_tensors, group.num_blocks,
+                partials[group.first_block:], scale if scale is not None else partials, c,
+                PASS=pass_, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                P=group.dtypes[0], A=group.dtypes[1], F=group.dtypes[2], G=group.dtypes[3], BLOCK=BLOCK,
+            )
+    if pass_ == GRADIENT:
+        return None
+    out = torch.empty((), dtype=acc, device=device)
+    _sum_partials_kernel[(1,)](partials, total_blocks, out, lam, BLOCK=1024)
+    return out
+
+
+def ewc_penalty(params, anchors, fisher, lam):
+    params, anchors, fisher = contiguous(params), contiguous(anchors), contiguous(fisher)
+    return _run(PENALTY, params, anchors, fisher, None, lam, 0.0)
+
+
+def ewc_penalty_backward(params, anchors, fisher, lam, grad_out):
+    params, anchors, fisher = contiguous(params), contiguous(anchors), contiguous(fisher)
+    outs = [torch.empty_like(p) for p in params]
+    scale = grad_out.to(_accumulate_dtype(params)).reshape(())
+    _run(GRADIENT, params, anchors, fisher, outs, lam, 2.0 * lam, scale)
+    return outs
+
+
+def ewc_penalty_accumulate(params, anchors, fisher, grads, lam):
+    params, anchors, fisher = contiguous(params), contiguous(anchors), contiguous(fisher)
+    work = contiguous(grads)  # a non-contiguous gradient is updated through a copy, written back below
+    penalty = _run(ACCUMULATE, params, anchors, fisher, work, lam, 2.0 * lam)
+    for g, w in zip(grads, work):
+        if w is not g:
+            g.copy_(w)
+    return penalty
+
+
+_DEVICES = ("cuda", "cpu") if dispatch.triton_interpreted() else ("cuda",)
+for _op, _fn in (
+    ("ewc_penalty", ewc_penalty),
+    ("ewc_penalty_backward", ewc_penalty_backward),
+    ("ewc_penalty_accumulate", ewc_penalty_accumulate),
+):
+    torch.library.register_kernel(qualname(_op, "_triton"), _DEVICES, _fn)

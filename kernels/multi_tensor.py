@@ -1,0 +1,69 @@
+"""One Triton launch over a whole tensor list: int64 pointer tables and a block -> (tensor, start) map.
+
+Tensors are grouped by their dtype signature (one role per argument, e.g. param/anchor/fisher/grad dtypes), since
+a Triton kernel is specialised on element types; a model normally has one group, so one launch. Within a group:
+
+    tables[r, t]  address of tensor t in role r    (r < roles)
+    tables[roles, t]  numel of tensor t
+    blocks[0, b], blocks[1, b]  tensor index and first element of program b (programs cover BLOCK elements each)
+
+All offsets are int64, zero-size tensors get no program, and each program writes one reduction partial, so
+partials have a fixed order and sums of them are reproducible.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+
+TRITON_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+
+
+@dataclass
+class LaunchGroup:
+    dtypes: tuple  # Triton element type of each role
+    tables: torch.Tensor  # (roles + 1, num_tensors) int64
+    blocks: torch.Tensor  # (2, num_blocks) int64
+    num_tensors: int
+    num_blocks: int
+    first_block: int  # offset of this group's programs in the call's partials
+
+
+def launch_groups(roles, block_size):
+    """roles: sequences of equal length (one per kernel argument role), e.g. (params, anchors, fisher)."""
+    by_signature = {}
+    for t, tensors in enumerate(zip(*roles)):
+        by_signature.setdefault(tuple(x.dtype for x in tensors), []).append(t)
+    groups, first_block = [], 0
+    device = roles[0][0].device
+    for signature, members in by_signature.items():
+        numels = torch.tensor([roles[0][t].numel() for t in members], dtype=torch.int64)
+        rows = [[role[t].data_ptr() for t in members] for role in roles]
+        tables = torch.cat([torch.tensor(rows, dtype=torch.int64).reshape(len(roles), -1), numels[None]])
+        counts = (numels + block_size - 1) // block_size
+        tensor_of_block = torch.repeat_interleave(torch.arange(len(members)), counts)
+        first_of_tensor = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        start_of_block = (torch.arange(len(tensor_of_block)) - first_of_tensor) * block_size
+        blocks = torch.stack([tensor_of_block, start_of_block])
+        num_blocks = blocks.shape[1]
+        groups.append(
+            LaunchGroup(
+                dtypes=tuple(TRITON_DTYPES[d] for d in signature),
+                tables=tables.to(device, non_blocking=True),
+                blocks=blocks.to(device, non_blocking=True),
+                num_tensors=len(members),
+                num_blocks=num_blocks,
+                first_block=first_block,
+            )
+        )
+        first_block += num_blocks
+    return groups, first_block
+
+
+def contiguous(tensors):
+    return [t.contiguous() for t in tensors]

@@ -1,0 +1,46 @@
+"""Builds fastforget and its native extension fastforget._C (C++ CPU kernels; CUDA kernels when torch has CUDA).
+
+Environment:
+  FASTFORGET_SKIP_CUDA_BUILD=1  build the CPU kernels only, even when torch has CUDA
+  MAX_JOBS, TORCH_CUDA_ARCH_LIST are honoured by torch.utils.cpp_extension (ninja).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def native_extension():
+    with_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and not os.environ.get("FASTFORGET_SKIP_CUDA_BUILD")
+    )
+    sources = ["csrc/extension.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # -fopenmp makes at::parallel_for parallel; the GOMP symbols resolve to the OpenMP runtime torch already
+    # loaded (not linked here), so torch.set_num_threads governs our kernels too.
+    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    if with_cuda:
+        # every op's binding; nvcc_check.cu only compile-checks the torch-free kernel headers
+        sources += sorted(f for f in glob.glob("csrc/cuda/*.cu") if not f.endswith("nvcc_check.cu"))
+        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        return CUDAExtension("fastforget._C", sources, extra_compile_args=extra)
+    return CppExtension("fastforget._C", sources, extra_compile_args=extra)
+
+
+setup(
+    name="fastforget",
+    version="0.1.0",
+    description="Fused multi-tensor kernels for EWC, rehearsal, LoRA and gradient protection",
+    packages=["fastforget", "fastforget.ops", "fastforget.kernels"],
+    package_dir={"fastforget.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    ext_modules=[native_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
