@@ -92,6 +92,7 @@ def available_backends() -> dict:
 _warned = set()
 
 
+@torch.compiler.assume_constant_result  # decided once while tracing; the compiled graph calls that backend's op
 def resolve(backend: str, device: torch.device, op: str) -> str:
     """The backend that runs `op` on tensors of `device`, per the selection rules above."""
     requested = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR, "auto") or "auto"

@@ -142,6 +142,27 @@ def _register(flavour):
 
     torch.library.register_autograd(penalty, backward_fn, setup_context=setup_context)
 
+    # Second order (gradgradcheck, Hessian-vector products): out_i = 2 lam g F_i (theta_i - anchor_i), so
+    # d out_i / d theta_i = 2 lam g F_i and d out_i / d g = 2 lam F_i (theta_i - anchor_i). Plain torch: rare path.
+    def setup_backward_context(ctx, inputs, output):
+        params, anchors, fisher, ctx.lam, grad_out = inputs
+        ctx.count = len(params)
+        ctx.save_for_backward(*params, *anchors, *fisher, grad_out)
+
+    def double_backward_fn(ctx, upstream):
+        *saved, grad_out = ctx.saved_tensors
+        n, c = ctx.count, 2 * ctx.lam
+        params, anchors, fisher = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        acc = _accumulate_dtype(params)
+        d_params, d_grad_out = [], torch.zeros((), dtype=acc, device=grad_out.device)
+        for p, a, f, v in zip(params, anchors, fisher, upstream):
+            cfv = c * f.to(acc) * v.to(acc)
+            d_params.append((cfv * grad_out.to(acc)).to(p.dtype))
+            d_grad_out = d_grad_out + (cfv * (p.to(acc) - a.to(acc))).sum()
+        return d_params, [None] * n, [None] * n, None, d_grad_out.to(grad_out.dtype)
+
+    torch.library.register_autograd(backward, double_backward_fn, setup_context=setup_backward_context)
+
 
 for _flavour in FLAVOURS:
     _register(_flavour)

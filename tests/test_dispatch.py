@@ -1,0 +1,71 @@
+"""The backend table: explicit choice, FASTFORGET_BACKEND, auto fallback, and the reasons it reports."""
+
+import warnings
+
+import pytest
+import torch
+
+import fastforget as ff
+from fastforget import _extension, dispatch
+
+
+def inputs():
+    p = torch.randn(10)
+    return [p], [p + 1], [torch.ones(10)]
+
+
+def test_available_backends_reports_every_backend_with_a_reason():
+    status = ff.available_backends()
+    assert set(status) == set(ff.BACKENDS)
+    assert status["reference"].available
+    assert status["cpu"].available, status["cpu"].reason  # built by `pip install -e .`
+    for s in status.values():
+        assert isinstance(s, ff.BackendStatus) and s.reason
+    if not torch.cuda.is_available():
+        assert not status["cuda"].available and "CUDA" in status["cuda"].reason
+
+
+def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.resolve("auto", torch.device("cpu"), "ewc_penalty") == "cpu"
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    assert dispatch.resolve("auto", torch.device("cpu"), "ewc_penalty") == "reference"
+    assert dispatch.resolve("cpu", torch.device("cpu"), "ewc_penalty") == "cpu"  # the argument wins
+    monkeypatch.setenv(dispatch.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        ff.ewc_penalty(*inputs(), 0.4)
+
+
+def test_unknown_backend_argument():
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        ff.ewc_penalty(*inputs(), 0.4, backend="gpu")
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reason():
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu tensors"):
+        ff.ewc_penalty(*inputs(), 0.4, backend="cuda")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ff.ewc_penalty(*inputs(), 0.4, backend="triton")
+
+
+def test_missing_extension_falls_back_to_reference_and_warns_once(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", "fastforget._C failed to load (simulated)")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    assert not ff.available_backends()["cpu"].available
+    assert "simulated" in ff.available_backends()["cpu"].reason
+    with pytest.raises(RuntimeError, match="simulated"):
+        ff.ewc_penalty(*inputs(), 0.4, backend="cpu")
+    with pytest.warns(RuntimeWarning, match="using the pure-torch reference"):
+        penalty = ff.ewc_penalty(*inputs(), 0.4)
+    assert penalty.item() == pytest.approx(4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ff.ewc_penalty(*inputs(), 0.4)  # warned once only
