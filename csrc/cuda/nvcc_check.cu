@@ -1,0 +1,24 @@
+// Compile check for the torch-free CUDA code (not part of the extension). Instantiates every template so that
+// kernel bodies are checked on a machine without a GPU or a CUDA build of torch (from the repository root):
+//
+//   nvcc -c -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+//     csrc/cuda/nvcc_check.cu -o /tmp/nvcc_check.o
+#include "ewc_penalty.cuh"
+#include "multi_tensor.cuh"
+
+namespace fastforget::gpu {
+
+template void plan_blocks<kEwcRoles>(int64_t*, int64_t);
+template int64_t meta_words<kEwcRoles>(int64_t, int64_t);
+
+// The launchers instantiate every kernel (including sum_partials_kernel) and device helper.
+template cudaError_t launch_ewc_penalty<float>(const int64_t*, int64_t, int64_t, double, bool, float*, float*,
+                                               cudaStream_t);
+template cudaError_t launch_ewc_penalty<double>(const int64_t*, int64_t, int64_t, double, bool, double*, double*,
+                                                cudaStream_t);
+template cudaError_t launch_ewc_penalty_backward<float>(const int64_t*, int64_t, int64_t, double, const float*,
+                                                        cudaStream_t);
+template cudaError_t launch_ewc_penalty_backward<double>(const int64_t*, int64_t, int64_t, double, const double*,
+                                                         cudaStream_t);
+
+}  // namespace fastforget::gpu
