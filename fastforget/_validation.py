@@ -58,15 +58,18 @@ def check_scalar(name: str, value, *, minimum=None) -> float:
 
 
 def check_no_overlap(name: str, tensors: list) -> None:
-    """Tensors written in place must not share memory, or one element would be updated twice."""
+    """Tensors written in place must not share memory, or one element would be updated twice. None is skipped."""
     if torch.compiler.is_compiling():
         return  # no addresses while tracing
     spans = []
     for i, t in enumerate(tensors):
-        if t.numel() == 0:
+        if t is None or t.numel() == 0:
             continue
         start = t.data_ptr()
-        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+        if t.is_contiguous():
+            extent = t.numel()
+        else:
+            extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
         spans.append((start, start + extent * t.element_size(), i))
     spans.sort()
     for (_, end, i), (start, _, j) in zip(spans, spans[1:]):

@@ -15,7 +15,7 @@ from fastforget import dispatch
 from fastforget._schemas import FLAVOURS, qualname
 
 _PARAM_DTYPES = check.FLOAT_DTYPES
-_FISHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FISHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # or the param dtype (fp64)
 
 
 def _accumulate_dtype(params):
@@ -52,6 +52,17 @@ def _checked_inputs(params, anchors, fisher, lam):
     params = check.tensor_list("params", params)
     anchors = check.tensor_list("anchors", anchors)
     fisher = check.tensor_list("fisher", fisher)
+    lam = check.check_scalar("lam", lam, minimum=0.0)
+    if len(anchors) == len(fisher) == len(params):
+        device = params[0].device if params else None
+        if all(  # the fast path: one pass, no messages
+            p.dtype in _PARAM_DTYPES and a.dtype in (p.dtype, torch.float32, torch.bfloat16)
+            and (f.dtype in _FISHER_DTYPES or f.dtype == p.dtype) and p.layout == a.layout == f.layout == torch.strided
+            and p.device == a.device == f.device == device and p.shape == a.shape == f.shape
+            for p, a, f in zip(params, anchors, fisher)
+        ):
+            return params, anchors, fisher, lam
+    # something is wrong: find the first problem and name it
     check.check_like_params("anchors", anchors, params)
     check.check_like_params("fisher", fisher, params)
     check.check_one_device("params", params)
@@ -59,7 +70,7 @@ def _checked_inputs(params, anchors, fisher, lam):
         check.check_dtype("params", i, p, _PARAM_DTYPES)
         check.check_dtype("anchors", i, a, (p.dtype, torch.float32, torch.bfloat16))
         check.check_dtype("fisher", i, f, (*_FISHER_DTYPES, p.dtype))
-    return params, anchors, fisher, check.check_scalar("lam", lam, minimum=0.0)
+    return params, anchors, fisher, lam
 
 
 def ewc_penalty(params, anchors, fisher, lam, *, backend="auto"):
@@ -70,7 +81,7 @@ def ewc_penalty(params, anchors, fisher, lam, *, backend="auto"):
     params, anchors, fisher, lam = _checked_inputs(params, anchors, fisher, lam)
     for name, tensors in (("anchors", anchors), ("fisher", fisher)):
         for i, t in enumerate(tensors):
-            if t.requires_grad:
+            if t.requires_grad:  # a gradient would silently not reach it
                 raise ValueError(f"{name}[{i}] requires grad; EWC treats it as a constant: pass {name}[{i}].detach()")
     if not params:
         return torch.zeros(())
@@ -87,15 +98,11 @@ def ewc_penalty_(params, anchors, fisher, lam, *, backend="auto"):
     (tensors whose memory spans interleave are rejected too). Nothing is written when an argument is rejected.
     """
     params, anchors, fisher, lam = _checked_inputs(params, anchors, fisher, lam)
-    existing = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
-    grads = [g for _, g in existing]
-    for i, g in existing:
-        check.check_dtype("grads", i, g, check.FLOAT_DTYPES)
-        if g.shape != params[i].shape or g.device != params[i].device:
-            raise ValueError(
-                f"params[{i}].grad has shape {tuple(g.shape)} on {g.device} but params[{i}] has shape "
-                f"{tuple(params[i].shape)} on {params[i].device}"
-            )
+    grads = [p.grad for p in params]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is not None and (g.dtype not in _PARAM_DTYPES or g.layout != torch.strided):
+            check.check_dtype("grads", i, g, _PARAM_DTYPES)  # raises, naming the index
+    # (torch itself keeps .grad shaped and placed like its param)
     check.check_no_overlap("grads", grads)
     if not params:
         return torch.zeros(())

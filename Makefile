@@ -1,0 +1,42 @@
+# Everything a fresh machine needs: `make check` (verify + benchmark) and `make test` (the test suite).
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+DEPS_STAMP  := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.fastforget-built
+NATIVE_SRC  := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+
+.PHONY: check test bench bench-smoke nvcc-check build clean
+
+check: $(BUILD_STAMP)
+	$(PY) bench/check.py
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest tests -q
+
+bench: $(BUILD_STAMP)
+	$(PY) -m pytest bench -q
+
+bench-smoke: $(BUILD_STAMP)
+	FF_BENCH_SMOKE=1 $(PY) -m pytest bench -q --benchmark-disable
+
+nvcc-check:
+	bash bench/nvcc_check.sh
+
+build: $(BUILD_STAMP)
+
+# torch: reuse one the venv can import; else $(TORCH_SPEC) (the CPU wheel on this kind of machine).
+$(DEPS_STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "triton>=3.6" ninja setuptools wheel numpy pytest pytest-benchmark hypothesis
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build *.egg-info fastforget/_C*.so $(BUILD_STAMP)

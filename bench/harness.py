@@ -1,0 +1,190 @@
+"""Helpers shared by every op's benchmark: sizes, device, timing, the add-bandwidth baseline, the result table.
+
+Environment:
+  FF_BENCH_SCALE  float (default 1.0): scales every dimension of the GPT-2-small tensor list, so the element
+                  count scales about as scale**2 (scale 1.0 is ~124M elements in 148 tensors).
+  FF_BENCH_SMOKE  "1": tiny sizes (scale SMOKE_SCALE) and few repeats, so that every benchmark runs in seconds
+                  (CI runs ``FF_BENCH_SMOKE=1 pytest bench/ --benchmark-disable``). Overrides FF_BENCH_SCALE.
+
+Bytes moved are the op's minimum memory traffic (each tensor it must read or write counted once), not the
+traffic a given implementation happens to cause; GB/s = bytes_moved / median seconds, and the fraction is that
+over the GB/s of ``torch.add(b, c, alpha=s, out=a)`` (read b and c, write a: 12 B/element in fp32) measured in
+the same run over the same element count.
+"""
+
+import argparse
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+SMOKE_SCALE = 0.02
+FP32_BYTES = 4
+ADD_BYTES_PER_ELEMENT = 3 * FP32_BYTES
+# the backends that make sense on each device type; `ff.available_backends()` says which of them are built
+DEVICE_BACKENDS = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+
+
+def smoke_mode() -> bool:
+    return os.environ.get("FF_BENCH_SMOKE", "0") not in ("", "0")
+
+
+def bench_scale() -> float:
+    return SMOKE_SCALE if smoke_mode() else float(os.environ.get("FF_BENCH_SCALE", "1.0"))
+
+
+def default_repeats() -> int:
+    return 3 if smoke_mode() else 10
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def gpt2_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
+    """GPT-2 small's parameter shapes (HF layout: Conv1D weights are (in, out)), every dimension times scale."""
+
+    def dims(*sizes: int) -> tuple[int, ...]:
+        return tuple(max(1, round(size * scale)) for size in sizes)
+
+    vocab, context, width, layers = 50257, 1024, 768, 12
+    block = [
+        dims(width), dims(width),  # ln_1 weight, bias
+        dims(width, 3 * width), dims(3 * width),  # attn.c_attn
+        dims(width, width), dims(width),  # attn.c_proj
+        dims(width), dims(width),  # ln_2
+        dims(width, 4 * width), dims(4 * width),  # mlp.c_fc
+        dims(4 * width, width), dims(width),  # mlp.c_proj
+    ]
+    return [dims(vocab, width), dims(context, width), *block * layers, dims(width), dims(width)]
+
+
+def gpt2_tensors(scale: float, device: torch.device, dtype=torch.float32) -> list[torch.Tensor]:
+    """One standard-normal tensor per GPT-2 parameter."""
+    return [torch.randn(shape, device=device, dtype=dtype) for shape in gpt2_shapes(scale)]
+
+
+def gpt2_numel(scale: float = 1.0) -> int:
+    return sum(math.prod(shape) for shape in gpt2_shapes(scale))
+
+
+def backend_skip_reason(name: str, available: dict, device: torch.device) -> str | None:
+    """Why backend ``name`` can't be benchmarked on ``device``, or None; ``available`` is ff.available_backends()."""
+    if name not in DEVICE_BACKENDS[device.type]:
+        return f"the {name} backend is not benchmarked on {device.type}"
+    if name not in available:
+        return f"ff.available_backends() does not report {name}"
+    return None if available[name].available else (available[name].reason or f"{name} is unavailable")
+
+
+def usable_backends(available: dict, device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """The backends to benchmark on ``device`` and, for the others meant for it, why they are skipped."""
+    reasons = {name: backend_skip_reason(name, available, device) for name in DEVICE_BACKENDS[device.type]}
+    return ([name for name, reason in reasons.items() if reason is None],
+            {name: reason for name, reason in reasons.items() if reason is not None})
+
+
+def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in milliseconds over ``repeats`` runs, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def time_first_call_ms(fn: Callable[[], object]) -> float:
+    """Wall time of one call, e.g. the first call of a torch.compile'd function (compile + one run)."""
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+@dataclass
+class Variant:
+    name: str
+    backend: str
+    fn: Callable[[], object]  # one full run of the op; the inputs are bound in the closure
+    bytes_moved: int
+    compile_ms: float | None = None  # a compiled variant's first call (less on a warm Inductor on-disk cache)
+
+
+def gbps(bytes_moved: int, ms: float) -> float:
+    return bytes_moved / (ms * 1e-3) / 1e9
+
+
+def add_baseline(numel: int, device: torch.device) -> Variant:
+    """``torch.add(b, c, alpha=s, out=a)`` over ``numel`` fp32 elements: the reachable memory bandwidth."""
+    b, c = torch.rand(numel, device=device), torch.rand(numel, device=device)
+    a = torch.empty_like(b)
+    return Variant("bandwidth_baseline", "torch.add", lambda: torch.add(b, c, alpha=0.5, out=a),
+                   ADD_BYTES_PER_ELEMENT * numel)
+
+
+def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
+    """Run ``variant`` under pytest-benchmark and put bytes, GB/s and the bandwidth fraction in extra_info."""
+
+    def run_synchronized():
+        variant.fn()
+        synchronize()
+
+    benchmark(run_synchronized)
+    benchmark.extra_info["bytes"] = variant.bytes_moved
+    if variant.compile_ms is not None:
+        benchmark.extra_info["compile_ms"] = variant.compile_ms
+    if benchmark.stats is not None:  # None under --benchmark-disable, where the function runs once untimed
+        achieved = gbps(variant.bytes_moved, benchmark.stats.stats.median * 1e3)
+        benchmark.extra_info["gbps"] = achieved
+        benchmark.extra_info["bandwidth_fraction"] = achieved / baseline_gbps
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--scale", type=float, default=bench_scale(),
+                        help="dimension scale of the GPT-2 tensor list (default: FF_BENCH_SCALE, or smoke size)")
+    parser.add_argument("--repeats", type=int, default=default_repeats(), help="timed runs per variant (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing each variant")
+    return parser.parse_args()
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    for line in [headers, ["-" * width for width in widths], *rows]:
+        print("  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)))
+
+
+def run_table(variants: list[Variant], baseline: Variant, repeats: int, warmup: int = 1,
+              reference: str = "eager_reference") -> None:
+    """Time the baseline and every variant, then print ms, GB/s, fraction of add-bandwidth, speed-up vs reference."""
+    baseline_ms = time_ms(baseline.fn, repeats, warmup)
+    baseline_gbps = gbps(baseline.bytes_moved, baseline_ms)
+    timings = [(variant, time_ms(variant.fn, repeats, warmup)) for variant in variants]
+    reference_ms = next((ms for variant, ms in timings if variant.name == reference), math.nan)
+
+    def row(variant: Variant, ms: float, speedup: str) -> list[str]:
+        achieved = gbps(variant.bytes_moved, ms)
+        compile_ms = "-" if variant.compile_ms is None else f"{variant.compile_ms:.0f}"
+        return [variant.name, variant.backend, f"{ms:.3f}", f"{achieved:.1f}", f"{achieved / baseline_gbps:.2f}",
+                speedup, compile_ms]
+
+    rows = [row(variant, ms, f"{reference_ms / ms:.2f}x") for variant, ms in timings]
+    rows.append(row(baseline, baseline_ms, "-"))
+    print_table(["variant", "backend", "ms", "GB/s", "frac_add", "speedup", "compile_ms"], rows)
+    print(f"ms: median of {repeats}; frac_add: GB/s over the torch.add baseline's; speedup: vs {reference}; "
+          "compile_ms: first call of a compiled variant")
