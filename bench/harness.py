@@ -77,9 +77,16 @@ def gpt2_numel(scale: float = 1.0) -> int:
     return sum(math.prod(shape) for shape in gpt2_shapes(scale))
 
 
+def device_backends(device: torch.device) -> tuple[str, ...]:
+    """Backends benchmarked on ``device``; in smoke mode on the CPU also Triton's interpreter, so it cannot rot."""
+    if device.type == "cpu" and smoke_mode():
+        return DEVICE_BACKENDS["cpu"] + ("triton",)
+    return DEVICE_BACKENDS[device.type]
+
+
 def backend_skip_reason(name: str, available: dict, device: torch.device) -> str | None:
     """Why backend ``name`` can't be benchmarked on ``device``, or None; ``available`` is ff.available_backends()."""
-    if name not in DEVICE_BACKENDS[device.type]:
+    if name not in device_backends(device):
         return f"the {name} backend is not benchmarked on {device.type}"
     if name not in available:
         return f"ff.available_backends() does not report {name}"
@@ -88,7 +95,7 @@ def backend_skip_reason(name: str, available: dict, device: torch.device) -> str
 
 def usable_backends(available: dict, device: torch.device) -> tuple[list[str], dict[str, str]]:
     """The backends to benchmark on ``device`` and, for the others meant for it, why they are skipped."""
-    reasons = {name: backend_skip_reason(name, available, device) for name in DEVICE_BACKENDS[device.type]}
+    reasons = {name: backend_skip_reason(name, available, device) for name in device_backends(device)}
     return ([name for name, reason in reasons.items() if reason is None],
             {name: reason for name, reason in reasons.items() if reason is not None})
 

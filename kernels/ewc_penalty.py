@@ -58,7 +58,18 @@ def _accumulate_dtype(params):
 
 
 def _run(pass_, params, anchors, fisher, targets, lam, c, scale=None):
-    """Launches `pass_` over the list; `targets` are the outputs (GRADIENT) or gradients (ACCUMULATE)."""
+    """Launches `pass_` over the list; `targets` are the outputs (GRADIENT) or gradients (ACCUMULATE).
+
+    `lam` and `c` travel as fp32 kernel scalars (exact for fp32 math; fp64 inputs see them rounded to fp32).
+    """
+    device = params[0].device
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # Triton launches on the current device
+            return _launch(pass_, params, anchors, fisher, targets, lam, c, scale)
+    return _launch(pass_, params, anchors, fisher, targets, lam, c, scale)
+
+
+def _launch(pass_, params, anchors, fisher, targets, lam, c, scale):
     acc = _accumulate_dtype(params)
     device = params[0].device
     roles = (params, anchors, fisher, targets if targets is not None else params)

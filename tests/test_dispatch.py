@@ -1,5 +1,8 @@
 """The backend table: explicit choice, FASTFORGET_BACKEND, auto fallback, and the reasons it reports."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -69,3 +72,21 @@ def test_missing_extension_falls_back_to_reference_and_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ff.ewc_penalty(*inputs(), 0.4)  # warned once only
+
+
+def test_import_without_the_extension_uses_the_reference():
+    # a real interpreter in which fastforget._C cannot be imported
+    code = (
+        "import sys, warnings; sys.modules['fastforget._C'] = None\n"
+        "import torch, fastforget as ff\n"
+        "status = ff.available_backends()['cpu']\n"
+        "assert not status.available and 'fastforget._C failed to load' in status.reason, status\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    p = torch.ones(3, requires_grad=True)\n"
+        "    ff.ewc_penalty([p], [torch.zeros(3)], [torch.ones(3)], 0.5).backward()\n"
+        "assert any('pure-torch reference' in str(w.message) for w in caught)\n"
+        "assert p.grad.tolist() == [1.0, 1.0, 1.0]\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != dispatch.ENV_VAR}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
