@@ -8,7 +8,7 @@ DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.fastforget-built
 NATIVE_SRC  := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 
-.PHONY: check test bench bench-smoke nvcc-check build clean
+.PHONY: check test bench bench-smoke nvcc-check lint build clean
 
 check: $(BUILD_STAMP)
 	$(PY) bench/check.py
@@ -25,13 +25,17 @@ bench-smoke: $(BUILD_STAMP)
 nvcc-check:
 	bash bench/nvcc_check.sh
 
+lint: $(DEPS_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
 build: $(BUILD_STAMP)
 
 # torch: reuse one the venv can import; else $(TORCH_SPEC) (the CPU wheel on this kind of machine).
 $(DEPS_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "triton>=3.6" ninja setuptools wheel numpy pytest pytest-benchmark hypothesis
+	$(PIP) install -q "triton>=3.6" ninja setuptools wheel numpy pytest pytest-benchmark hypothesis ruff
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)

@@ -8,17 +8,14 @@ Environment:
 import glob
 import os
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
 def native_extension():
     with_cuda = (
-        torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and not os.environ.get("FASTFORGET_SKIP_CUDA_BUILD")
+        torch.version.cuda is not None and CUDA_HOME is not None and not os.environ.get("FASTFORGET_SKIP_CUDA_BUILD")
     )
     sources = ["csrc/extension.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -fopenmp makes at::parallel_for parallel; the GOMP symbols resolve to the OpenMP runtime torch already

@@ -111,8 +111,12 @@ def fused_autograd(inputs: EwcInputs, backend: str) -> Variant:
 def fused_inplace(inputs: EwcInputs, backend: str) -> Variant:
     params, anchors, fisher = inputs.params, inputs.anchors, inputs.fisher
     existing_grads(params)
-    return Variant("fused_inplace", backend, lambda: ff.ewc_penalty_(params, anchors, fisher, LAM, backend=backend),
-                   ACCUMULATE_BYTES * inputs.numel)
+    return Variant(
+        "fused_inplace",
+        backend,
+        lambda: ff.ewc_penalty_(params, anchors, fisher, LAM, backend=backend),
+        ACCUMULATE_BYTES * inputs.numel,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,12 @@ def verify(backend, device, param_dtype, fisher_dtype):
         inplace = [p.clone() for p in params]
         for p in inplace:
             p.grad = torch.ones_like(p)
-        results[name] = (penalty.detach(), [p.grad for p in leaves], ff.ewc_penalty_(inplace, anchors, fisher, LAM, backend=name), [p.grad for p in inplace])
+        results[name] = (
+            penalty.detach(),
+            [p.grad for p in leaves],
+            ff.ewc_penalty_(inplace, anchors, fisher, LAM, backend=name),
+            [p.grad for p in inplace],
+        )
     (ref_pen, ref_grads, ref_pen2, ref_grads2), (pen, grads, pen2, grads2) = results["reference"], results[backend]
     assert_close(pen, ref_pen, torch.float32)
     assert_close(pen2, ref_pen2, torch.float32)
@@ -60,7 +65,9 @@ def main():
             continue
         for param_dtype in (torch.float32, torch.bfloat16, torch.float16):
             for fisher_dtype in (torch.float32, torch.bfloat16):
-                label = f"{backend:7s} on {device.type}: params {str(param_dtype)[6:]:8s} fisher {str(fisher_dtype)[6:]:8s}"
+                label = (
+                    f"{backend:7s} on {device.type}: params {str(param_dtype)[6:]:8s} fisher {str(fisher_dtype)[6:]:8s}"
+                )
                 try:
                     numel = verify(backend, device, param_dtype, fisher_dtype)
                     print(f"  {label} PASS ({numel:,} elements)")

@@ -17,8 +17,8 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -58,12 +58,18 @@ def gpt2_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
 
     vocab, context, width, layers = 50257, 1024, 768, 12
     block = [
-        dims(width), dims(width),  # ln_1 weight, bias
-        dims(width, 3 * width), dims(3 * width),  # attn.c_attn
-        dims(width, width), dims(width),  # attn.c_proj
-        dims(width), dims(width),  # ln_2
-        dims(width, 4 * width), dims(4 * width),  # mlp.c_fc
-        dims(4 * width, width), dims(width),  # mlp.c_proj
+        dims(width),
+        dims(width),  # ln_1 weight, bias
+        dims(width, 3 * width),
+        dims(3 * width),  # attn.c_attn
+        dims(width, width),
+        dims(width),  # attn.c_proj
+        dims(width),
+        dims(width),  # ln_2
+        dims(width, 4 * width),
+        dims(4 * width),  # mlp.c_fc
+        dims(4 * width, width),
+        dims(width),  # mlp.c_proj
     ]
     return [dims(vocab, width), dims(context, width), *block * layers, dims(width), dims(width)]
 
@@ -96,8 +102,10 @@ def backend_skip_reason(name: str, available: dict, device: torch.device) -> str
 def usable_backends(available: dict, device: torch.device) -> tuple[list[str], dict[str, str]]:
     """The backends to benchmark on ``device`` and, for the others meant for it, why they are skipped."""
     reasons = {name: backend_skip_reason(name, available, device) for name in device_backends(device)}
-    return ([name for name, reason in reasons.items() if reason is None],
-            {name: reason for name, reason in reasons.items() if reason is not None})
+    return (
+        [name for name, reason in reasons.items() if reason is None],
+        {name: reason for name, reason in reasons.items() if reason is not None},
+    )
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -140,8 +148,9 @@ def add_baseline(numel: int, device: torch.device) -> Variant:
     """``torch.add(b, c, alpha=s, out=a)`` over ``numel`` fp32 elements: the reachable memory bandwidth."""
     b, c = torch.rand(numel, device=device), torch.rand(numel, device=device)
     a = torch.empty_like(b)
-    return Variant("bandwidth_baseline", "torch.add", lambda: torch.add(b, c, alpha=0.5, out=a),
-                   ADD_BYTES_PER_ELEMENT * numel)
+    return Variant(
+        "bandwidth_baseline", "torch.add", lambda: torch.add(b, c, alpha=0.5, out=a), ADD_BYTES_PER_ELEMENT * numel
+    )
 
 
 def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
@@ -163,8 +172,12 @@ def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
 
 def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--scale", type=float, default=bench_scale(),
-                        help="dimension scale of the GPT-2 tensor list (default: FF_BENCH_SCALE, or smoke size)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=bench_scale(),
+        help="dimension scale of the GPT-2 tensor list (default: FF_BENCH_SCALE, or smoke size)",
+    )
     parser.add_argument("--repeats", type=int, default=default_repeats(), help="timed runs per variant (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing each variant")
     return parser.parse_args()
@@ -176,8 +189,9 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
         print("  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)))
 
 
-def run_table(variants: list[Variant], baseline: Variant, repeats: int, warmup: int = 1,
-              reference: str = "eager_reference") -> None:
+def run_table(
+    variants: list[Variant], baseline: Variant, repeats: int, warmup: int = 1, reference: str = "eager_reference"
+) -> None:
     """Time the baseline and every variant, then print ms, GB/s, fraction of add-bandwidth, speed-up vs reference."""
     baseline_ms = time_ms(baseline.fn, repeats, warmup)
     baseline_gbps = gbps(baseline.bytes_moved, baseline_ms)
@@ -187,11 +201,20 @@ def run_table(variants: list[Variant], baseline: Variant, repeats: int, warmup: 
     def row(variant: Variant, ms: float, speedup: str) -> list[str]:
         achieved = gbps(variant.bytes_moved, ms)
         compile_ms = "-" if variant.compile_ms is None else f"{variant.compile_ms:.0f}"
-        return [variant.name, variant.backend, f"{ms:.3f}", f"{achieved:.1f}", f"{achieved / baseline_gbps:.2f}",
-                speedup, compile_ms]
+        return [
+            variant.name,
+            variant.backend,
+            f"{ms:.3f}",
+            f"{achieved:.1f}",
+            f"{achieved / baseline_gbps:.2f}",
+            speedup,
+            compile_ms,
+        ]
 
     rows = [row(variant, ms, f"{reference_ms / ms:.2f}x") for variant, ms in timings]
     rows.append(row(baseline, baseline_ms, "-"))
     print_table(["variant", "backend", "ms", "GB/s", "frac_add", "speedup", "compile_ms"], rows)
-    print(f"ms: median of {repeats}; frac_add: GB/s over the torch.add baseline's; speedup: vs {reference}; "
-          "compile_ms: first call of a compiled variant")
+    print(
+        f"ms: median of {repeats}; frac_add: GB/s over the torch.add baseline's; speedup: vs {reference}; "
+        "compile_ms: first call of a compiled variant"
+    )

@@ -1,7 +1,9 @@
 """fastforget: fused multi-tensor kernels against catastrophic forgetting."""
 
-from fastforget import _schemas  # noqa: F401  (defines every op before kernels register on them)
-from fastforget import _extension  # noqa: F401  (loads the C++/CUDA kernels when built)
+from fastforget import (
+    _extension,  # noqa: F401  (loads the C++/CUDA kernels when built)
+    _schemas,  # noqa: F401  (defines every op before kernels register on them)
+)
 from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
 from fastforget.ops import ewc_penalty, ewc_penalty_, ewc_penalty_accumulate_ref, ewc_penalty_ref
 

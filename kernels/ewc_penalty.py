@@ -7,10 +7,10 @@ tensor and writes one partial; a single-program kernel then sums the partials in
 import torch
 import triton
 import triton.language as tl
+from fastforget.kernels.multi_tensor import contiguous, launch_groups
 
 from fastforget import dispatch
 from fastforget._schemas import qualname
-from fastforget.kernels.multi_tensor import contiguous, launch_groups
 
 BLOCK = 4096
 PENALTY, GRADIENT, ACCUMULATE = 0, 1, 2
@@ -18,8 +18,19 @@ PENALTY, GRADIENT, ACCUMULATE = 0, 1, 2
 
 @triton.jit
 def _ewc_kernel(
-    tables, blocks, num_tensors, num_blocks, partials, scale_ptr, c,
-    PASS: tl.constexpr, ACC: tl.constexpr, P: tl.constexpr, A: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
+    tables,
+    blocks,
+    num_tensors,
+    num_blocks,
+    partials,
+    scale_ptr,
+    c,
+    PASS: tl.constexpr,
+    ACC: tl.constexpr,
+    P: tl.constexpr,
+    A: tl.constexpr,
+    F: tl.constexpr,
+    G: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -78,10 +89,20 @@ def _launch(pass_, params, anchors, fisher, targets, lam, c, scale):
     for group in groups:
         if group.num_blocks:
             _ewc_kernel[(group.num_blocks,)](
-                group.tables, group.blocks, group.num_tensors, group.num_blocks,
-                partials[group.first_block:], scale if scale is not None else partials, c,
-                PASS=pass_, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                P=group.dtypes[0], A=group.dtypes[1], F=group.dtypes[2], G=group.dtypes[3], BLOCK=BLOCK,
+                group.tables,
+                group.blocks,
+                group.num_tensors,
+                group.num_blocks,
+                partials[group.first_block :],
+                scale if scale is not None else partials,
+                c,
+                PASS=pass_,
+                ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                P=group.dtypes[0],
+                A=group.dtypes[1],
+                F=group.dtypes[2],
+                G=group.dtypes[3],
+                BLOCK=BLOCK,
             )
     if pass_ == GRADIENT:
         return None

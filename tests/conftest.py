@@ -7,8 +7,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastforget  # noqa: E402
 import pytest  # noqa: E402
+
+import fastforget  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 # The device each backend is tested on: triton on the GPU when there is one, else under the interpreter.

@@ -7,9 +7,9 @@ import torch
 from conftest import FUSED_BACKENDS, device_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from fastforget.testing import assert_close
 
 import fastforget as ff
+from fastforget.testing import assert_close
 
 LAM = 0.4
 SIZES = [0, 1, 97, 1025, 65537]
@@ -20,7 +20,10 @@ FISHER_DTYPES = [torch.float32, torch.bfloat16]
 def make_case(shapes, param_dtype, fisher_dtype, device, anchor_dtype=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=g).to(device, param_dtype) for s in shapes]
-    anchors = [(p.float() + 0.5 * torch.randn(s, generator=g).to(device)).to(anchor_dtype or param_dtype) for p, s in zip(params, shapes)]
+    anchors = [
+        (p.float() + 0.5 * torch.randn(s, generator=g).to(device)).to(anchor_dtype or param_dtype)
+        for p, s in zip(params, shapes)
+    ]
     fisher = [torch.rand(s, generator=g).to(device, fisher_dtype) for s in shapes]
     return params, anchors, fisher
 
@@ -72,7 +75,11 @@ def test_fp32_anchors_with_low_precision_params(backend, param_dtype):
     check_against_reference(*case, backend)
 
 
-TRANSFORMER_SHAPES = [(100, 32), (16, 32)] + 2 * [(32,), (32,), (96, 32), (96,), (32, 32), (32,), (32,), (32,), (128, 32), (128,), (32, 128), (32,)] + [(32,), (32,)]
+TRANSFORMER_SHAPES = (
+    [(100, 32), (16, 32)]
+    + 2 * [(32,), (32,), (96, 32), (96,), (32, 32), (32,), (32,), (32,), (128, 32), (128,), (32, 128), (32,)]
+    + [(32,), (32,)]
+)
 
 
 def test_transformer_shaped_list_with_mixed_dtypes(backend):
@@ -106,7 +113,9 @@ def test_empty_list_and_zero_size(backend):
     assert ff.ewc_penalty_([], [], [], LAM, backend=backend).item() == 0.0
     device = device_of(backend)
     params = [torch.zeros(0, 5, device=device).requires_grad_()]
-    penalty = ff.ewc_penalty(params, [torch.zeros(0, 5, device=device)], [torch.zeros(0, 5, device=device)], LAM, backend=backend)
+    penalty = ff.ewc_penalty(
+        params, [torch.zeros(0, 5, device=device)], [torch.zeros(0, 5, device=device)], LAM, backend=backend
+    )
     penalty.backward()
     assert penalty.item() == 0.0 and params[0].grad.shape == (0, 5)
 
@@ -140,7 +149,9 @@ def test_penalty_formula_and_lam_convention():
 
 @pytest.mark.parametrize("fused", [False, True], ids=["autograd", "inplace"])
 def test_deterministic_across_thread_counts(fused_backend, fused):
-    params, anchors, fisher = make_case([(300_000,), (1025,), (70_001,)], torch.float32, torch.float32, device_of(fused_backend))
+    params, anchors, fisher = make_case(
+        [(300_000,), (1025,), (70_001,)], torch.float32, torch.float32, device_of(fused_backend)
+    )
     if fused_backend == "triton" and not torch.cuda.is_available():
         params, anchors, fisher = make_case([(9000,), (1025,)], torch.float32, torch.float32, "cpu")
     threads = torch.get_num_threads()
@@ -149,7 +160,9 @@ def test_deterministic_across_thread_counts(fused_backend, fused):
         for n in (1, 2, 1, 2):
             torch.set_num_threads(n)
             if fused:
-                penalty, grads = fused_result(params, anchors, fisher, fused_backend, [torch.ones_like(p) for p in params])
+                penalty, grads = fused_result(
+                    params, anchors, fisher, fused_backend, [torch.ones_like(p) for p in params]
+                )
             else:
                 penalty, grads = autograd_result(params, anchors, fisher, fused_backend)
             results.append((penalty, grads))
@@ -164,6 +177,7 @@ def test_fp64_gradcheck(backend):
     device = device_of(backend)
     params, anchors, fisher = make_case([(5, 3), (7,)], torch.float64, torch.float64, device)
     params = [p.requires_grad_() for p in params]
+
     def penalty(*ps):
         return ff.ewc_penalty(list(ps), anchors, fisher, LAM, backend=backend)
 
@@ -214,8 +228,16 @@ BAD_INPUTS = {
     "param_device": (lambda p, a, f: ([p[0], p[1], p[2].to("meta")], a, f), ValueError, r"params\[2\] is on meta"),
     "int_params": (lambda p, a, f: ([p[0], p[1].long(), p[2]], a, f), TypeError, r"params\[1\] has dtype torch.int64"),
     "int_fisher": (lambda p, a, f: (p, a, [f[0], f[1], f[2].int()]), TypeError, r"fisher\[2\] has dtype torch.int32"),
-    "anchor_dtype": (lambda p, a, f: (p, [a[0].half(), a[1], a[2]], f), TypeError, r"anchors\[0\] has dtype torch.float16"),
-    "fisher_fp64": (lambda p, a, f: (p, a, [f[0].double(), f[1], f[2]]), TypeError, r"fisher\[0\] has dtype torch.float64"),
+    "anchor_dtype": (
+        lambda p, a, f: (p, [a[0].half(), a[1], a[2]], f),
+        TypeError,
+        r"anchors\[0\] has dtype torch.float16",
+    ),
+    "fisher_fp64": (
+        lambda p, a, f: (p, a, [f[0].double(), f[1], f[2]]),
+        TypeError,
+        r"fisher\[0\] has dtype torch.float64",
+    ),
     "not_tensor": (lambda p, a, f: (p, [a[0], 1.0, a[2]], f), TypeError, r"anchors\[1\] is a float, not a Tensor"),
     "sparse": (lambda p, a, f: (p, a, [f[0].to_sparse(), f[1], f[2]]), TypeError, r"fisher\[0\] has layout"),
 }
@@ -229,12 +251,17 @@ def test_bad_input_is_rejected_before_anything_changes(backend, case, inplace):
     before = [p.grad.clone() for p in params]
     bad = make_bad(params, anchors, fisher)
     with pytest.raises(error, match=message):
-        (ff.ewc_penalty_ if inplace else ff.ewc_penalty)(*bad, LAM, backend="cpu" if backend == "reference" else backend)
+        (ff.ewc_penalty_ if inplace else ff.ewc_penalty)(
+            *bad, LAM, backend="cpu" if backend == "reference" else backend
+        )
     for p, g in zip(params, before):
         assert torch.equal(p.grad, g)
 
 
-@pytest.mark.parametrize("lam, error", [(float("nan"), ValueError), (float("inf"), ValueError), (-0.1, ValueError), ("0.4", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "lam, error",
+    [(float("nan"), ValueError), (float("inf"), ValueError), (-0.1, ValueError), ("0.4", TypeError), (True, TypeError)],
+)
 def test_bad_lam(lam, error):
     params, anchors, fisher = good_inputs()
     before = [p.grad.clone() for p in params]

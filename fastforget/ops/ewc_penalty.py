@@ -27,7 +27,9 @@ def _accumulate_dtype(params):
 
 def ewc_penalty_ref(params, anchors, fisher, lam):
     """Pure torch, per tensor: lam * sum F (theta - anchor)^2, computed in fp32 (fp64 for fp64 params)."""
-    params, anchors, fisher = (check.tensor_list(n, v) for n, v in zip(("params", "anchors", "fisher"), (params, anchors, fisher)))
+    params, anchors, fisher = (
+        check.tensor_list(n, v) for n, v in zip(("params", "anchors", "fisher"), (params, anchors, fisher))
+    )
     acc = _accumulate_dtype(params)
     device = params[0].device if params else None
     total = torch.zeros((), dtype=acc, device=device)
@@ -56,9 +58,12 @@ def _checked_inputs(params, anchors, fisher, lam):
     if len(anchors) == len(fisher) == len(params):
         device = params[0].device if params else None
         if all(  # the fast path: one pass, no messages
-            p.dtype in _PARAM_DTYPES and a.dtype in (p.dtype, torch.float32, torch.bfloat16)
-            and (f.dtype in _FISHER_DTYPES or f.dtype == p.dtype) and p.layout == a.layout == f.layout == torch.strided
-            and p.device == a.device == f.device == device and p.shape == a.shape == f.shape
+            p.dtype in _PARAM_DTYPES
+            and a.dtype in (p.dtype, torch.float32, torch.bfloat16)
+            and (f.dtype in _FISHER_DTYPES or f.dtype == p.dtype)
+            and p.layout == a.layout == f.layout == torch.strided
+            and p.device == a.device == f.device == device
+            and p.shape == a.shape == f.shape
             for p, a, f in zip(params, anchors, fisher)
         ):
             return params, anchors, fisher, lam
@@ -98,11 +103,10 @@ def ewc_penalty_(params, anchors, fisher, lam, *, backend="auto"):
     (tensors whose memory spans interleave are rejected too). Nothing is written when an argument is rejected.
     """
     params, anchors, fisher, lam = _checked_inputs(params, anchors, fisher, lam)
-    grads = [p.grad for p in params]
-    for i, (p, g) in enumerate(zip(params, grads)):
+    grads = [p.grad for p in params]  # torch itself keeps each .grad shaped and placed like its param
+    for i, g in enumerate(grads):
         if g is not None and (g.dtype not in _PARAM_DTYPES or g.layout != torch.strided):
             check.check_dtype("grads", i, g, _PARAM_DTYPES)  # raises, naming the index
-    # (torch itself keeps .grad shaped and placed like its param)
     check.check_no_overlap("grads", grads)
     if not params:
         return torch.zeros(())
@@ -121,7 +125,9 @@ def ewc_penalty_(params, anchors, fisher, lam, *, backend="auto"):
 
 
 def _register(flavour):
-    penalty, backward, accumulate = (qualname(op, flavour) for op in ("ewc_penalty", "ewc_penalty_backward", "ewc_penalty_accumulate"))
+    penalty, backward, accumulate = (
+        qualname(op, flavour) for op in ("ewc_penalty", "ewc_penalty_backward", "ewc_penalty_accumulate")
+    )
 
     @torch.library.register_fake(penalty)
     def _(params, anchors, fisher, lam):
