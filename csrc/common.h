@@ -8,20 +8,22 @@
 
 namespace fastforget {
 
-inline void check_same_layout(const char* name, at::TensorList tensors, at::TensorList params) {
-  TORCH_CHECK(tensors.size() == params.size(), name, " has ", tensors.size(), " tensors but params has ",
-              params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(tensors[i].sizes() == params[i].sizes(), name, "[", i, "] has shape ", tensors[i].sizes(),
-                " but params[", i, "] has shape ", params[i].sizes());
-    TORCH_CHECK(tensors[i].device() == params[i].device(), name, "[", i, "] is on ", tensors[i].device(),
-                " but params[", i, "] is on ", params[i].device());
+// Each tensors[i] must have the shape and device of like[i].
+inline void check_same_layout(const char* name, at::TensorList tensors, at::TensorList like,
+                              const char* like_name = "params") {
+  TORCH_CHECK(tensors.size() == like.size(), name, " has ", tensors.size(), " tensors but ", like_name, " has ",
+              like.size());
+  for (size_t i = 0; i < like.size(); ++i) {
+    TORCH_CHECK(tensors[i].sizes() == like[i].sizes(), name, "[", i, "] has shape ", tensors[i].sizes(), " but ",
+                like_name, "[", i, "] has shape ", like[i].sizes());
+    TORCH_CHECK(tensors[i].device() == like[i].device(), name, "[", i, "] is on ", tensors[i].device(), " but ",
+                like_name, "[", i, "] is on ", like[i].device());
   }
 }
 
-// fp64 params are computed in fp64 (so gradcheck is meaningful); everything else in fp32.
-inline at::ScalarType accumulate_type(at::TensorList params) {
-  for (const auto& p : params) {
+// Lists holding fp64 tensors are computed in fp64 (so gradcheck is meaningful); everything else in fp32.
+inline at::ScalarType accumulate_type(at::TensorList tensors) {
+  for (const auto& p : tensors) {
     if (p.scalar_type() == at::kDouble) return at::kDouble;
   }
   return at::kFloat;

@@ -5,7 +5,14 @@ from fastforget import (
     _schemas,  # noqa: F401  (defines every op before kernels register on them)
 )
 from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
-from fastforget.ops import ewc_penalty, ewc_penalty_, ewc_penalty_accumulate_ref, ewc_penalty_ref
+from fastforget.ops import (
+    ewc_penalty,
+    ewc_penalty_,
+    ewc_penalty_accumulate_ref,
+    ewc_penalty_ref,
+    fisher_update_,
+    fisher_update_ref,
+)
 
 try:
     import fastforget.kernels  # noqa: F401  (registers the Triton kernels)
@@ -22,4 +29,6 @@ __all__ = [
     "ewc_penalty_",
     "ewc_penalty_accumulate_ref",
     "ewc_penalty_ref",
+    "fisher_update_",
+    "fisher_update_ref",
 ]

@@ -25,6 +25,8 @@ SCHEMAS = {
     "ewc_penalty_accumulate": (
         "(Tensor[] params, Tensor[] anchors, Tensor[] fisher, Tensor(a!)[] grads, float lam) -> Tensor"
     ),
+    # fisher = decay * fisher + scale * grads^2, in place, one pass
+    "fisher_update": "(Tensor(a!)[] fisher, Tensor[] grads, float decay, float scale) -> ()",
 }
 
 FLAVOURS = ("", "_triton")

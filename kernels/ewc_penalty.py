@@ -7,10 +7,9 @@ tensor and writes one partial; a single-program kernel then sums the partials in
 import torch
 import triton
 import triton.language as tl
-from fastforget.kernels.multi_tensor import contiguous, launch_groups
 
-from fastforget import dispatch
 from fastforget._schemas import qualname
+from fastforget.kernels.multi_tensor import ACCUMULATE_TYPES, contiguous, launch_groups, on_device, register
 
 BLOCK = 4096
 PENALTY, GRADIENT, ACCUMULATE = 0, 1, 2
@@ -73,11 +72,8 @@ def _run(pass_, params, anchors, fisher, targets, lam, c, scale=None):
 
     `lam` and `c` travel as fp32 kernel scalars (exact for fp32 math; fp64 inputs see them rounded to fp32).
     """
-    device = params[0].device
-    if device.type == "cuda":
-        with torch.cuda.device(device):  # Triton launches on the current device
-            return _launch(pass_, params, anchors, fisher, targets, lam, c, scale)
-    return _launch(pass_, params, anchors, fisher, targets, lam, c, scale)
+    with on_device(params[0].device):
+        return _launch(pass_, params, anchors, fisher, targets, lam, c, scale)
 
 
 def _launch(pass_, params, anchors, fisher, targets, lam, c, scale):
@@ -97,7 +93,7 @@ def _launch(pass_, params, anchors, fisher, targets, lam, c, scale):
                 scale if scale is not None else partials,
                 c,
                 PASS=pass_,
-                ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                ACC=ACCUMULATE_TYPES[acc],
                 P=group.dtypes[0],
                 A=group.dtypes[1],
                 F=group.dtypes[2],
@@ -134,10 +130,9 @@ def ewc_penalty_accumulate(params, anchors, fisher, grads, lam):
     return penalty
 
 
-_DEVICES = ("cuda", "cpu") if dispatch.triton_interpreted() else ("cuda",)
-for _op, _fn in (
+for _op, _launcher in (
     ("ewc_penalty", ewc_penalty),
     ("ewc_penalty_backward", ewc_penalty_backward),
     ("ewc_penalty_accumulate", ewc_penalty_accumulate),
 ):
-    torch.library.register_kernel(qualname(_op, "_triton"), _DEVICES, _fn)
+    register(qualname(_op, "_triton"), _launcher)

@@ -11,10 +11,13 @@ All offsets are int64, zero-size tensors get no program, and each program writes
 partials have a fixed order and sums of them are reproducible.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import triton.language as tl
+
+from fastforget import dispatch
 
 TRITON_DTYPES = {
     torch.float32: tl.float32,
@@ -22,6 +25,21 @@ TRITON_DTYPES = {
     torch.float16: tl.float16,
     torch.float64: tl.float64,
 }
+ACCUMULATE_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+# Kernels defined under TRITON_INTERPRET=1 run on CPU tensors (tests); compiled ones on CUDA tensors only.
+DEVICE_TYPES = ("cuda", "cpu") if dispatch.triton_interpreted() else ("cuda",)
+
+
+def register(qualified_name, launcher):
+    """Registers `launcher` as the kernel of the fastforget::*_triton op `qualified_name`."""
+    torch.library.register_kernel(qualified_name, DEVICE_TYPES, launcher)
+
+
+def on_device(device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @dataclass

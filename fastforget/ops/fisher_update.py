@@ -1,0 +1,71 @@
+"""Fisher accumulation over a whole parameter list, in place:
+
+    F <- decay * F + scale * g^2
+
+``decay=1, scale=1/N`` summed over N squared gradients is the empirical Fisher's mean; ``decay=gamma`` is online
+EWC's decay (Schwarz et al. 2018). One fused pass: F and g are read and F written once per element.
+"""
+
+import torch
+
+from fastforget import _validation as check
+from fastforget import dispatch
+from fastforget._schemas import FLAVOURS, qualname
+
+_FISHER_DTYPES = check.FLOAT_DTYPES
+
+
+def _accumulate_dtype(fisher):
+    return torch.float64 if any(f.dtype == torch.float64 for f in fisher) else torch.float32
+
+
+def fisher_update_ref(fisher, grads, decay=1.0, scale=1.0):
+    """Pure torch, per tensor: F <- decay F + scale g^2 in fp32 (fp64 for fp64 lists), rounded once to F's dtype."""
+    fisher, grads = check.tensor_list("fisher", fisher), check.tensor_list("grads", grads)
+    acc = _accumulate_dtype(fisher)
+    with torch.no_grad():
+        for f, g in zip(fisher, grads):
+            f.copy_(decay * f.to(acc) + scale * g.to(acc).square())
+
+
+def _check_inputs(fisher, grads, decay, scale):
+    fisher = check.tensor_list("fisher", fisher)
+    grads = check.tensor_list("grads", grads)
+    decay = check.check_scalar("decay", decay, minimum=0.0)
+    scale = check.check_scalar("scale", scale, minimum=0.0)
+    if len(grads) == len(fisher):
+        device = fisher[0].device if fisher else None
+        if all(  # the fast path: one pass, no messages
+            f.dtype in _FISHER_DTYPES and g.dtype in check.FLOAT_DTYPES and f.layout == g.layout == torch.strided
+            and f.device == g.device == device and f.shape == g.shape
+            for f, g in zip(fisher, grads)
+        ):  # fmt: skip
+            return fisher, grads, decay, scale
+    # something is wrong: find the first problem and name it
+    check.check_like_params("grads", grads, fisher, like_name="fisher")
+    check.check_one_device("fisher", fisher)
+    for i, (f, g) in enumerate(zip(fisher, grads)):
+        check.check_dtype("fisher", i, f, _FISHER_DTYPES)
+        check.check_dtype("grads", i, g, check.FLOAT_DTYPES)
+    return fisher, grads, decay, scale
+
+
+def fisher_update_(fisher, grads, decay=1.0, scale=1.0, *, backend="auto"):
+    """F <- decay * F + scale * g^2 for every pair (fisher[i], grads[i]), in place, in one launch.
+
+    ``fisher`` is fp32, bf16, fp16 (or fp64); ``grads`` any float dtype; math in fp32. ``decay`` and ``scale`` are
+    finite and >= 0, so F stays >= 0. Fisher tensors must not overlap in memory. Nothing is written on bad input.
+    """
+    fisher, grads, decay, scale = _check_inputs(fisher, grads, decay, scale)
+    check.check_no_overlap("fisher", fisher)
+    if not fisher:
+        return
+    backend = dispatch.resolve(backend, fisher[0].device, "fisher_update_")
+    if backend == "reference":
+        return fisher_update_ref(fisher, grads, decay, scale)
+    with torch.no_grad():
+        dispatch.native_op("fisher_update", backend)(fisher, grads, decay, scale)
+
+
+for _flavour in FLAVOURS:
+    torch.library.register_fake(qualname("fisher_update", _flavour))(lambda fisher, grads, decay, scale: None)

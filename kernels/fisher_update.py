@@ -1,0 +1,51 @@
+"""Triton kernel of the Fisher accumulation F <- decay * F + scale * g^2, in place, over a whole list.
+
+One launch per dtype group (normally one) through multi_tensor.py's pointer tables; each program updates BLOCK
+elements of one tensor, reading F and g and writing F once.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastforget._schemas import qualname
+from fastforget.kernels.multi_tensor import ACCUMULATE_TYPES, contiguous, launch_groups, on_device, register
+
+BLOCK = 4096
+
+
+@triton.jit
+def _fisher_update_kernel(
+    tables, blocks, num_tensors, num_blocks, decay, scale,
+    ACC: tl.constexpr, F: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    t = tl.load(blocks + pid)
+    start = tl.load(blocks + num_blocks + pid)
+    n = tl.load(tables + 2 * num_tensors + t)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    f_ptr = tl.load(tables + t).to(tl.pointer_type(F)) + offs
+    g = tl.load(tl.load(tables + num_tensors + t).to(tl.pointer_type(G)) + offs, mask=mask, other=0).to(ACC)
+    f = tl.load(f_ptr, mask=mask, other=0).to(ACC)
+    tl.store(f_ptr, (decay * f + scale * g * g).to(F), mask=mask)
+
+
+def fisher_update(fisher, grads, decay, scale):
+    work = contiguous(fisher)  # a non-contiguous Fisher tensor is updated through a copy, written back below
+    grads = contiguous(grads)
+    acc = torch.float64 if any(f.dtype == torch.float64 for f in fisher) else torch.float32
+    groups, _ = launch_groups((work, grads), BLOCK)
+    with on_device(fisher[0].device if fisher else None):
+        for group in groups:
+            if group.num_blocks:
+                _fisher_update_kernel[(group.num_blocks,)](
+                    group.tables, group.blocks, group.num_tensors, group.num_blocks, decay, scale,
+                    ACC=ACCUMULATE_TYPES[acc], F=group.dtypes[0], G=group.dtypes[1], BLOCK=BLOCK,
+                )  # fmt: skip
+    for f, w in zip(fisher, work):
+        if w is not f:
+            f.copy_(w)
+
+
+register(qualname("fisher_update", "_triton"), fisher_update)
