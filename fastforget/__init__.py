@@ -5,6 +5,8 @@ from fastforget import (
     _schemas,  # noqa: F401  (defines every op before kernels register on them)
 )
 from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
+from fastforget.ewc import EWC
+from fastforget.fisher import estimate_fisher
 from fastforget.ops import (
     ewc_penalty,
     ewc_penalty_,
@@ -24,7 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendStatus",
+    "EWC",
     "available_backends",
+    "estimate_fisher",
     "ewc_penalty",
     "ewc_penalty_",
     "ewc_penalty_accumulate_ref",

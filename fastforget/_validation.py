@@ -35,9 +35,7 @@ def check_like_params(name: str, tensors: list, params: list, like_name: str = "
         raise ValueError(f"{name} has {len(tensors)} tensors but {like_name} has {len(params)}")
     for i, (t, p) in enumerate(zip(tensors, params)):
         if t.shape != p.shape:
-            raise ValueError(
-                f"{name}[{i}] has shape {tuple(t.shape)} but {like_name}[{i}] has shape {tuple(p.shape)}"
-            )
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but {like_name}[{i}] has shape {tuple(p.shape)}")
         if t.device != p.device:
             raise ValueError(f"{name}[{i}] is on {t.device} but {like_name}[{i}] is on {p.device}")
 

@@ -1,0 +1,203 @@
+"""The EWC regularizer: Fisher estimation, online or separate consolidation, the fused penalty, and its state.
+
+Modes, with F_t and theta*_t the Fisher and the parameters after task t:
+
+* ``online`` (Schwarz et al. 2018, "Progress & Compress"): F <- decay * F + F_t and anchor <- theta*_t;
+  penalty = lam * sum F (theta - anchor)^2.
+* ``separate`` (Kirkpatrick et al. 2017): one penalty per past task, lam * sum_t sum F_t (theta - theta*_t)^2, kept
+  EXACTLY in O(1) memory per parameter. Per element, a sum of quadratics is one quadratic:
+
+      sum_t F_t (theta - theta*_t)^2 = F (theta - theta_bar)^2 + c,
+      F = sum_t F_t,   theta_bar = sum_t F_t theta*_t / F,   c = sum_t F_t theta*_t^2 - F theta_bar^2 >= 0.
+
+  Adding a task (b, q) to the state (a, p) uses the cancellation-free form of the same identity:
+  a (x - p)^2 + b (x - q)^2 = (a + b)(x - m)^2 + ab / (a + b) (p - q)^2 with m = (a p + b q) / (a + b); where
+  a + b = 0 the element carries no penalty and m = q. The state is F, theta_bar per parameter and one scalar
+  C = sum over elements of c, so the penalty value (lam * (sum F (theta - theta_bar)^2 + C)) and its gradient
+  equal those of the per-task sum.
+
+State: two tensors per protected parameter in ``state_dtype`` (fp32: 8 B/parameter, bf16: 4 B/parameter) plus a
+few numbers; the penalty always computes in fp32.
+"""
+
+import math
+
+import torch
+
+from fastforget import _validation as check
+from fastforget.fisher import ESTIMATORS, estimate_fisher, trainable_parameters
+from fastforget.ops.ewc_penalty import ewc_penalty, ewc_penalty_
+
+MODES = ("online", "separate")
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class EWC:
+    """Elastic Weight Consolidation over a model's trainable parameters.
+
+    ``penalty()`` (autograd) and ``apply_()`` (one fused pass into ``.grad``) return 0 before anything has been
+    consolidated, so the same training loop runs on the first task.
+    """
+
+    def __init__(self, model, lam=0.4, *, mode="online", decay=1.0, state_dtype=torch.float32, backend="auto"):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if state_dtype not in STATE_DTYPES:
+            raise TypeError(f"state_dtype must be torch.float32 or torch.bfloat16, not {state_dtype}")
+        self.model = model if isinstance(model, torch.nn.Module) else None
+        self.names, self.params = trainable_parameters(model)
+        self.lam = check.check_scalar("lam", lam, minimum=0.0)
+        self.decay = check.check_scalar("decay", decay, minimum=0.0)
+        self.mode, self.state_dtype, self.backend = mode, state_dtype, backend
+        self.tasks = 0
+        self.anchors, self.fisher = [], []  # theta* (online) or theta_bar (separate); F or F_sum
+        self.constant = 0.0  # C of the separate mode (a Python float: fp64)
+
+    def __repr__(self):
+        count = sum(p.numel() for p in self.params)
+        return (
+            f"EWC(mode={self.mode!r}, lam={self.lam}, decay={self.decay}, tensors={len(self.params)}, "
+            f"elements={count}, tasks={self.tasks}, state_dtype={self.state_dtype})"
+        )
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def penalty(self):
+        """lam * (sum F (theta - anchor)^2 + C), differentiable (fp32 0-dim tensor); 0 before any consolidation."""
+        if not self.tasks:
+            return torch.zeros((), device=self.params[0].device)
+        self._check_shapes()
+        return ewc_penalty(self.params, self.anchors, self.fisher, self.lam, backend=self.backend) + self._offset()
+
+    def apply_(self):
+        """After task_loss.backward(): p.grad += the penalty's gradient in one fused pass; returns the penalty."""
+        if not self.tasks:
+            return torch.zeros((), device=self.params[0].device)
+        self._check_shapes()
+        return ewc_penalty_(self.params, self.anchors, self.fisher, self.lam, backend=self.backend) + self._offset()
+
+    def _offset(self):
+        return self.lam * self.constant
+
+    def _check_shapes(self):
+        for name, p, a in zip(self.names, self.params, self.anchors):
+            if p.shape != a.shape:
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(p.shape)} but was consolidated with shape {tuple(a.shape)}"
+                )
+
+    # ------------------------------------------------------------------------------------------- consolidation
+
+    def consolidate(self, loader, loss_fn, *, estimator="empirical", max_batches=None, model=None, progress=True, **kw):
+        """Estimate the Fisher at the current parameters over `loader` and add the task (see the module doc).
+
+        `model` is needed only when this EWC was built from a (name, param) list. Other keywords go to
+        ``ff.fisher.estimate_fisher`` (chunk_size, exact_classes, generator).
+        """
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+        model = model if model is not None else self.model
+        if model is None:
+            raise ValueError("this EWC was built from a parameter list: pass consolidate(..., model=the_module)")
+        fisher = estimate_fisher(
+            model,
+            loader,
+            loss_fn,
+            estimator=estimator,
+            params=list(zip(self.names, self.params)),
+            max_batches=max_batches,
+            progress=progress,
+            backend=self.backend,
+            **kw,
+        )
+        self._add_task([p.detach() for p in self.params], fisher)
+
+    def load_importance(self, anchors, fisher):
+        """Add one task from tensors computed elsewhere: one anchor and one Fisher per protected parameter,
+        in the order of ``self.names`` (the model's trainable parameters)."""
+        anchors, fisher = check.tensor_list("anchors", anchors), check.tensor_list("fisher", fisher)
+        for label, tensors in (("anchors", anchors), ("fisher", fisher)):
+            if len(tensors) != len(self.params):
+                raise ValueError(f"{label} has {len(tensors)} tensors but {len(self.params)} parameters are protected")
+            for name, t, p in zip(self.names, tensors, self.params):
+                if t.shape != p.shape:
+                    raise ValueError(f"{label} for {name!r} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
+                if not t.is_floating_point():
+                    raise TypeError(f"{label} for {name!r} has dtype {t.dtype}; expected a floating point dtype")
+        if any(bool((f < 0).any()) or not bool(f.isfinite().all()) for f in fisher):
+            raise ValueError("fisher must be finite and >= 0")
+        self._add_task(
+            [a.detach().to(p.device) for a, p in zip(anchors, self.params)],
+            [f.detach().to(p.device, torch.float32) for f, p in zip(fisher, self.params)],
+        )
+
+    @torch.no_grad()
+    def _add_task(self, anchors, fisher):
+        """Merge task (anchors theta*_t, fp32 Fisher F_t) into the state, computing in fp32 (C in fp64)."""
+        if self.tasks == 0:
+            merged_fisher, merged_anchors = fisher, anchors
+        elif self.mode == "online":  # F <- decay F + F_t, anchor <- theta*_t
+            merged_fisher = [self.decay * f.float() + new for f, new in zip(self.fisher, fisher)]
+            merged_anchors = anchors
+        else:
+            merged_fisher, merged_anchors = [], []
+            for a, p, b, q in zip(self.fisher, self.anchors, fisher, anchors):
+                a, p, q = a.float(), p.float(), q.float()
+                total = a + b
+                weighted = total > 0
+                safe = torch.where(weighted, total, 1.0)
+                merged_anchors.append(torch.where(weighted, (a * p + b * q) / safe, q))
+                merged_fisher.append(total)
+                self.constant += float(
+                    (torch.where(weighted, a * b / safe, 0.0) * (p - q).square()).sum(dtype=torch.float64)
+                )
+        # copies: an anchor must not alias the live parameter (or a caller's tensor)
+        self.fisher = [f.to(self.state_dtype, copy=True) for f in merged_fisher]
+        self.anchors = [a.to(self.state_dtype, copy=True) for a in merged_anchors]
+        self.tasks += 1
+
+    # --------------------------------------------------------------------------------------------------- state
+
+    def state_dict(self):
+        """Tensors and plain values only: loads with ``torch.load(weights_only=True)``."""
+        return {
+            "mode": self.mode,
+            "tasks": self.tasks,
+            "constant": self.constant,
+            "names": list(self.names),
+            "anchors": list(self.anchors),
+            "fisher": list(self.fisher),
+        }
+
+    def load_state_dict(self, state):
+        """Restore a state_dict onto this EWC's parameters (their device, this EWC's state_dtype). Checks the
+        mode and every parameter name and shape first, naming the first mismatch; nothing changes on error."""
+        missing = {"mode", "tasks", "constant", "names", "anchors", "fisher"} - set(state)
+        if missing:
+            raise KeyError(f"EWC state_dict lacks {sorted(missing)}")
+        if state["mode"] != self.mode:
+            raise ValueError(f"the state was saved in {state['mode']!r} mode but this EWC is {self.mode!r}")
+        tasks, constant = int(state["tasks"]), float(state["constant"])
+        if tasks < 0 or not math.isfinite(constant):
+            raise ValueError("corrupt EWC state: tasks < 0 or a non-finite constant")
+        names, anchors, fisher = list(state["names"]), list(state["anchors"]), list(state["fisher"])
+        if tasks and not (len(names) == len(anchors) == len(fisher)):
+            raise ValueError("corrupt EWC state: names, anchors and fisher differ in length")
+        if tasks:
+            for i, name in enumerate(self.names):
+                if i >= len(names) or names[i] != name:
+                    found = repr(names[i]) if i < len(names) else "nothing"
+                    raise ValueError(f"parameter {i} is {name!r} here but {found} in the state")
+                shape = tuple(self.params[i].shape)
+                for label, t in (("anchor", anchors[i]), ("fisher", fisher[i])):
+                    if tuple(t.shape) != shape:
+                        raise ValueError(f"{label} of {name!r} has shape {tuple(t.shape)} but the parameter {shape}")
+            if len(names) > len(self.names):
+                raise ValueError(f"the state has parameter {names[len(self.names)]!r}, which is not protected here")
+        self.tasks, self.constant = tasks, constant
+        self.anchors = (
+            [a.to(p.device, self.state_dtype, copy=True) for a, p in zip(anchors, self.params)] if tasks else []
+        )
+        self.fisher = (
+            [f.to(p.device, self.state_dtype, copy=True) for f, p in zip(fisher, self.params)] if tasks else []
+        )

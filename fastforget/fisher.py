@@ -1,0 +1,181 @@
+"""Diagonal Fisher information estimators for EWC.
+
+For N samples (x_i, y_i), a model p_theta(y | x) and the user's mean-reduced loss l(output, target) (for
+classification, cross-entropy = -log p_theta(y | x)), with g(x, y) = d l(model(x), y) / d theta:
+
+* ``empirical``: F = 1/N sum_i g(x_i, y_i)^2 -- per-sample gradients at the TRUE labels. What Kirkpatrick et al.
+  call the Fisher in most public code; a biased estimate of the true Fisher (it uses the data's labels).
+* ``batch``: F = 1/B sum_b (1/|b| sum_{i in b} g(x_i, y_i))^2 -- the square of each mini-batch's MEAN gradient,
+  averaged over batches (Avalanche's EWC). Cheap (one backward per batch) but it squares after averaging, so it
+  underestimates the empirical Fisher by about a factor |b| where per-sample gradients disagree.
+* ``true``: F = 1/N sum_i E_{y ~ p_theta(.|x_i)} g(x_i, y)^2 -- labels from the model's own predictive distribution
+  (the Fisher information proper). With at most ``exact_classes`` classes the expectation is computed exactly,
+  sum_c p_theta(c | x_i) g(x_i, c)^2; otherwise one label per sample is drawn from p_theta(. | x_i). Assumes the
+  model outputs class logits in its last dimension.
+
+Per-sample gradients use ``torch.func`` (functional_call + vmap + grad) in chunks of ``chunk_size`` samples, so
+memory is bounded by chunk_size x the trainable parameters. Squared gradients are accumulated with the fused
+``ff.fisher_update_``. The model runs in eval mode during estimation (its mode is restored afterwards).
+"""
+
+import contextlib
+import sys
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from fastforget.ops.fisher_update import fisher_update_
+
+ESTIMATORS = ("empirical", "batch", "true")
+
+
+def trainable_parameters(model_or_named):
+    """(names, params): a module's parameters that require grad, or an explicit list of (name, param)."""
+    if isinstance(model_or_named, torch.nn.Module):
+        named = [(n, p) for n, p in model_or_named.named_parameters() if p.requires_grad]
+    else:
+        named = list(model_or_named)
+        for i, item in enumerate(named):
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
+                raise TypeError(f"parameter list element {i} is not a (name, tensor) pair")
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise ValueError("parameter names must be unique")
+    if not named:
+        raise ValueError("there are no trainable parameters to protect")
+    return names, [p for _, p in named]
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class _Progress:
+    """A one-line progress report on stderr: 'fisher [empirical]: batch 12/200, 384 samples'."""
+
+    def __init__(self, label, total, enabled):
+        self.label, self.total, self.enabled = label, total, enabled
+
+    def update(self, batches, samples):
+        if self.enabled:
+            of = f"/{self.total}" if self.total is not None else ""
+            sys.stderr.write(f"\r{self.label}: batch {batches}{of}, {samples} samples")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _batches(loader, max_batches, device):
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            return
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"batch {index} is not an (inputs, targets) pair")
+        inputs, targets = batch
+        yield inputs.to(device), targets.to(device)
+
+
+def _length(loader, max_batches):
+    try:
+        n = len(loader)
+    except TypeError:
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)
+
+
+def estimate_fisher(
+    model,
+    loader,
+    loss_fn,
+    *,
+    estimator="empirical",
+    params=None,
+    max_batches=None,
+    chunk_size=32,
+    exact_classes=10,
+    generator=None,
+    progress=False,
+    backend="auto",
+):
+    """The diagonal Fisher of `model`'s trainable parameters (or `params`: a list of (name, param) of `model`),
+    as fp32 tensors shaped like them, estimated over `loader`'s (inputs, targets) batches. See the module doc."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    names, tensors = trainable_parameters(model if params is None else params)
+    device = tensors[0].device
+    fisher = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in tensors]
+    report = _Progress(f"fisher [{estimator}]", _length(loader, max_batches), progress)
+    if estimator == "batch":
+        accumulate = _batch_accumulator(model, tensors, fisher, loss_fn, backend)
+    else:
+        accumulate = _sample_accumulator(
+            model, names, tensors, fisher, loss_fn, estimator, chunk_size, exact_classes, generator, backend
+        )
+    batches = samples = 0
+    with _eval_mode(model):
+        for inputs, targets in _batches(loader, max_batches, device):
+            accumulate(inputs, targets)
+            batches, samples = batches + 1, samples + len(inputs)
+            report.update(batches, samples)
+    report.close()
+    if batches == 0:
+        raise ValueError("the loader yielded no batches: nothing to estimate the Fisher from")
+    torch._foreach_mul_(fisher, 1.0 / (batches if estimator == "batch" else samples))
+    return fisher
+
+
+def _batch_accumulator(model, tensors, fisher, loss_fn, backend):
+    def accumulate(inputs, targets):
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss_fn(model(inputs), targets), tensors, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tensors, grads)]
+        fisher_update_(fisher, grads, backend=backend)
+
+    return accumulate
+
+
+def _sample_accumulator(
+    model, names, tensors, fisher, loss_fn, estimator, chunk_size, exact_classes, generator, backend
+):
+    trainable = {n: p.detach() for n, p in zip(names, tensors)}
+    rest = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers()) if n not in trainable}
+
+    def sample_loss(weights, x, y):
+        return loss_fn(functional_call(model, (weights, rest), (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def add_squares(x, y, weights=None):
+        """F += w_i g(x_i, y_i)^2 for every sample of the chunk (w_i = 1 without weights)."""
+        g = per_sample_grads(trainable, x, y)
+        for i in range(len(x)):
+            scale = 1.0 if weights is None else float(weights[i])
+            fisher_update_(fisher, [g[n][i] for n in names], scale=scale, backend=backend)
+
+    def accumulate(inputs, targets):
+        for x, y in zip(inputs.split(chunk_size), targets.split(chunk_size)):
+            if estimator == "empirical":
+                add_squares(x, y)
+                continue
+            with torch.no_grad():
+                probs = torch.softmax(model(x).float(), dim=-1)
+            classes = probs.shape[-1]
+            if classes <= exact_classes:  # E_y g^2 = sum_c p(c|x) g(x, c)^2, exactly
+                for c in range(classes):
+                    add_squares(x, torch.full_like(y, c), probs[:, c])
+            else:  # one label per sample drawn from the model
+                add_squares(x, torch.multinomial(probs, 1, generator=generator).squeeze(1).to(y.dtype))
+
+    return accumulate
