@@ -7,70 +7,29 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <array>
 #include <vector>
 
 #include "../common.h"
+#include "binding.h"
 #include "ewc_penalty.cuh"
 
 namespace fastforget {
 namespace {
 
 constexpr int kRoles = gpu::kEwcRoles;
-
-int64_t dtype_code(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return gpu::kFloat32;
-    case at::kBFloat16: return gpu::kBFloat16;
-    case at::kHalf: return gpu::kFloat16;
-    case at::kDouble: return gpu::kFloat64;
-    default: TORCH_CHECK(false, "fastforget: unsupported dtype ", type);
-  }
-}
+static_assert(gpu::kParam == 0, "pack_meta takes the tensor count, sizes and device from role 0");
 
 void check_inputs(at::TensorList params, at::TensorList anchors, at::TensorList fisher) {
   TORCH_CHECK(!params.empty(), "fastforget: params must not be empty");
   check_same_layout("anchors", anchors, params);
   check_same_layout("fisher", fisher, params);
-  for (size_t i = 1; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].device() == params[0].device(), "fastforget: params[", i, "] is on ", params[i].device(),
-                " but params[0] is on ", params[0].device());
-  }
-}
-
-struct DeviceMeta {
-  at::Tensor words;  // the packed metadata, on the device (int64)
-  int64_t num_blocks;
-};
-
-// Packs the per-tensor records (an empty role list leaves that role's pointer null) and the block map into one
-// pinned buffer and queues a single asynchronous copy to the params' device. All tensors must be contiguous and
-// must stay alive until the kernels using the result are queued.
-DeviceMeta pack_meta(const std::array<at::TensorList, kRoles>& roles) {
-  const at::TensorList params = roles[gpu::kParam];
-  const auto num_tensors = static_cast<int64_t>(params.size());
-  int64_t num_blocks = 0;
-  for (const auto& p : params) num_blocks += gpu::num_chunks(p.numel());
-
-  at::Tensor host = at::empty({gpu::meta_words<kRoles>(num_tensors, num_blocks)},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  auto* records = reinterpret_cast<gpu::TensorMeta<kRoles>*>(host.data_ptr<int64_t>());
-  for (int64_t i = 0; i < num_tensors; ++i) {
-    records[i].numel = params[i].numel();
-    for (int r = 0; r < kRoles; ++r) {
-      const bool used = !roles[r].empty();
-      records[i].ptr[r] = used ? reinterpret_cast<int64_t>(roles[r][i].data_ptr()) : 0;
-      records[i].dtype[r] = used ? dtype_code(roles[r][i].scalar_type()) : gpu::kFloat32;
-    }
-  }
-  gpu::plan_blocks<kRoles>(host.data_ptr<int64_t>(), num_tensors);
-  return {host.to(params[0].device(), /*non_blocking=*/true), num_blocks};
+  check_one_device("params", params);
 }
 
 // The penalty as a 0-dim acc_t tensor; with grads (contiguous), also grads += the gradient.
 at::Tensor penalty(at::TensorList params, at::TensorList anchors, at::TensorList fisher, at::TensorList grads,
                    double lam) {
-  const DeviceMeta meta = pack_meta({params, anchors, fisher, grads});
+  const DeviceMeta meta = pack_meta<kRoles>({params, anchors, fisher, grads});
   const auto options = params[0].options().dtype(accumulate_type(params));
   at::Tensor partials = at::empty({meta.num_blocks}, options);
   at::Tensor out = at::empty({}, options);
@@ -99,7 +58,7 @@ std::vector<at::Tensor> ewc_penalty_backward_cuda(at::TensorList params, at::Ten
   grads.reserve(p.size());
   for (const auto& t : p) grads.push_back(at::empty(t.sizes(), t.options()));
 
-  const DeviceMeta meta = pack_meta({p, a, f, grads});
+  const DeviceMeta meta = pack_meta<kRoles>({p, a, f, grads});
   // The kernel reads grad_out on the device (no host sync); this is a no-op when it already is acc_t there.
   const at::Tensor g = grad_out.to(params[0].device(), accumulate_type(params));
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "ewc_penalty_backward_cuda", [&] {

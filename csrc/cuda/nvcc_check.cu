@@ -4,12 +4,15 @@
 //   nvcc -c -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 //     csrc/cuda/nvcc_check.cu -o /tmp/nvcc_check.o
 #include "ewc_penalty.cuh"
+#include "fisher_update.cuh"
 #include "multi_tensor.cuh"
 
 namespace fastforget::gpu {
 
 template void plan_blocks<kEwcRoles>(int64_t*, int64_t);
 template int64_t meta_words<kEwcRoles>(int64_t, int64_t);
+template void plan_blocks<kFisherUpdateRoles>(int64_t*, int64_t);
+template int64_t meta_words<kFisherUpdateRoles>(int64_t, int64_t);
 
 // The launchers instantiate every kernel (including sum_partials_kernel) and device helper.
 template cudaError_t launch_ewc_penalty<float>(const int64_t*, int64_t, int64_t, double, bool, float*, float*,
@@ -20,5 +23,7 @@ template cudaError_t launch_ewc_penalty_backward<float>(const int64_t*, int64_t,
                                                         cudaStream_t);
 template cudaError_t launch_ewc_penalty_backward<double>(const int64_t*, int64_t, int64_t, double, const double*,
                                                          cudaStream_t);
+template cudaError_t launch_fisher_update<float>(const int64_t*, int64_t, int64_t, double, double, cudaStream_t);
+template cudaError_t launch_fisher_update<double>(const int64_t*, int64_t, int64_t, double, double, cudaStream_t);
 
 }  // namespace fastforget::gpu

@@ -1,0 +1,64 @@
+// Host-side helpers shared by the CUDA bindings (*.cu here): checks, dtype codes and the metadata packing of
+// multi_tensor.cuh. Includes torch; never included by the torch-free kernel headers.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+
+#include "multi_tensor.cuh"
+
+namespace fastforget {
+
+// All tensors must be on tensors[0]'s device: one launch there reads every pointer.
+inline void check_one_device(const char* name, at::TensorList tensors) {
+  for (size_t i = 1; i < tensors.size(); ++i) {
+    TORCH_CHECK(tensors[i].device() == tensors[0].device(), "fastforget: ", name, "[", i, "] is on ",
+                tensors[i].device(), " but ", name, "[0] is on ", tensors[0].device());
+  }
+}
+
+inline int64_t dtype_code(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return gpu::kFloat32;
+    case at::kBFloat16: return gpu::kBFloat16;
+    case at::kHalf: return gpu::kFloat16;
+    case at::kDouble: return gpu::kFloat64;
+    default: TORCH_CHECK(false, "fastforget: unsupported dtype ", type);
+  }
+}
+
+struct DeviceMeta {
+  at::Tensor words;  // the packed metadata, on the device (int64)
+  int64_t num_blocks;
+};
+
+// Packs the per-tensor records for R roles (an empty role list leaves that role's pointer null) and the block
+// map into one pinned buffer and queues a single asynchronous copy to the device of roles[0][0]. roles[0] sets
+// the tensor count and the element counts. All tensors must be contiguous and must stay alive until the kernels
+// using the result are queued.
+template <int R>
+DeviceMeta pack_meta(const std::array<at::TensorList, R>& roles) {
+  const at::TensorList first = roles[0];
+  const auto num_tensors = static_cast<int64_t>(first.size());
+  int64_t num_blocks = 0;
+  for (const auto& t : first) num_blocks += gpu::num_chunks(t.numel());
+
+  at::Tensor host = at::empty({gpu::meta_words<R>(num_tensors, num_blocks)},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  auto* records = reinterpret_cast<gpu::TensorMeta<R>*>(host.data_ptr<int64_t>());
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    records[i].numel = first[i].numel();
+    for (int r = 0; r < R; ++r) {
+      const bool used = !roles[r].empty();
+      records[i].ptr[r] = used ? reinterpret_cast<int64_t>(roles[r][i].data_ptr()) : 0;
+      records[i].dtype[r] = used ? dtype_code(roles[r][i].scalar_type()) : gpu::kFloat32;
+    }
+  }
+  gpu::plan_blocks<R>(host.data_ptr<int64_t>(), num_tensors);
+  return {host.to(first[0].device(), /*non_blocking=*/true), num_blocks};
+}
+
+}  // namespace fastforget

@@ -1,0 +1,40 @@
+// CUDA binding of fisher_update (schema: fastforget/_schemas.py; kernel: fisher_update.cuh).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "binding.h"
+#include "fisher_update.cuh"
+
+namespace fastforget {
+namespace {
+
+static_assert(gpu::kUpdateFisher == 0, "pack_meta takes the tensor count, sizes and device from role 0");
+
+void fisher_update_cuda(at::TensorList fisher, at::TensorList grads, double decay, double scale) {
+  check_same_layout("grads", grads, fisher, "fisher");
+  if (fisher.empty()) return;
+  check_one_device("fisher", fisher);
+  const c10::cuda::CUDAGuard guard(fisher[0].device());
+  // A contiguous fisher[i] is its own .contiguous() and is updated in place; the others go through a copy.
+  const auto work = contiguous(fisher);
+  const auto g = contiguous(grads);
+  const DeviceMeta meta = pack_meta<gpu::kFisherUpdateRoles>({work, g});
+  AT_DISPATCH_FLOATING_TYPES(accumulate_type(fisher), "fisher_update_cuda", [&] {
+    C10_CUDA_CHECK(gpu::launch_fisher_update<scalar_t>(meta.words.data_ptr<int64_t>(),
+                                                       static_cast<int64_t>(work.size()), meta.num_blocks, decay,
+                                                       scale, c10::cuda::getCurrentCUDAStream()));
+  });
+  for (size_t i = 0; i < fisher.size(); ++i) {
+    if (!work[i].is_same(fisher[i])) fisher[i].copy_(work[i]);
+  }
+}
+
+}  // namespace
+}  // namespace fastforget
+
+TORCH_LIBRARY_IMPL(fastforget, CUDA, m) { m.impl("fisher_update", &fastforget::fisher_update_cuda); }
