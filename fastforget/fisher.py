@@ -14,8 +14,9 @@ classification, cross-entropy = -log p_theta(y | x)), with g(x, y) = d l(model(x
   model outputs class logits in its last dimension.
 
 Per-sample gradients use ``torch.func`` (functional_call + vmap + grad) in chunks of ``chunk_size`` samples, so
-memory is bounded by chunk_size x the trainable parameters. Squared gradients are accumulated with the fused
-``ff.fisher_update_``. The model runs in eval mode during estimation (its mode is restored afterwards).
+memory is bounded by chunk_size x the trainable parameters; each chunk's stack of squared gradients is accumulated
+by one call of the fused ``ff.fisher_update_``. The model runs in eval mode during estimation (its mode is
+restored afterwards).
 """
 
 import contextlib
@@ -158,11 +159,13 @@ def _sample_accumulator(
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
 
     def add_squares(x, y, weights=None):
-        """F += w_i g(x_i, y_i)^2 for every sample of the chunk (w_i = 1 without weights)."""
-        g = per_sample_grads(trainable, x, y)
-        for i in range(len(x)):
-            scale = 1.0 if weights is None else float(weights[i])
-            fisher_update_(fisher, [g[n][i] for n in names], scale=scale, backend=backend)
+        """F += sum_i w_i g(x_i, y_i)^2 over the chunk (w_i = 1 without weights): one fused call per chunk."""
+        grads = per_sample_grads(trainable, x, y)
+        stacks = [grads[n] for n in names]
+        if weights is not None:  # (sqrt(w) g)^2 = w g^2
+            roots = weights.sqrt()
+            stacks = [g * roots.view(-1, *([1] * (g.dim() - 1))) for g in stacks]
+        fisher_update_(fisher, stacks, backend=backend)
 
     def accumulate(inputs, targets):
         for x, y in zip(inputs.split(chunk_size), targets.split(chunk_size)):

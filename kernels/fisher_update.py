@@ -1,7 +1,8 @@
-"""Triton kernel of the Fisher accumulation F <- decay * F + scale * g^2, in place, over a whole list.
+"""Triton kernel of the Fisher accumulation F <- decay * F + scale * sum_s g_s^2, in place, over a whole list.
 
 One launch per dtype group (normally one) through multi_tensor.py's pointer tables; each program updates BLOCK
-elements of one tensor, reading F and g and writing F once.
+elements of one tensor, reading F once, each stacked gradient g_s once (grads[i] holds k = numel(g) / numel(F)
+of them, at element offset s * numel(F)), and writing F once.
 """
 
 import torch
@@ -23,12 +24,16 @@ def _fisher_update_kernel(
     t = tl.load(blocks + pid)
     start = tl.load(blocks + num_blocks + pid)
     n = tl.load(tables + 2 * num_tensors + t)
+    samples = tl.load(tables + 3 * num_tensors + t) // n
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
     f_ptr = tl.load(tables + t).to(tl.pointer_type(F)) + offs
-    g = tl.load(tl.load(tables + num_tensors + t).to(tl.pointer_type(G)) + offs, mask=mask, other=0).to(ACC)
-    f = tl.load(f_ptr, mask=mask, other=0).to(ACC)
-    tl.store(f_ptr, (decay * f + scale * g * g).to(F), mask=mask)
+    g_ptr = tl.load(tables + num_tensors + t).to(tl.pointer_type(G)) + offs
+    acc = decay * tl.load(f_ptr, mask=mask, other=0).to(ACC)
+    for s in range(0, samples):
+        g = tl.load(g_ptr + s * n, mask=mask, other=0).to(ACC)
+        acc += scale * g * g
+    tl.store(f_ptr, acc.to(F), mask=mask)
 
 
 def fisher_update(fisher, grads, decay, scale):

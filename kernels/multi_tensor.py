@@ -3,8 +3,8 @@
 Tensors are grouped by their dtype signature (one role per argument, e.g. param/anchor/fisher/grad dtypes), since
 a Triton kernel is specialised on element types; a model normally has one group, so one launch. Within a group:
 
-    tables[r, t]  address of tensor t in role r    (r < roles)
-    tables[roles, t]  numel of tensor t
+    tables[r, t]          address of tensor t in role r    (r < roles)
+    tables[roles + r, t]  numel of tensor t in role r
     blocks[0, b], blocks[1, b]  tensor index and first element of program b (programs cover BLOCK elements each)
 
 All offsets are int64, zero-size tensors get no program, and each program writes one reduction partial, so
@@ -45,7 +45,7 @@ def on_device(device):
 @dataclass
 class LaunchGroup:
     dtypes: tuple  # Triton element type of each role
-    tables: torch.Tensor  # (roles + 1, num_tensors) int64
+    tables: torch.Tensor  # (2 * roles, num_tensors) int64
     blocks: torch.Tensor  # (2, num_blocks) int64
     num_tensors: int
     num_blocks: int
@@ -60,9 +60,10 @@ def launch_groups(roles, block_size):
     groups, first_block = [], 0
     device = roles[0][0].device
     for signature, members in by_signature.items():
-        numels = torch.tensor([roles[0][t].numel() for t in members], dtype=torch.int64)
         rows = [[role[t].data_ptr() for t in members] for role in roles]
-        tables = torch.cat([torch.tensor(rows, dtype=torch.int64).reshape(len(roles), -1), numels[None]])
+        rows += [[role[t].numel() for t in members] for role in roles]
+        tables = torch.tensor(rows, dtype=torch.int64).reshape(2 * len(roles), -1)
+        numels = tables[len(roles)]
         counts = (numels + block_size - 1) // block_size
         tensor_of_block = torch.repeat_interleave(torch.arange(len(members)), counts)
         first_of_tensor = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)

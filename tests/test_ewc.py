@@ -69,7 +69,7 @@ def test_true_fisher_with_sampled_labels_matches_brute_force():
     )
     # the same draws, one sample at a time
     generator, total, count = torch.Generator().manual_seed(7), [torch.zeros_like(p) for p in model.parameters()], 0
-    for x, y in data:
+    for x, _ in data:
         for chunk in x.split(32):
             labels = torch.multinomial(torch.softmax(model(chunk), -1).detach(), 1, generator=generator).squeeze(1)
             for i in range(len(chunk)):

@@ -37,6 +37,25 @@ def test_matches_reference(backend, size, fisher_dtype, grad_dtype):
     check_against_reference(*make_case([(size,)], fisher_dtype, grad_dtype, device_of(backend)), backend)
 
 
+@pytest.mark.parametrize("samples", [0, 1, 3])
+@pytest.mark.parametrize("fisher_dtype", DTYPES, ids=str)
+def test_stacked_gradients(backend, samples, fisher_dtype):
+    # grads[i] of shape (k, *F.shape): F <- decay F + scale sum_s g_s^2 (per-sample gradients from vmap)
+    device = device_of(backend)
+    fisher, _ = make_case([(97,), (33, 7), (0,), (1025,)], fisher_dtype, torch.float32, device)
+    _, stacks = make_case(
+        [(samples, 97), (samples, 33, 7), (samples, 0), (samples, 1025)], fisher_dtype, torch.float32, device, seed=3
+    )
+    stacks[1] = stacks[1].bfloat16()
+    check_against_reference(fisher, stacks, backend)
+
+
+def test_stacked_gradients_formula(backend):
+    f = torch.tensor([1.0, 2.0])
+    ff.fisher_update_(f, torch.tensor([[3.0, -1.0], [1.0, 2.0]]), decay=0.5, scale=2.0, backend=backend)
+    assert f.tolist() == [0.5 + 2.0 * (9.0 + 1.0), 1.0 + 2.0 * (1.0 + 4.0)]
+
+
 def test_formula(backend):
     f, g = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])
     ff.fisher_update_(f, g, decay=0.5, scale=2.0, backend=backend)
@@ -74,7 +93,8 @@ def test_bitwise_across_thread_counts(fused_backend):
 
 BAD_INPUTS = {
     "length": (lambda f, g: (f, g[:1]), ValueError, r"grads has 1 tensors but fisher has 2"),
-    "shape": (lambda f, g: (f, [g[0], g[1].reshape(1, -1)]), ValueError, r"grads\[1\] has shape \(1, 5\)"),
+    "shape": (lambda f, g: (f, [g[0], g[1].reshape(5, 1)]), ValueError, r"grads\[1\] has shape \(5, 1\); expected"),
+    "stack": (lambda f, g: (f, [g[0].expand(2, 4, 3).reshape(4, 2, 3), g[1]]), ValueError, r"grads\[0\] has shape"),
     "device": (lambda f, g: (f, [g[0].to("meta"), g[1]]), ValueError, r"grads\[0\] is on meta"),
     "int_fisher": (lambda f, g: ([f[0], f[1].long()], g), TypeError, r"fisher\[1\] has dtype torch.int64"),
     "int_grads": (lambda f, g: (f, [g[0].int(), g[1]]), TypeError, r"grads\[0\] has dtype torch.int32"),

@@ -1,44 +1,73 @@
-// Fisher accumulation on the CPU: fisher = decay * fisher + scale * grad^2 over a whole list, in one parallel
-// region (see multi_tensor.h), reading F and g and writing F once per element.
+// Fisher accumulation on the CPU: fisher = decay * fisher + scale * sum_s grad_s^2 over a whole list, in one
+// parallel region (see multi_tensor.h), reading F and each g_s and writing F once per element.
 #include "multi_tensor.h"
 
 #include "../common.h"
 
 #include <torch/library.h>
 
+#include <cmath>
+
 namespace fastforget::cpu {
 namespace {
 
+// out = decay * f
 template <typename acc_t>
-void update_tile(const acc_t* f, const acc_t* g, acc_t* out, acc_t decay, acc_t scale, int64_t n) {
+void decay_tile(const acc_t* f, acc_t* out, acc_t decay, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vdecay(decay), vscale(scale);
+  const Vec vdecay(decay);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (vdecay * Vec::loadu(f + i)).store(out + i);
+  for (; i < n; ++i) out[i] = decay * f[i];
+}
+
+// out += scale * g^2
+template <typename acc_t>
+void add_squares_tile(const acc_t* g, acc_t* out, acc_t scale, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vscale(scale);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec vg = Vec::loadu(g + i);
-    at::vec::fmadd(vscale * vg, vg, vdecay * Vec::loadu(f + i)).store(out + i);
+    at::vec::fmadd(vscale * vg, vg, Vec::loadu(out + i)).store(out + i);
   }
-  for (; i < n; ++i) out[i] = decay * f[i] + scale * g[i] * g[i];
+  for (; i < n; ++i) out[i] = std::fma(scale * g[i], g[i], out[i]);
 }
 
+// F = decay * F + scale * sum_s g_s^2 where grads[t] stacks k = numel(grads[t]) / numel(F) gradients g_s.
+// Each tile of F is read once, takes the k squared gradients in order, and is written once.
 template <typename acc_t>
 void run(at::TensorList fisher, at::TensorList grads, acc_t decay, acc_t scale) {
   for_each_chunk(make_chunks(fisher), [&](int64_t, const Chunk& chunk) {
+    const at::Tensor& target = fisher[chunk.tensor];
+    const at::Tensor& stack = grads[chunk.tensor];
+    const int64_t numel = target.numel(), samples = stack.numel() / numel;
     Tile f_buf, g_buf, out_buf;
     for (int64_t offset = chunk.begin; offset < chunk.end; offset += kTile) {
       const int64_t n = std::min(kTile, chunk.end - offset);
-      const at::Tensor& target = fisher[chunk.tensor];
-      const acc_t* f = load_tile<acc_t>(target, offset, n, f_buf);
-      const acc_t* g = load_tile<acc_t>(grads[chunk.tensor], offset, n, g_buf);
       acc_t* out = output_tile<acc_t>(target, offset, out_buf);
-      update_tile(f, g, out, decay, scale, n);
+      decay_tile(load_tile<acc_t>(target, offset, n, f_buf), out, decay, n);
+      for (int64_t s = 0; s < samples; ++s) {
+        add_squares_tile(load_tile<acc_t>(stack, s * numel + offset, n, g_buf), out, scale, n);
+      }
       store_tile<acc_t>(target, offset, n, out);
     }
   });
 }
 
+void check_stacks(at::TensorList fisher, at::TensorList grads) {
+  TORCH_CHECK(grads.size() == fisher.size(), "grads has ", grads.size(), " tensors but fisher has ", fisher.size());
+  for (size_t i = 0; i < fisher.size(); ++i) {
+    const auto f = fisher[i].sizes(), g = grads[i].sizes();
+    const bool stacked = g.size() == f.size() + 1 && g.slice(1) == f;
+    TORCH_CHECK(g == f || stacked, "grads[", i, "] has shape ", g, "; expected ", f, " or (k, ", f, ")");
+    TORCH_CHECK(grads[i].device() == fisher[i].device(), "grads[", i, "] is on ", grads[i].device(),
+                " but fisher[", i, "] is on ", fisher[i].device());
+  }
+}
+
 void fisher_update(at::TensorList fisher_, at::TensorList grads_, double decay, double scale) {
-  check_same_layout("grads", grads_, fisher_, "fisher");
+  check_stacks(fisher_, grads_);
   const auto fisher = contiguous(fisher_);  // a non-contiguous one is updated through a copy, written back below
   const auto grads = contiguous(grads_);
   if (accumulate_type(fisher) == at::kDouble) {

@@ -1,9 +1,11 @@
 """Fisher accumulation over a whole parameter list, in place:
 
-    F <- decay * F + scale * g^2
+    F <- decay * F + scale * g^2,   or, for a stack of k gradients g_s (grads[i] shaped (k, *F.shape)),
+    F <- decay * F + scale * sum_s g_s^2
 
-``decay=1, scale=1/N`` summed over N squared gradients is the empirical Fisher's mean; ``decay=gamma`` is online
-EWC's decay (Schwarz et al. 2018). One fused pass: F and g are read and F written once per element.
+``decay=1, scale=1/N`` over N squared gradients is the empirical Fisher's mean; ``decay=gamma`` is online EWC's
+decay (Schwarz et al. 2018). A stack is what ``torch.func.vmap`` returns for per-sample gradients, so a chunk of
+samples is one call. One fused pass: F and every g_s are read and F written once per element.
 """
 
 import torch
@@ -19,13 +21,18 @@ def _accumulate_dtype(fisher):
     return torch.float64 if any(f.dtype == torch.float64 for f in fisher) else torch.float32
 
 
+def _stacked(f, g):
+    return g.dim() == f.dim() + 1 and g.shape[1:] == f.shape
+
+
 def fisher_update_ref(fisher, grads, decay=1.0, scale=1.0):
-    """Pure torch, per tensor: F <- decay F + scale g^2 in fp32 (fp64 for fp64 lists), rounded once to F's dtype."""
+    """Pure torch, per tensor: F <- decay F + scale sum g^2 in fp32 (fp64 for fp64 lists), rounded once to F."""
     fisher, grads = check.tensor_list("fisher", fisher), check.tensor_list("grads", grads)
     acc = _accumulate_dtype(fisher)
     with torch.no_grad():
         for f, g in zip(fisher, grads):
-            f.copy_(decay * f.to(acc) + scale * g.to(acc).square())
+            squares = g.to(acc).square()
+            f.copy_(decay * f.to(acc) + scale * (squares.sum(0) if _stacked(f, g) else squares))
 
 
 def _check_inputs(fisher, grads, decay, scale):
@@ -37,12 +44,19 @@ def _check_inputs(fisher, grads, decay, scale):
         device = fisher[0].device if fisher else None
         if all(  # the fast path: one pass, no messages
             f.dtype in _FISHER_DTYPES and g.dtype in check.FLOAT_DTYPES and f.layout == g.layout == torch.strided
-            and f.device == g.device == device and f.shape == g.shape
+            and f.device == g.device == device and (f.shape == g.shape or _stacked(f, g))
             for f, g in zip(fisher, grads)
         ):  # fmt: skip
             return fisher, grads, decay, scale
     # something is wrong: find the first problem and name it
-    check.check_like_params("grads", grads, fisher, like_name="fisher")
+    if len(grads) != len(fisher):
+        raise ValueError(f"grads has {len(grads)} tensors but fisher has {len(fisher)}")
+    for i, (f, g) in enumerate(zip(fisher, grads)):
+        if f.shape != g.shape and not _stacked(f, g):
+            expected = f"{tuple(f.shape)} or (k, *{tuple(f.shape)})"
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}; expected {expected} for fisher[{i}]")
+        if g.device != f.device:
+            raise ValueError(f"grads[{i}] is on {g.device} but fisher[{i}] is on {f.device}")
     check.check_one_device("fisher", fisher)
     for i, (f, g) in enumerate(zip(fisher, grads)):
         check.check_dtype("fisher", i, f, _FISHER_DTYPES)
@@ -53,7 +67,9 @@ def _check_inputs(fisher, grads, decay, scale):
 def fisher_update_(fisher, grads, decay=1.0, scale=1.0, *, backend="auto"):
     """F <- decay * F + scale * g^2 for every pair (fisher[i], grads[i]), in place, in one launch.
 
-    ``fisher`` is fp32, bf16, fp16 (or fp64); ``grads`` any float dtype; math in fp32. ``decay`` and ``scale`` are
+    ``grads[i]`` is shaped like ``fisher[i]``, or ``(k, *fisher[i].shape)``: a stack of k gradients whose squares
+    are all added (k may differ between tensors). ``fisher`` is fp32, bf16, fp16 (or fp64); ``grads`` any float
+    dtype; math in fp32. ``decay`` and ``scale`` are
     finite and >= 0, so F stays >= 0. Fisher tensors must not overlap in memory. Nothing is written on bad input.
     """
     fisher, grads, decay, scale = _check_inputs(fisher, grads, decay, scale)
