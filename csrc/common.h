@@ -21,6 +21,18 @@ inline void check_same_layout(const char* name, at::TensorList tensors, at::Tens
   }
 }
 
+// grads[i] is shaped like fisher[i] or stacks k of them: (k, *fisher[i].shape); same device.
+inline void check_stacks(at::TensorList fisher, at::TensorList grads) {
+  TORCH_CHECK(grads.size() == fisher.size(), "grads has ", grads.size(), " tensors but fisher has ", fisher.size());
+  for (size_t i = 0; i < fisher.size(); ++i) {
+    const auto f = fisher[i].sizes(), g = grads[i].sizes();
+    const bool stacked = g.size() == f.size() + 1 && g.slice(1) == f;
+    TORCH_CHECK(g == f || stacked, "grads[", i, "] has shape ", g, "; expected ", f, " or (k, ", f, ")");
+    TORCH_CHECK(grads[i].device() == fisher[i].device(), "grads[", i, "] is on ", grads[i].device(),
+                " but fisher[", i, "] is on ", fisher[i].device());
+  }
+}
+
 // Lists holding fp64 tensors are computed in fp64 (so gradcheck is meaningful); everything else in fp32.
 inline at::ScalarType accumulate_type(at::TensorList tensors) {
   for (const auto& p : tensors) {

@@ -55,17 +55,6 @@ void run(at::TensorList fisher, at::TensorList grads, acc_t decay, acc_t scale) 
   });
 }
 
-void check_stacks(at::TensorList fisher, at::TensorList grads) {
-  TORCH_CHECK(grads.size() == fisher.size(), "grads has ", grads.size(), " tensors but fisher has ", fisher.size());
-  for (size_t i = 0; i < fisher.size(); ++i) {
-    const auto f = fisher[i].sizes(), g = grads[i].sizes();
-    const bool stacked = g.size() == f.size() + 1 && g.slice(1) == f;
-    TORCH_CHECK(g == f || stacked, "grads[", i, "] has shape ", g, "; expected ", f, " or (k, ", f, ")");
-    TORCH_CHECK(grads[i].device() == fisher[i].device(), "grads[", i, "] is on ", grads[i].device(),
-                " but fisher[", i, "] is on ", fisher[i].device());
-  }
-}
-
 void fisher_update(at::TensorList fisher_, at::TensorList grads_, double decay, double scale) {
   check_stacks(fisher_, grads_);
   const auto fisher = contiguous(fisher_);  // a non-contiguous one is updated through a copy, written back below

@@ -22,7 +22,7 @@ enum EwcRole : int { kParam = 0, kAnchor = 1, kFisher = 2, kGrad = 3, kEwcRoles 
 template <typename acc_t, bool kAccumulate>
 __global__ void __launch_bounds__(kBlockThreads)
     ewc_penalty_kernel(const int64_t* meta_words, int64_t num_tensors, acc_t two_lam, acc_t* partials) {
-  const auto [t, begin, end] = block_chunk<kEwcRoles>(meta_words, num_tensors);
+  const auto [t, begin, end] = block_chunk<TensorMeta<kEwcRoles>>(meta_words, num_tensors);
   acc_t sum = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kBlockThreads) {
     const acc_t d = load<acc_t>(t, kParam, i) - load<acc_t>(t, kAnchor, i);
@@ -39,7 +39,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads)
     ewc_penalty_backward_kernel(const int64_t* meta_words, int64_t num_tensors, acc_t two_lam,
                                 const acc_t* grad_out) {
-  const auto [t, begin, end] = block_chunk<kEwcRoles>(meta_words, num_tensors);
+  const auto [t, begin, end] = block_chunk<TensorMeta<kEwcRoles>>(meta_words, num_tensors);
   const acc_t scale = two_lam * *grad_out;
   for (int64_t i = begin + threadIdx.x; i < end; i += kBlockThreads) {
     const acc_t d = load<acc_t>(t, kParam, i) - load<acc_t>(t, kAnchor, i);

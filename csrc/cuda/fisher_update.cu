@@ -15,15 +15,20 @@ namespace {
 
 static_assert(gpu::kUpdateFisher == 0, "pack_meta takes the tensor count, sizes and device from role 0");
 
+// Each grads[i] must be on fisher[i]'s device, shaped like it (one gradient) or (k, *fisher[i].shape) (k
+// stacked gradients, k >= 0).
 void fisher_update_cuda(at::TensorList fisher, at::TensorList grads, double decay, double scale) {
-  check_same_layout("grads", grads, fisher, "fisher");
+  check_stacks(fisher, grads);
   if (fisher.empty()) return;
   check_one_device("fisher", fisher);
   const c10::cuda::CUDAGuard guard(fisher[0].device());
   // A contiguous fisher[i] is its own .contiguous() and is updated in place; the others go through a copy.
   const auto work = contiguous(fisher);
   const auto g = contiguous(grads);
-  const DeviceMeta meta = pack_meta<gpu::kFisherUpdateRoles>({work, g});
+  // k = 1 for a grads[i] shaped like fisher[i], else its leading dimension (check_stacks).
+  const DeviceMeta meta = pack_meta<gpu::FisherUpdateMeta>({work, g}, [&](int64_t i, gpu::FisherUpdateMeta& m) {
+    m.samples = g[i].dim() == work[i].dim() ? 1 : g[i].size(0);
+  });
   AT_DISPATCH_FLOATING_TYPES(accumulate_type(fisher), "fisher_update_cuda", [&] {
     C10_CUDA_CHECK(gpu::launch_fisher_update<scalar_t>(meta.words.data_ptr<int64_t>(),
                                                        static_cast<int64_t>(work.size()), meta.num_blocks, decay,

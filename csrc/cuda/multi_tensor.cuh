@@ -2,12 +2,14 @@
 //
 // The host packs one int64 metadata buffer, copies it to the device, and launches one block per chunk:
 //
-//   [ TensorMeta<R> x num_tensors ][ BlockMeta x num_blocks ]
+//   [ Meta x num_tensors ][ BlockMeta x num_blocks ]
 //
-// TensorMeta<R> describes tensor i in each of R roles (e.g. param, anchor, fisher, grad): a data pointer and
-// a DtypeCode per role, plus the element count shared by all roles. BlockMeta maps block b to (tensor index,
-// chunk start); block b handles elements [begin, min(begin + kChunkSize, numel)) of that tensor. Every field
-// is an int64, so the structs have no padding and alias the buffer directly.
+// Meta is TensorMeta<R>, or an op's struct that extends it with words of its own (fisher_update.cuh appends
+// one). TensorMeta<R> describes tensor i in each of R roles (e.g. param, anchor, fisher, grad): a data pointer
+// and a DtypeCode per role, plus the element count of role 0 (for most ops, that of every role). BlockMeta maps
+// block b to (tensor index, chunk start); block b handles elements [begin, min(begin + kChunkSize, numel)) of
+// that tensor. Every field is an int64, so the structs have no padding and alias the buffer directly; Meta::kWords
+// is the record's size in words.
 //
 // Dtypes may differ between tensors (and roles) of one launch: each element is loaded through a switch on its
 // dtype code, which is uniform across a block, so the branch never diverges.
@@ -32,6 +34,7 @@ enum DtypeCode : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 =
 
 template <int R>
 struct TensorMeta {
+  static constexpr int kRoles = R;
   static constexpr int64_t kWords = 1 + 2 * R;
   int64_t numel;
   int64_t ptr[R];    // data pointer of each role, as an integer (0 when a role is unused)
@@ -51,17 +54,17 @@ static_assert(sizeof(void*) == sizeof(int64_t), "pointers are stored as int64");
 
 inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kChunkSize; }
 
-template <int R>
+template <typename Meta>
 inline int64_t meta_words(int64_t num_tensors, int64_t num_blocks) {
-  return num_tensors * TensorMeta<R>::kWords + num_blocks * 2;
+  return num_tensors * Meta::kWords + num_blocks * 2;
 }
 
-// Given the TensorMeta records already written at the front of `words`, appends the block map: the chunks of
-// tensor 0 in order, then those of tensor 1, ... (num_chunks(numel) blocks per tensor; none if it is empty).
-template <int R>
+// Given the Meta records already written at the front of `words`, appends the block map: the chunks of tensor 0
+// in order, then those of tensor 1, ... (num_chunks(numel) blocks per tensor; none if it is empty).
+template <typename Meta>
 inline void plan_blocks(int64_t* words, int64_t num_tensors) {
-  const auto* tensors = reinterpret_cast<const TensorMeta<R>*>(words);
-  auto* block = reinterpret_cast<BlockMeta*>(words + num_tensors * TensorMeta<R>::kWords);
+  const auto* tensors = reinterpret_cast<const Meta*>(words);
+  auto* block = reinterpret_cast<BlockMeta*>(words + num_tensors * Meta::kWords);
   for (int64_t t = 0; t < num_tensors; ++t) {
     for (int64_t begin = 0; begin < tensors[t].numel; begin += kChunkSize) *block++ = {t, begin};
   }
@@ -79,19 +82,19 @@ cudaError_t launch_blocks(void (*kernel)(KernelArgs...), int64_t num_blocks, cud
 // -------------------------------------------------------------------------------------------- device side
 
 // The calling block's chunk: its tensor's record and the element range [begin, end) it handles.
-template <int R>
+template <typename Meta>
 struct Chunk {
-  TensorMeta<R> t;
+  Meta t;
   int64_t begin;
   int64_t end;
 };
 
-template <int R>
-__device__ __forceinline__ Chunk<R> block_chunk(const int64_t* words, int64_t num_tensors) {
-  const auto* tensors = reinterpret_cast<const TensorMeta<R>*>(words);
-  const auto* blocks = reinterpret_cast<const BlockMeta*>(words + num_tensors * TensorMeta<R>::kWords);
+template <typename Meta>
+__device__ __forceinline__ Chunk<Meta> block_chunk(const int64_t* words, int64_t num_tensors) {
+  const auto* tensors = reinterpret_cast<const Meta*>(words);
+  const auto* blocks = reinterpret_cast<const BlockMeta*>(words + num_tensors * Meta::kWords);
   const BlockMeta b = blocks[blockIdx.x];
-  const TensorMeta<R> t = tensors[b.tensor];
+  const Meta t = tensors[b.tensor];
   return {t, b.begin, t.numel - b.begin < kChunkSize ? t.numel : b.begin + kChunkSize};
 }
 

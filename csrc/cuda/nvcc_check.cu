@@ -9,10 +9,10 @@
 
 namespace fastforget::gpu {
 
-template void plan_blocks<kEwcRoles>(int64_t*, int64_t);
-template int64_t meta_words<kEwcRoles>(int64_t, int64_t);
-template void plan_blocks<kFisherUpdateRoles>(int64_t*, int64_t);
-template int64_t meta_words<kFisherUpdateRoles>(int64_t, int64_t);
+template void plan_blocks<TensorMeta<kEwcRoles>>(int64_t*, int64_t);
+template int64_t meta_words<TensorMeta<kEwcRoles>>(int64_t, int64_t);
+template void plan_blocks<FisherUpdateMeta>(int64_t*, int64_t);
+template int64_t meta_words<FisherUpdateMeta>(int64_t, int64_t);
 
 // The launchers instantiate every kernel (including sum_partials_kernel) and device helper.
 template cudaError_t launch_ewc_penalty<float>(const int64_t*, int64_t, int64_t, double, bool, float*, float*,
