@@ -124,12 +124,6 @@ def inputs() -> EwcInputs:
     return make_inputs(harness.bench_scale(), harness.bench_device())
 
 
-def require_backend(backend: str, inputs: EwcInputs) -> None:
-    reason = harness.backend_skip_reason(backend, ff.available_backends(), inputs.params[0].device)
-    if reason is not None:
-        pytest.skip(reason)
-
-
 def test_eager_reference(benchmark, inputs, add_bandwidth_gbps):
     harness.record_benchmark(benchmark, eager_reference(inputs), add_bandwidth_gbps)
 
@@ -144,13 +138,13 @@ def test_compiled_reference(benchmark, inputs, add_bandwidth_gbps):
 
 @pytest.mark.parametrize("backend", ff.BACKENDS)
 def test_fused_autograd(benchmark, inputs, add_bandwidth_gbps, backend):
-    require_backend(backend, inputs)
+    harness.require_backend(backend, ff.available_backends(), inputs.params[0].device)
     harness.record_benchmark(benchmark, fused_autograd(inputs, backend), add_bandwidth_gbps)
 
 
 @pytest.mark.parametrize("backend", ff.BACKENDS)
 def test_fused_inplace(benchmark, inputs, add_bandwidth_gbps, backend):
-    require_backend(backend, inputs)
+    harness.require_backend(backend, ff.available_backends(), inputs.params[0].device)
     harness.record_benchmark(benchmark, fused_inplace(inputs, backend), add_bandwidth_gbps)
 
 
@@ -172,9 +166,7 @@ def main() -> None:
         *(fused_inplace(inputs, backend) for backend in backends),
     ]
     print(f"ewc_penalty on {device}: {len(inputs.params)} fp32 tensors, {inputs.numel:,} elements (scale {args.scale})")
-    harness.run_table(variants, harness.add_baseline(inputs.numel, device), args.repeats, args.warmup)
-    for backend, reason in skipped.items():
-        print(f"skipped backend {backend}: {reason}")
+    harness.run_table(variants, harness.add_baseline(inputs.numel, device), args.repeats, args.warmup, skipped=skipped)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""`make check`: verify every backend usable here against the reference, then print the benchmark table.
+"""`make check`: verify every backend usable here against the references, then print the benchmark tables.
 
-Verification: a GPT-2-shaped list (scaled down) in fp32/bf16/fp16 params with fp32 and bf16 Fisher; penalty and
-gradient of both the autograd form and the in-place form must match ff.ewc_penalty_ref within the tolerance table
-of fastforget.testing. Triton is verified under its interpreter when there is no GPU.
+Verification, on a GPT-2-shaped list (scaled down), within the tolerance table of fastforget.testing:
+* ewc_penalty: fp32/bf16/fp16 params x fp32/bf16 Fisher; penalty and gradient of the autograd and in-place forms;
+* fisher_update_: fp32/bf16/fp16 Fisher x fp32/bf16 gradients, plain and stacked (3 per-sample gradients).
+Triton is verified under its interpreter when there is no GPU.
 """
 
 import os
@@ -16,7 +17,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastforget as ff  # noqa: E402
-from bench import bench_ewc_penalty, harness  # noqa: E402
+from bench import bench_ewc_penalty, bench_fisher_update, harness  # noqa: E402
 from fastforget.testing import assert_close  # noqa: E402
 
 LAM = 0.4
@@ -24,7 +25,7 @@ LAM = 0.4
 VERIFY_SCALE = {"cpu": 0.1, "cuda": 0.5, "triton": 0.5 if torch.cuda.is_available() else 0.02}
 
 
-def verify(backend, device, param_dtype, fisher_dtype):
+def verify_ewc_penalty(backend, device, param_dtype, fisher_dtype):
     torch.manual_seed(0)
     params = harness.gpt2_tensors(VERIFY_SCALE[backend], device, param_dtype)
     anchors = [p + 0.1 * torch.randn_like(p) for p in params]
@@ -51,33 +52,53 @@ def verify(backend, device, param_dtype, fisher_dtype):
     return sum(p.numel() for p in params)
 
 
+def verify_fisher_update(backend, device, fisher_dtype, grad_dtype):
+    torch.manual_seed(0)
+    fisher = [f.abs() for f in harness.gpt2_tensors(VERIFY_SCALE[backend], device, fisher_dtype)]
+    for stack in ((), (3,)):
+        grads = [torch.randn(*stack, *f.shape, device=device, dtype=grad_dtype) for f in fisher]
+        expected, got = [f.clone() for f in fisher], [f.clone() for f in fisher]
+        ff.fisher_update_ref(expected, grads, 0.9, 0.5)
+        ff.fisher_update_(got, grads, 0.9, 0.5, backend=backend)
+        for g, e in zip(got, expected):
+            assert_close(g, e)
+    return sum(f.numel() for f in fisher)
+
+
+CHECKS = {  # op -> (verify function, the two dtype roles it is swept over)
+    "ewc_penalty": (verify_ewc_penalty, ("params", "fisher")),
+    "fisher_update_": (verify_fisher_update, ("fisher", "grads")),
+}
+
+
 def main():
     status = ff.available_backends()
     print("backends:")
     for name, s in status.items():
         print(f"  {name:10s} {'yes' if s.available else 'no':4s} {s.reason}")
-    print("\nverification against ff.ewc_penalty_ref (penalty and gradients, autograd and in-place):")
     failures = 0
-    for backend in ("cpu", "cuda", "triton"):
-        device = torch.device("cpu" if backend == "cpu" else "cuda" if torch.cuda.is_available() else "cpu")
-        if ff.dispatch._why_not(backend, device.type):
-            print(f"  {backend:7s} skipped: {ff.dispatch._why_not(backend, device.type)}")
-            continue
-        for param_dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for fisher_dtype in (torch.float32, torch.bfloat16):
-                label = (
-                    f"{backend:7s} on {device.type}: params {str(param_dtype)[6:]:8s} fisher {str(fisher_dtype)[6:]:8s}"
-                )
-                try:
-                    numel = verify(backend, device, param_dtype, fisher_dtype)
-                    print(f"  {label} PASS ({numel:,} elements)")
-                except AssertionError as error:
-                    failures += 1
-                    print(f"  {label} FAIL\n{error}")
+    for op, (verify, (first, second)) in CHECKS.items():
+        print(f"\nverification of {op} against its reference:")
+        for backend in ("cpu", "cuda", "triton"):
+            device = torch.device("cpu" if backend == "cpu" else "cuda" if torch.cuda.is_available() else "cpu")
+            if ff.dispatch._why_not(backend, device.type):
+                print(f"  {backend:7s} skipped: {ff.dispatch._why_not(backend, device.type)}")
+                continue
+            for first_dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for second_dtype in (torch.float32, torch.bfloat16):
+                    dtypes = f"{first} {str(first_dtype)[6:]:8s} {second} {str(second_dtype)[6:]:8s}"
+                    label = f"{backend:7s} on {device.type}: {dtypes}"
+                    try:
+                        numel = verify(backend, device, first_dtype, second_dtype)
+                        print(f"  {label} PASS ({numel:,} elements)")
+                    except AssertionError as error:
+                        failures += 1
+                        print(f"  {label} FAIL\n{error}")
     if failures:
         sys.exit(f"{failures} verification(s) failed")
-    print()
-    bench_ewc_penalty.main()
+    for benchmark in (bench_ewc_penalty, bench_fisher_update):
+        print()
+        benchmark.main()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 SMOKE_SCALE = 0.02
@@ -108,18 +109,33 @@ def usable_backends(available: dict, device: torch.device) -> tuple[list[str], d
     )
 
 
+def require_backend(name: str, available: dict, device: torch.device) -> None:
+    """In a benchmark test: skip it unless backend ``name`` can be benchmarked on ``device``."""
+    reason = backend_skip_reason(name, available, device)
+    if reason is not None:
+        pytest.skip(reason)
+
+
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``fn`` in milliseconds over ``repeats`` runs, after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
+    return time_interleaved([fn], repeats, warmup)[0]
+
+
+def time_interleaved(fns: list[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:
+    """Median wall time (ms) of each of ``fns``, timed in rounds (one run of each per round) so that a slow spell
+    of a shared machine hits every function alike and their ratios stay meaningful."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     synchronize()
-    samples = []
+    samples = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+        for fn, times in zip(fns, samples):
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) * 1e3 for times in samples]
 
 
 def time_first_call_ms(fn: Callable[[], object]) -> float:
@@ -190,12 +206,18 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def run_table(
-    variants: list[Variant], baseline: Variant, repeats: int, warmup: int = 1, reference: str = "eager_reference"
+    variants: list[Variant],
+    baseline: Variant,
+    repeats: int,
+    warmup: int = 1,
+    reference: str = "eager_reference",
+    skipped: dict[str, str] | None = None,
 ) -> None:
-    """Time the baseline and every variant, then print ms, GB/s, fraction of add-bandwidth, speed-up vs reference."""
-    baseline_ms = time_ms(baseline.fn, repeats, warmup)
+    """Time the baseline and every variant (interleaved), then print ms, GB/s, fraction of add-bandwidth, speed-up,
+    and why each backend in ``skipped`` (name -> reason, from usable_backends) was left out."""
+    baseline_ms, *variant_ms = time_interleaved([baseline.fn] + [v.fn for v in variants], repeats, warmup)
     baseline_gbps = gbps(baseline.bytes_moved, baseline_ms)
-    timings = [(variant, time_ms(variant.fn, repeats, warmup)) for variant in variants]
+    timings = list(zip(variants, variant_ms))
     reference_ms = next((ms for variant, ms in timings if variant.name == reference), math.nan)
 
     def row(variant: Variant, ms: float, speedup: str) -> list[str]:
@@ -218,3 +240,5 @@ def run_table(
         f"ms: median of {repeats}; frac_add: GB/s over the torch.add baseline's; speedup: vs {reference}; "
         "compile_ms: first call of a compiled variant"
     )
+    for backend, reason in (skipped or {}).items():
+        print(f"skipped backend {backend}: {reason}")

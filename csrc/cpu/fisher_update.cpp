@@ -6,12 +6,10 @@
 
 #include <torch/library.h>
 
-#include <cmath>
-
 namespace fastforget::cpu {
 namespace {
 
-// out = decay * f
+// out = decay * f (a stack of zero gradients)
 template <typename acc_t>
 void decay_tile(const acc_t* f, acc_t* out, acc_t decay, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -21,21 +19,22 @@ void decay_tile(const acc_t* f, acc_t* out, acc_t decay, int64_t n) {
   for (; i < n; ++i) out[i] = decay * f[i];
 }
 
-// out += scale * g^2
-template <typename acc_t>
-void add_squares_tile(const acc_t* g, acc_t* out, acc_t scale, int64_t n) {
+// out = (scale * g) * g + base, with base = decay * f for the first gradient of a stack and out for the others
+template <typename acc_t, bool kFirst>
+void add_square_tile(const acc_t* f, const acc_t* g, acc_t* out, acc_t decay, acc_t scale, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vscale(scale);
+  const Vec vdecay(decay), vscale(scale);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec vg = Vec::loadu(g + i);
-    at::vec::fmadd(vscale * vg, vg, Vec::loadu(out + i)).store(out + i);
+    const Vec base = kFirst ? vdecay * Vec::loadu(f + i) : Vec::loadu(out + i);
+    at::vec::fmadd(vscale * vg, vg, base).store(out + i);
   }
-  for (; i < n; ++i) out[i] = std::fma(scale * g[i], g[i], out[i]);
+  for (; i < n; ++i) out[i] = scale * g[i] * g[i] + (kFirst ? decay * f[i] : out[i]);
 }
 
 // F = decay * F + scale * sum_s g_s^2 where grads[t] stacks k = numel(grads[t]) / numel(F) gradients g_s.
-// Each tile of F is read once, takes the k squared gradients in order, and is written once.
+// One sweep per gradient over each L1-resident tile: F is read once, each g_s once, and F written once.
 template <typename acc_t>
 void run(at::TensorList fisher, at::TensorList grads, acc_t decay, acc_t scale) {
   for_each_chunk(make_chunks(fisher), [&](int64_t, const Chunk& chunk) {
@@ -45,10 +44,16 @@ void run(at::TensorList fisher, at::TensorList grads, acc_t decay, acc_t scale) 
     Tile f_buf, g_buf, out_buf;
     for (int64_t offset = chunk.begin; offset < chunk.end; offset += kTile) {
       const int64_t n = std::min(kTile, chunk.end - offset);
+      const acc_t* f = load_tile<acc_t>(target, offset, n, f_buf);
       acc_t* out = output_tile<acc_t>(target, offset, out_buf);
-      decay_tile(load_tile<acc_t>(target, offset, n, f_buf), out, decay, n);
+      if (samples == 0) decay_tile(f, out, decay, n);
       for (int64_t s = 0; s < samples; ++s) {
-        add_squares_tile(load_tile<acc_t>(stack, s * numel + offset, n, g_buf), out, scale, n);
+        const acc_t* g = load_tile<acc_t>(stack, s * numel + offset, n, g_buf);
+        if (s == 0) {
+          add_square_tile<acc_t, true>(f, g, out, decay, scale, n);
+        } else {
+          add_square_tile<acc_t, false>(f, g, out, decay, scale, n);
+        }
       }
       store_tile<acc_t>(target, offset, n, out);
     }
