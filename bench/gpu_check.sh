@@ -21,5 +21,8 @@ bash bench/nvcc_check.sh || true
 echo "== tests (GPU)"
 timeout 300 "$PY" -m pytest tests -q -x -p no:cacheprovider 2>&1 | tail -15 || echo "TESTS FAILED OR TIMED OUT"
 
-echo "== benchmark (GPT-2-small-shaped list, fp32)"
-timeout 180 "$PY" bench/bench_ewc_penalty.py --repeats 20 || echo "BENCHMARK FAILED OR TIMED OUT"
+echo "== verification of every backend + benchmark tables (GPT-2-small-shaped list, fp32)"
+timeout 200 "$PY" bench/check.py --repeats 20 || echo "CHECK FAILED OR TIMED OUT"
+
+echo "== EWC end to end"
+timeout 60 "$PY" bench/bench_ewc.py --repeats 5 2>/dev/null || echo "EWC BENCHMARK FAILED OR TIMED OUT"
