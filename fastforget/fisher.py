@@ -14,9 +14,10 @@ classification, cross-entropy = -log p_theta(y | x)), with g(x, y) = d l(model(x
   model outputs class logits in its last dimension.
 
 Per-sample gradients use ``torch.func`` (functional_call + vmap + grad) in chunks of ``chunk_size`` samples, so
-memory is bounded by chunk_size x the trainable parameters; each chunk's stack of squared gradients is accumulated
-by one call of the fused ``ff.fisher_update_``. The model runs in eval mode during estimation (its mode is
-restored afterwards).
+memory is bounded by chunk_size x the trainable parameters (by default as many samples, at most 32, as fit in
+``CHUNK_ELEMENTS`` = 2^28 gradient elements: 1 GiB in fp32; a GPT-2-small chunk is 2 samples). Each chunk's stack
+of squared gradients is accumulated by one call of the fused ``ff.fisher_update_``. The model runs in eval mode
+during estimation (its mode is restored afterwards).
 """
 
 import contextlib
@@ -28,6 +29,7 @@ from torch.func import functional_call, grad, vmap
 from fastforget.ops.fisher_update import fisher_update_
 
 ESTIMATORS = ("empirical", "batch", "true")
+CHUNK_ELEMENTS = 1 << 28
 
 
 def trainable_parameters(model_or_named):
@@ -100,7 +102,7 @@ def estimate_fisher(
     estimator="empirical",
     params=None,
     max_batches=None,
-    chunk_size=32,
+    chunk_size=None,
     exact_classes=10,
     generator=None,
     progress=False,
@@ -112,9 +114,11 @@ def estimate_fisher(
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    names, tensors = trainable_parameters(model if params is None else params)
+    if chunk_size is None:
+        chunk_size = max(1, min(32, CHUNK_ELEMENTS // sum(p.numel() for p in tensors)))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    names, tensors = trainable_parameters(model if params is None else params)
     device = tensors[0].device
     fisher = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in tensors]
     report = _Progress(f"fisher [{estimator}]", _length(loader, max_batches), progress)
