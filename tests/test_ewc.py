@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FUSED_BACKENDS
+from conftest import FUSED_BACKENDS, device_of
 from torch import nn
 
 import fastforget as ff
@@ -14,9 +14,9 @@ from fastforget.testing import assert_close
 CLASSES = 3
 
 
-def tiny_mlp(seed=0):
+def tiny_mlp(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, CLASSES))
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, CLASSES)).to(device)
 
 
 def batches(sizes=(5, 3, 4), seed=1):
@@ -32,7 +32,9 @@ def squared_grads(model, loss):
 def brute_force(model, data, estimator):
     """The definitions, one sample (or one batch) and one backward at a time."""
     total, count = [torch.zeros_like(p) for p in model.parameters()], 0
+    device = next(model.parameters()).device
     for x, y in data:
+        x, y = x.to(device), y.to(device)
         if estimator == "batch":
             total = [t + s for t, s in zip(total, squared_grads(model, F.cross_entropy(model(x), y)))]
             count += 1
@@ -47,14 +49,14 @@ def brute_force(model, data, estimator):
                 continue
             probs = torch.softmax(model(x[i : i + 1]), -1)[0].detach()
             for c in range(CLASSES):
-                loss = F.cross_entropy(model(x[i : i + 1]), torch.tensor([c]))
+                loss = F.cross_entropy(model(x[i : i + 1]), torch.tensor([c], device=device))
                 total = [t + probs[c] * s for t, s in zip(total, squared_grads(model, loss))]
     return [t / count for t in total]
 
 
 @pytest.mark.parametrize("estimator", ["empirical", "batch", "true"])
 def test_estimators_match_brute_force(estimator, backend):
-    model, data = tiny_mlp(), batches()
+    model, data = tiny_mlp(device=device_of(backend)), batches()
     expected = brute_force(model, data, estimator)
     got = ff.estimate_fisher(model, data, F.cross_entropy, estimator=estimator, chunk_size=2, backend=backend)
     for g, e in zip(got, expected):
@@ -217,7 +219,7 @@ def test_bf16_state_error_bound():
 
 
 def test_apply_and_penalty_give_the_same_gradients(fused_backend):
-    model = tiny_mlp()
+    model = tiny_mlp(device=device_of(fused_backend))
     ewc = ff.EWC(model, lam=2.0, backend=fused_backend)
     ewc.consolidate(batches(), F.cross_entropy, progress=False)
     with torch.no_grad():
@@ -333,10 +335,34 @@ def test_state_dict_loads_onto_the_parameters_device():
 def test_backends_agree_on_consolidation():
     results = []
     for backend in FUSED_BACKENDS + ["reference"]:
-        model = tiny_mlp()
+        model = tiny_mlp(device=device_of(backend))
         ewc = ff.EWC(model, backend=backend)
         ewc.consolidate(batches(), F.cross_entropy, progress=False)
-        results.append(ewc.fisher)
+        results.append([f.cpu() for f in ewc.fisher])
     for fisher in results[1:]:
         for a, b in zip(fisher, results[0]):
             assert_close(a, b)
+
+
+def test_penalty_and_apply_compile_fullgraph():
+    model = tiny_mlp()
+    ewc = ff.EWC(model, lam=0.5, mode="separate")
+    for seed in range(2):
+        ewc.load_importance(*random_task(model, seed))
+    x, y = batches((4,))[0]
+
+    def loss_fn():
+        return F.cross_entropy(model(x), y) + ewc.penalty()
+
+    expected = loss_fn()
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    got = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")()
+    got.backward()
+    assert_close(got.detach(), expected.detach())
+    for p, e in zip(model.parameters(), expected_grads):
+        assert_close(p.grad, e)
+    model.zero_grad(set_to_none=True)
+    applied = torch.compile(ewc.apply_, fullgraph=True, backend="aot_eager")()
+    assert_close(applied, ewc.penalty().detach())
