@@ -8,16 +8,15 @@
 
 namespace fastforget {
 
-// Each tensors[i] must have the shape and device of like[i].
-inline void check_same_layout(const char* name, at::TensorList tensors, at::TensorList like,
-                              const char* like_name = "params") {
-  TORCH_CHECK(tensors.size() == like.size(), name, " has ", tensors.size(), " tensors but ", like_name, " has ",
-              like.size());
-  for (size_t i = 0; i < like.size(); ++i) {
-    TORCH_CHECK(tensors[i].sizes() == like[i].sizes(), name, "[", i, "] has shape ", tensors[i].sizes(), " but ",
-                like_name, "[", i, "] has shape ", like[i].sizes());
-    TORCH_CHECK(tensors[i].device() == like[i].device(), name, "[", i, "] is on ", tensors[i].device(), " but ",
-                like_name, "[", i, "] is on ", like[i].device());
+// Each tensors[i] must have the shape and device of params[i].
+inline void check_same_layout(const char* name, at::TensorList tensors, at::TensorList params) {
+  TORCH_CHECK(tensors.size() == params.size(), name, " has ", tensors.size(), " tensors but params has ",
+              params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(tensors[i].sizes() == params[i].sizes(), name, "[", i, "] has shape ", tensors[i].sizes(),
+                " but params[", i, "] has shape ", params[i].sizes());
+    TORCH_CHECK(tensors[i].device() == params[i].device(), name, "[", i, "] is on ", tensors[i].device(),
+                " but params[", i, "] is on ", params[i].device());
   }
 }
 

@@ -1,5 +1,7 @@
 """Loads fastforget._C, whose import registers the C++/CUDA kernels; remembers why when it cannot."""
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from fastforget import _C  # noqa: F401
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from fastforget._dtypes import FLOAT_DTYPES  # noqa: F401  (re-exported for the ops)
 
 
 def tensor_list(name: str, value) -> list:
@@ -29,15 +29,15 @@ def check_dtype(name: str, i: int, t: torch.Tensor, allowed) -> None:
         raise TypeError(f"{name}[{i}] has layout {t.layout}; only dense (strided) tensors are supported")
 
 
-def check_like_params(name: str, tensors: list, params: list, like_name: str = "params") -> None:
+def check_like_params(name: str, tensors: list, params: list) -> None:
     """Same length as params, and each tensor shaped and placed like its param."""
     if len(tensors) != len(params):
-        raise ValueError(f"{name} has {len(tensors)} tensors but {like_name} has {len(params)}")
+        raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(params)}")
     for i, (t, p) in enumerate(zip(tensors, params)):
         if t.shape != p.shape:
-            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but {like_name}[{i}] has shape {tuple(p.shape)}")
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but params[{i}] has shape {tuple(p.shape)}")
         if t.device != p.device:
-            raise ValueError(f"{name}[{i}] is on {t.device} but {like_name}[{i}] is on {p.device}")
+            raise ValueError(f"{name}[{i}] is on {t.device} but params[{i}] is on {p.device}")
 
 
 def check_one_device(name: str, tensors: list) -> None:
@@ -57,14 +57,29 @@ def check_scalar(name: str, value, *, minimum=None) -> float:
     return value
 
 
-def check_no_overlap(name: str, tensors: list) -> None:
-    """Tensors written in place must not share memory, or one element would be updated twice. None is skipped."""
+def check_distinct(name: str, tensors: list) -> None:
+    """No tensor object may appear twice (not checked while torch.compile traces)."""
     if torch.compiler.is_compiling():
-        return  # no addresses while tracing
+        return
+    first = {}
+    for i, t in enumerate(tensors):
+        j = first.setdefault(id(t), i)
+        if j != i:
+            raise ValueError(f"{name}[{j}] and {name}[{i}] are the same tensor")
+
+
+def check_no_overlap(name: str, tensors: list) -> None:
+    """Tensors written in place must not share memory, or one element would be updated twice. None is skipped.
+
+    Not checked while torch.compile traces (fake tensors have no addresses): the eager call is the guard."""
+    if torch.compiler.is_compiling():
+        return
     spans = []
     for i, t in enumerate(tensors):
         if t is None or t.numel() == 0:
             continue
+        if torch._debug_has_internal_overlap(t) == 1:  # e.g. an expand()ed tensor: elements share memory
+            raise ValueError(f"{name}[{i}] has elements that share memory (an expanded view?); it cannot be written")
         start = t.data_ptr()
         if t.is_contiguous():
             extent = t.numel()

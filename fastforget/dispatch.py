@@ -34,6 +34,7 @@ class BackendStatus:
 
 
 def triton_interpreted() -> bool:
+    """Whether Triton kernels defined now run in the interpreter (read by kernels/ when it defines them)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -57,7 +58,9 @@ def _why_not(backend: str, device_type: str):
     if backend == "triton":
         if _triton_import_error():
             return _triton_import_error()
-        if device_type == "cpu" and not triton_interpreted():
+        from fastforget.kernels.multi_tensor import DEVICE_TYPES  # decided when the kernels were defined
+
+        if device_type == "cpu" and "cpu" not in DEVICE_TYPES:
             return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before import"
         if device_type not in ("cpu", "cuda"):
             return f"Triton kernels do not run on {device_type} tensors"

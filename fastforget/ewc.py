@@ -48,6 +48,8 @@ class EWC:
         self.names, self.params = trainable_parameters(model)
         self.lam = check.check_scalar("lam", lam, minimum=0.0)
         self.decay = check.check_scalar("decay", decay, minimum=0.0)
+        if mode == "separate" and self.decay != 1.0:
+            raise ValueError("decay applies to the online mode; the separate mode keeps every task at full weight")
         self.mode, self.state_dtype, self.backend = mode, state_dtype, backend
         self.tasks = 0
         self.anchors, self.fisher = [], []  # theta* (online) or theta_bar (separate); F or F_sum
@@ -170,34 +172,47 @@ class EWC:
         }
 
     def load_state_dict(self, state):
-        """Restore a state_dict onto this EWC's parameters (their device, this EWC's state_dtype). Checks the
-        mode and every parameter name and shape first, naming the first mismatch; nothing changes on error."""
+        """Restore a state_dict onto this EWC's parameters (their device, this EWC's state_dtype).
+
+        Everything is checked first -- the mode, every parameter name and shape, finite non-negative Fisher, a
+        constant that is >= 0 (and 0 in online mode) -- naming the first problem; nothing changes on error."""
         missing = {"mode", "tasks", "constant", "names", "anchors", "fisher"} - set(state)
         if missing:
             raise KeyError(f"EWC state_dict lacks {sorted(missing)}")
         if state["mode"] != self.mode:
             raise ValueError(f"the state was saved in {state['mode']!r} mode but this EWC is {self.mode!r}")
-        tasks, constant = int(state["tasks"]), float(state["constant"])
-        if tasks < 0 or not math.isfinite(constant):
-            raise ValueError("corrupt EWC state: tasks < 0 or a non-finite constant")
+        tasks, constant = state["tasks"], state["constant"]
+        if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 0:
+            raise ValueError(f"corrupt EWC state: tasks is {tasks!r}, not an integer >= 0")
+        if not isinstance(constant, (int, float)) or not math.isfinite(constant) or constant < 0:
+            raise ValueError(f"corrupt EWC state: constant is {constant!r}, not a finite number >= 0")
+        if constant and (self.mode == "online" or not tasks):
+            raise ValueError("corrupt EWC state: a nonzero constant belongs to the separate mode with tasks")
         names, anchors, fisher = list(state["names"]), list(state["anchors"]), list(state["fisher"])
-        if tasks and not (len(names) == len(anchors) == len(fisher)):
-            raise ValueError("corrupt EWC state: names, anchors and fisher differ in length")
         if tasks:
+            self._check_state_tensors(names, anchors, fisher)
+            anchors = [a.to(p.device, self.state_dtype, copy=True) for a, p in zip(anchors, self.params)]
+            fisher = [f.to(p.device, self.state_dtype, copy=True) for f, p in zip(fisher, self.params)]
+        elif anchors or fisher:
+            raise ValueError("corrupt EWC state: tensors without a consolidated task")
+        self.tasks, self.constant, self.anchors, self.fisher = tasks, float(constant), anchors, fisher
+
+    def _check_state_tensors(self, names, anchors, fisher):
+        if names != self.names:
             for i, name in enumerate(self.names):
+                found = repr(names[i]) if i < len(names) else "nothing"
                 if i >= len(names) or names[i] != name:
-                    found = repr(names[i]) if i < len(names) else "nothing"
                     raise ValueError(f"parameter {i} is {name!r} here but {found} in the state")
-                shape = tuple(self.params[i].shape)
-                for label, t in (("anchor", anchors[i]), ("fisher", fisher[i])):
-                    if tuple(t.shape) != shape:
-                        raise ValueError(f"{label} of {name!r} has shape {tuple(t.shape)} but the parameter {shape}")
-            if len(names) > len(self.names):
-                raise ValueError(f"the state has parameter {names[len(self.names)]!r}, which is not protected here")
-        self.tasks, self.constant = tasks, constant
-        self.anchors = (
-            [a.to(p.device, self.state_dtype, copy=True) for a, p in zip(anchors, self.params)] if tasks else []
-        )
-        self.fisher = (
-            [f.to(p.device, self.state_dtype, copy=True) for f, p in zip(fisher, self.params)] if tasks else []
-        )
+            raise ValueError(f"the state has parameter {names[len(self.names)]!r}, which is not protected here")
+        if not (len(anchors) == len(fisher) == len(names)):
+            raise ValueError("corrupt EWC state: names, anchors and fisher differ in length")
+        for name, p, a, f in zip(self.names, self.params, anchors, fisher):
+            for label, t in (("anchor", a), ("fisher", f)):
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    raise TypeError(f"{label} of {name!r} in the state is not a floating point tensor")
+                if t.shape != p.shape:
+                    raise ValueError(
+                        f"{label} of {name!r} has shape {tuple(t.shape)} but the parameter {tuple(p.shape)}"
+                    )
+            if not bool(f.isfinite().all()) or bool((f < 0).any()):
+                raise ValueError(f"fisher of {name!r} in the state is not finite and >= 0")

@@ -26,6 +26,7 @@ import sys
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fastforget._validation import check_distinct
 from fastforget.ops.fisher_update import fisher_update_
 
 ESTIMATORS = ("empirical", "batch", "true")
@@ -46,7 +47,9 @@ def trainable_parameters(model_or_named):
         raise ValueError("parameter names must be unique")
     if not named:
         raise ValueError("there are no trainable parameters to protect")
-    return names, [p for _, p in named]
+    tensors = [p for _, p in named]
+    check_distinct("parameters", tensors)
+    return names, tensors
 
 
 @contextlib.contextmanager
@@ -151,14 +154,26 @@ def _batch_accumulator(model, tensors, fisher, loss_fn, backend):
     return accumulate
 
 
+def _module_names(model, tensors):
+    """The names `model` itself gives `tensors` (whatever the caller called them), for functional_call."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for i, p in enumerate(tensors):
+        if id(p) not in names:
+            raise ValueError(f"protected parameter {i} is not a parameter of the model given to estimate the Fisher")
+    return [names[id(p)] for p in tensors]
+
+
 def _sample_accumulator(
     model, names, tensors, fisher, loss_fn, estimator, chunk_size, exact_classes, generator, backend
 ):
-    trainable = {n: p.detach() for n, p in zip(names, tensors)}
-    rest = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers()) if n not in trainable}
+    names = _module_names(model, tensors)
+    trainable = dict(zip(names, (p.detach() for p in tensors)))
+    protected = {id(p) for p in tensors}
+    rest = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers()) if id(t) not in protected}
 
     def sample_loss(weights, x, y):
-        return loss_fn(functional_call(model, (weights, rest), (x.unsqueeze(0),)), y.unsqueeze(0))
+        output = functional_call(model, (weights, rest), (x.unsqueeze(0),), strict=True)
+        return loss_fn(output, y.unsqueeze(0))
 
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
 
@@ -177,7 +192,12 @@ def _sample_accumulator(
                 add_squares(x, y)
                 continue
             with torch.no_grad():
-                probs = torch.softmax(model(x).float(), dim=-1)
+                logits = model(x)
+            if logits.dim() != 2:
+                raise ValueError(
+                    f"the true Fisher needs (batch, classes) logits; the model returned {tuple(logits.shape)}"
+                )
+            probs = torch.softmax(logits.float(), dim=-1)
             classes = probs.shape[-1]
             if classes <= exact_classes:  # E_y g^2 = sum_c p(c|x) g(x, c)^2, exactly
                 for c in range(classes):

@@ -8,8 +8,16 @@ import torch
 import triton
 import triton.language as tl
 
+from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import qualname
-from fastforget.kernels.multi_tensor import ACCUMULATE_TYPES, contiguous, launch_groups, on_device, register
+from fastforget.kernels.multi_tensor import (
+    ACCUMULATE_TYPES,
+    contiguous,
+    launch_groups,
+    narrows_through_fp32,
+    on_device,
+    register,
+)
 
 BLOCK = 4096
 PENALTY, GRADIENT, ACCUMULATE = 0, 1, 2
@@ -17,21 +25,10 @@ PENALTY, GRADIENT, ACCUMULATE = 0, 1, 2
 
 @triton.jit
 def _ewc_kernel(
-    tables,
-    blocks,
-    num_tensors,
-    num_blocks,
-    partials,
-    scale_ptr,
-    c,
-    PASS: tl.constexpr,
-    ACC: tl.constexpr,
-    P: tl.constexpr,
-    A: tl.constexpr,
-    F: tl.constexpr,
-    G: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    tables, blocks, num_tensors, num_blocks, partials, coef_ptr,
+    PASS: tl.constexpr, ACC: tl.constexpr, P: tl.constexpr, A: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
+    G_VIA_FP32: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     t = tl.load(blocks + pid)
     start = tl.load(blocks + num_blocks + pid)
@@ -43,87 +40,77 @@ def _ewc_kernel(
     f = tl.load(tl.load(tables + 2 * num_tensors + t).to(tl.pointer_type(F)) + offs, mask=mask, other=0).to(ACC)
     d = p - a
     fd = f * d
+    c = tl.load(coef_ptr)  # 2 lam (ACCUMULATE) or 2 lam grad_out (GRADIENT), in ACC
     g_ptr = tl.load(tables + 3 * num_tensors + t).to(tl.pointer_type(G)) + offs
-    if PASS == 1:  # GRADIENT: out = (2 lam grad_out) F d
-        scale = c * tl.load(scale_ptr).to(ACC)
-        tl.store(g_ptr, (scale * fd).to(G), mask=mask)
-    else:
-        if PASS == 2:  # ACCUMULATE: grad += 2 lam F d
-            g = tl.load(g_ptr, mask=mask, other=0).to(ACC)
-            tl.store(g_ptr, (g + c * fd).to(G), mask=mask)
+    if PASS != 0:
+        if PASS == 1:  # GRADIENT: out = (2 lam grad_out) F d
+            out = c * fd
+        else:  # ACCUMULATE: grad += 2 lam F d
+            out = tl.load(g_ptr, mask=mask, other=0).to(ACC) + c * fd
+        if G_VIA_FP32:  # fp64 math into a 16-bit gradient: narrow through fp32
+            out = out.to(tl.float32)
+        tl.store(g_ptr, out.to(G), mask=mask)
+    if PASS != 1:
         tl.store(partials + pid, tl.sum(fd * d, axis=0))
 
 
 @triton.jit
-def _sum_partials_kernel(partials, n, out, lam, BLOCK: tl.constexpr):
+def _sum_partials_kernel(partials, n, out, lam_ptr, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=out.dtype.element_ty)
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(partials + offs, mask=offs < n, other=0)
-    tl.store(out, tl.sum(acc, axis=0) * lam)
+    tl.store(out, tl.sum(acc, axis=0) * tl.load(lam_ptr))
 
 
-def _accumulate_dtype(params):
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-
-
-def _run(pass_, params, anchors, fisher, targets, lam, c, scale=None):
+def _run(pass_, params, anchors, fisher, targets, lam, grad_out=None):
     """Launches `pass_` over the list; `targets` are the outputs (GRADIENT) or gradients (ACCUMULATE).
-
-    `lam` and `c` travel as fp32 kernel scalars (exact for fp32 math; fp64 inputs see them rounded to fp32).
-    """
+    Returns lam * sum F (theta - anchor)^2 except for GRADIENT."""
     with on_device(params[0].device):
-        return _launch(pass_, params, anchors, fisher, targets, lam, c, scale)
+        return _launch(pass_, params, anchors, fisher, targets, lam, grad_out)
 
 
-def _launch(pass_, params, anchors, fisher, targets, lam, c, scale):
-    acc = _accumulate_dtype(params)
+def _launch(pass_, params, anchors, fisher, targets, lam, grad_out):
+    acc = accumulate_dtype(params)
     device = params[0].device
+    # scalars travel in device memory, in ACC: Triton would pass Python floats as fp32
+    scalars = torch.tensor([lam, 2.0 * lam], dtype=acc, device=device)
+    coef = scalars[1:] * grad_out.to(scalars) if pass_ == GRADIENT else scalars[1:]
     roles = (params, anchors, fisher, targets if targets is not None else params)
     groups, total_blocks = launch_groups(roles, BLOCK)
-    partials = torch.empty(total_blocks, dtype=acc, device=device)
+    # GRADIENT writes no partials; `coef` stands in as a valid, never-written pointer
+    partials = coef if pass_ == GRADIENT else torch.empty(total_blocks, dtype=acc, device=device)
     for group in groups:
         if group.num_blocks:
             _ewc_kernel[(group.num_blocks,)](
-                group.tables,
-                group.blocks,
-                group.num_tensors,
-                group.num_blocks,
-                partials[group.first_block :],
-                scale if scale is not None else partials,
-                c,
-                PASS=pass_,
-                ACC=ACCUMULATE_TYPES[acc],
-                P=group.dtypes[0],
-                A=group.dtypes[1],
-                F=group.dtypes[2],
-                G=group.dtypes[3],
-                BLOCK=BLOCK,
-            )
+                group.tables, group.blocks, group.num_tensors, group.num_blocks,
+                partials if pass_ == GRADIENT else partials[group.first_block :], coef,
+                PASS=pass_, ACC=ACCUMULATE_TYPES[acc], P=group.dtypes[0], A=group.dtypes[1], F=group.dtypes[2],
+                G=group.dtypes[3], G_VIA_FP32=narrows_through_fp32(acc, group.dtypes[3]), BLOCK=BLOCK,
+            )  # fmt: skip
     if pass_ == GRADIENT:
         return None
     out = torch.empty((), dtype=acc, device=device)
-    _sum_partials_kernel[(1,)](partials, total_blocks, out, lam, BLOCK=1024)
+    _sum_partials_kernel[(1,)](partials, total_blocks, out, scalars, BLOCK=1024)
     return out
 
 
 def ewc_penalty(params, anchors, fisher, lam):
     params, anchors, fisher = contiguous(params), contiguous(anchors), contiguous(fisher)
-    return _run(PENALTY, params, anchors, fisher, None, lam, 0.0)
+    return _run(PENALTY, params, anchors, fisher, None, lam)
 
 
 def ewc_penalty_backward(params, anchors, fisher, lam, grad_out):
     params, anchors, fisher = contiguous(params), contiguous(anchors), contiguous(fisher)
     outs = [torch.empty_like(p) for p in params]
-    scale = grad_out.to(_accumulate_dtype(params)).reshape(())
-    _run(GRADIENT, params, anchors, fisher, outs, lam, 2.0 * lam, scale)
+    _run(GRADIENT, params, anchors, fisher, outs, lam, grad_out.reshape(()))
     return outs
 
 
 def ewc_penalty_accumulate(params, anchors, fisher, grads, lam):
     params, anchors, fisher = contiguous(params), contiguous(anchors), contiguous(fisher)
     work = contiguous(grads)  # a non-contiguous gradient is updated through a copy, written back below
-    penalty = _run(ACCUMULATE, params, anchors, fisher, work, lam, 2.0 * lam)
+    penalty = _run(ACCUMULATE, params, anchors, fisher, work, lam)
     for g, w in zip(grads, work):
         if w is not g:
             g.copy_(w)

@@ -26,6 +26,14 @@ TRITON_DTYPES = {
     torch.float64: tl.float64,
 }
 ACCUMULATE_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def narrows_through_fp32(acc, element_type):
+    """fp64 results bound for a 16-bit tensor are narrowed through fp32 (a direct fp64 -> bf16 conversion is
+    not available on every GPU, and the interpreter gets it wrong)."""
+    return acc == torch.float64 and element_type in (tl.bfloat16, tl.float16)
+
+
 # Kernels defined under TRITON_INTERPRET=1 run on CPU tensors (tests); compiled ones on CUDA tensors only.
 DEVICE_TYPES = ("cuda", "cpu") if dispatch.triton_interpreted() else ("cuda",)
 

@@ -53,7 +53,9 @@ def test_explicit_backend_that_cannot_run_raises_with_reason():
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from fastforget.kernels import multi_tensor
+
+    monkeypatch.setattr(multi_tensor, "DEVICE_TYPES", ("cuda",))  # kernels defined without TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ff.ewc_penalty(*inputs(), 0.4, backend="triton")
 
@@ -72,6 +74,12 @@ def test_missing_extension_falls_back_to_reference_and_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ff.ewc_penalty(*inputs(), 0.4)  # warned once only
+
+
+def test_bare_import_loads_the_extension():
+    # `import fastforget` first thing (torch not yet imported) must still load the C++ kernels
+    code = "import fastforget as ff; s = ff.available_backends()['cpu']; assert s.available, s.reason"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_import_without_the_extension_uses_the_reference():

@@ -114,6 +114,46 @@ def test_estimator_options_and_errors(capsys):
         ff.estimate_fisher(model, [torch.randn(2, 4)], F.cross_entropy)
 
 
+def test_parameter_list_with_its_own_names_and_a_subset():
+    model, data = tiny_mlp(), batches()
+    full = ff.estimate_fisher(model, data, F.cross_entropy)
+    renamed = ff.EWC([(f"p{i}", p) for i, p in enumerate(model.parameters())])
+    renamed.consolidate(data, F.cross_entropy, model=model, progress=False)
+    head = ff.EWC([("head", model[2].weight)])
+    head.consolidate(data, F.cross_entropy, model=model, progress=False)
+    for a, b in zip(renamed.fisher + head.fisher, full + full[2:3]):
+        assert_close(a, b)
+    stranger = ff.EWC([("w", nn.Parameter(torch.zeros(3)))])
+    with pytest.raises(ValueError, match="protected parameter 0 is not a parameter of the model"):
+        stranger.consolidate(data, F.cross_entropy, model=model, progress=False)
+    with pytest.raises(ValueError, match=r"parameters\[0\] and parameters\[1\] are the same tensor"):
+        ff.EWC([("a", model[0].weight), ("b", model[0].weight)])
+
+
+def test_tied_weights():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.out = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.embed(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Tied()
+    x, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5,))
+    expected = sum(squared_grads(model, F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]))[0] for i in range(5)) / 5
+    (got,) = ff.estimate_fisher(model, [(x, y)], F.cross_entropy)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_true_fisher_needs_class_logits():
+    model = nn.Sequential(nn.Linear(4, CLASSES), nn.Unflatten(1, (1, CLASSES)))
+    with pytest.raises(ValueError, match=r"needs \(batch, classes\) logits; the model returned \(5, 1, 3\)"):
+        ff.estimate_fisher(model, batches((5,)), F.cross_entropy, estimator="true")
+
+
 def test_model_mode_restored_and_frozen_parameters_skipped():
     model = tiny_mlp()
     model[0].weight.requires_grad_(False)
@@ -259,6 +299,8 @@ def test_bad_arguments():
         ff.EWC(model, state_dtype=torch.float16)
     with pytest.raises(ValueError, match="lam"):
         ff.EWC(model, lam=-1)
+    with pytest.raises(ValueError, match="decay applies to the online mode"):
+        ff.EWC(model, mode="separate", decay=0.9)
     ewc = ff.EWC(model)
     anchors, fisher = random_task(model, 0)
     with pytest.raises(ValueError, match="fisher has 3 tensors but 4 parameters"):
@@ -320,6 +362,50 @@ def test_state_dict_mismatches_are_named_and_load_nothing():
     assert other.tasks == renamed.tasks == 0 and other.anchors == []
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(tasks=1.5), "tasks is 1.5"),
+        (dict(tasks=-1), "tasks is -1"),
+        (dict(constant=-2.0), "constant is -2.0"),
+        (dict(constant=float("nan")), "constant is nan"),
+        (dict(constant=5.0), "nonzero constant belongs to the separate mode"),
+        (dict(tasks=0), "tensors without a consolidated task"),
+        ("nan_fisher", "not finite and >= 0"),
+        ("int_anchor", "anchor of '0.weight' in the state is not a floating point tensor"),
+    ],
+    ids=str,
+)
+def test_corrupt_state_is_rejected_and_loads_nothing(change, message):
+    model = tiny_mlp()
+    source, target = ff.EWC(model), ff.EWC(model)
+    source.load_importance(*random_task(model, 0))
+    target.load_importance(*random_task(model, 1))
+    before = target.state_dict()
+    state = source.state_dict()
+    if change == "nan_fisher":
+        state["fisher"][1] = torch.full_like(state["fisher"][1], float("nan"))
+    elif change == "int_anchor":
+        state["anchors"][0] = state["anchors"][0].long()
+    else:
+        state.update(change)
+    with pytest.raises((ValueError, TypeError), match=message):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert after["tasks"] == before["tasks"] and after["constant"] == before["constant"]
+    assert all(
+        torch.equal(a, b) for a, b in zip(after["anchors"] + after["fisher"], before["anchors"] + before["fisher"])
+    )
+
+
+def test_state_without_tasks_round_trips():
+    model = tiny_mlp()
+    restored = ff.EWC(model)
+    restored.load_importance(*random_task(model, 0))
+    restored.load_state_dict(saved_and_loaded(ff.EWC(model).state_dict()))
+    assert restored.tasks == 0 and restored.penalty().item() == 0.0
+
+
 def test_state_dict_loads_onto_the_parameters_device():
     model = tiny_mlp()
     ewc = ff.EWC(model)
@@ -366,3 +452,6 @@ def test_penalty_and_apply_compile_fullgraph():
     model.zero_grad(set_to_none=True)
     applied = torch.compile(ewc.apply_, fullgraph=True, backend="aot_eager")()
     assert_close(applied, ewc.penalty().detach())
+    penalty_grads = torch.autograd.grad(ewc.penalty(), list(model.parameters()))
+    for p, e in zip(model.parameters(), penalty_grads):
+        assert_close(p.grad, e)

@@ -133,7 +133,7 @@ def test_thousand_tensors_one_call(fused_backend):
 
 
 def test_multiple_chunks_per_tensor():
-    # the CPU kernel splits tensors into 2**16-element chunks and the Triton one into 4096-element programs
+    # the CPU kernel splits tensors into 2**16-element chunks (Triton's 4096-element programs: the other tests)
     check_against_reference(*make_case([(3 * 65536 + 5,), (70000,)], torch.float32, torch.float32, "cpu"), "cpu")
 
 
@@ -301,6 +301,41 @@ def test_fp32_gradients_of_bf16_params(fused_backend):
         assert_close(p.grad, e, torch.float32)
 
 
+def test_mixed_fp64_and_16_bit_list(backend):
+    # fp64 anywhere makes the whole call fp64; 16-bit outputs are still rounded correctly
+    device = device_of(backend)
+    params, anchors, fisher = make_case([(50,), (3, 7), (1025,)], torch.float64, torch.float64, device)
+    params = [params[0], params[1].bfloat16(), params[2].half()]
+    anchors = [anchors[0], anchors[1].bfloat16(), anchors[2].half()]
+    fisher = [fisher[0], fisher[1].bfloat16(), fisher[2].half()]
+    check_against_reference(params, anchors, fisher, backend)
+
+
+def test_the_same_tensor_twice_is_rejected_before_any_gradient_is_made():
+    params, anchors, fisher = make_case([(6,), (4,)], torch.float32, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[2\] are the same tensor"):
+        ff.ewc_penalty_([params[0], params[1], params[0]], anchors + anchors[:1], fisher + fisher[:1], LAM)
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="Tensor.grad_dtype is newer than this torch")
+def test_missing_gradient_gets_the_grad_dtype():
+    params, anchors, fisher = make_case([(10,)], torch.bfloat16, torch.float32, "cpu")
+    params[0].grad_dtype = torch.float32
+    ff.ewc_penalty_(params, anchors, fisher, LAM)
+    assert params[0].grad.dtype == torch.float32
+    assert_close(params[0].grad, 2 * LAM * fisher[0] * (params[0].float() - anchors[0].float()), torch.float32)
+
+
+def test_self_overlapping_gradient_is_rejected():
+    params, anchors, fisher = make_case([(4,), (4,)], torch.float32, torch.float32, "cpu")
+    shared = torch.zeros(1)
+    params[0].grad, params[1].grad = torch.zeros(4), shared.expand(4)
+    with pytest.raises(ValueError, match=r"grads\[1\] has elements that share memory"):
+        ff.ewc_penalty_(params, anchors, fisher, LAM)
+    assert torch.equal(params[0].grad, torch.zeros(4)) and shared.item() == 0.0
+
+
 def test_overlapping_gradients_are_rejected():
     params, anchors, fisher = make_case([(6,), (6,)], torch.float32, torch.float32, "cpu")
     flat = torch.zeros(9)
@@ -327,7 +362,10 @@ def test_constant_anchors_and_fisher_must_not_require_grad():
 def opcheck_samples(device):
     params, anchors, fisher = make_case([(4, 3), (70,), (0,)], torch.float32, torch.float32, device)
     mixed = make_case([(9,), (3, 3)], torch.bfloat16, torch.float16, device, anchor_dtype=torch.float32)
-    for p, a, f in ((params, anchors, fisher), mixed):
+    # non-contiguous inputs: a channels_last conv weight and a transposed matrix
+    strided = make_case([(8, 3, 3, 3), (5, 4)], torch.float32, torch.float32, device)
+    strided = [[t[0].contiguous(memory_format=torch.channels_last), t[1].t()] for t in strided]
+    for p, a, f in ((params, anchors, fisher), mixed, strided):
         yield "ewc_penalty", ([x.clone().requires_grad_() for x in p], a, f, LAM)
         yield "ewc_penalty_backward", (p, a, f, LAM, torch.tensor(1.5, device=device))
         yield "ewc_penalty_accumulate", (p, a, f, [torch.randn(x.shape, device=device).to(x.dtype) for x in p], LAM)

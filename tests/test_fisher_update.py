@@ -130,6 +130,19 @@ def test_bad_scalars_change_nothing(kwargs, error):
     assert torch.equal(fisher[0], before)
 
 
+def test_mixed_fp64_and_16_bit_list(backend):
+    fisher, grads = make_case([(50,), (3, 7), (1025,)], torch.float64, torch.float64, device_of(backend))
+    fisher = [fisher[0], fisher[1].bfloat16(), fisher[2].half()]
+    check_against_reference(fisher, [grads[0], grads[1].bfloat16(), grads[2]], backend)
+
+
+def test_self_overlapping_fisher_is_rejected():
+    shared = torch.ones(1)
+    with pytest.raises(ValueError, match=r"fisher\[0\] has elements that share memory"):
+        ff.fisher_update_([shared.expand(3)], [torch.ones(3)])
+    assert shared.item() == 1.0
+
+
 def test_overlapping_fisher_is_rejected():
     flat = torch.zeros(10)
     with pytest.raises(ValueError, match=r"fisher\[0\] and fisher\[1\] overlap"):

@@ -12,14 +12,11 @@ import torch
 
 from fastforget import _validation as check
 from fastforget import dispatch
+from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import FLAVOURS, qualname
 
 _PARAM_DTYPES = check.FLOAT_DTYPES
 _FISHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # or the param dtype (fp64)
-
-
-def _accumulate_dtype(params):
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------- reference
@@ -30,7 +27,7 @@ def ewc_penalty_ref(params, anchors, fisher, lam):
     params, anchors, fisher = (
         check.tensor_list(n, v) for n, v in zip(("params", "anchors", "fisher"), (params, anchors, fisher))
     )
-    acc = _accumulate_dtype(params)
+    acc = accumulate_dtype(params)
     device = params[0].device if params else None
     total = torch.zeros((), dtype=acc, device=device)
     for p, a, f in zip(params, anchors, fisher):
@@ -41,13 +38,20 @@ def ewc_penalty_ref(params, anchors, fisher, lam):
 def ewc_penalty_accumulate_ref(params, anchors, fisher, grads, lam):
     """Pure torch: grads += 2 lam F (theta - anchor) (rounded once to each grad's dtype); returns the penalty."""
     with torch.no_grad():
-        acc = _accumulate_dtype(params)
+        acc = accumulate_dtype(params)
         for p, a, f, g in zip(params, anchors, fisher, grads):
             g.copy_(g.to(acc) + 2 * lam * f.to(acc) * (p.to(acc) - a.to(acc)))
         return ewc_penalty_ref(params, anchors, fisher, lam)
 
 
 # ---------------------------------------------------------------------------------------------------- public API
+
+
+def _grad_dtype(p):
+    """The dtype torch gives p.grad: its grad_dtype where torch has one (not traceable: skipped by compile)."""
+    if torch.compiler.is_compiling():
+        return p.dtype
+    return getattr(p, "grad_dtype", None) or p.dtype
 
 
 def _checked_inputs(params, anchors, fisher, lam):
@@ -99,10 +103,12 @@ def ewc_penalty(params, anchors, fisher, lam, *, backend="auto"):
 def ewc_penalty_(params, anchors, fisher, lam, *, backend="auto"):
     """One fused pass: p.grad += 2 lam F (theta - anchor) for every param; returns the penalty (detached).
 
-    A param whose ``.grad`` is None gets a zero gradient of its dtype first. Gradients must not overlap in memory
-    (tensors whose memory spans interleave are rejected too). Nothing is written when an argument is rejected.
+    A param whose ``.grad`` is None gets a zero gradient first (of its ``grad_dtype``, else its dtype). A tensor
+    may not be listed twice, and gradients must not overlap in memory (tensors whose memory spans interleave are
+    rejected too). Nothing is written when an argument is rejected.
     """
     params, anchors, fisher, lam = _checked_inputs(params, anchors, fisher, lam)
+    check.check_distinct("params", params)  # one tensor twice would get its gradient updated twice
     grads = [p.grad for p in params]  # torch itself keeps each .grad shaped and placed like its param
     for i, g in enumerate(grads):
         if g is not None and (g.dtype not in _PARAM_DTYPES or g.layout != torch.strided):
@@ -111,10 +117,11 @@ def ewc_penalty_(params, anchors, fisher, lam, *, backend="auto"):
     if not params:
         return torch.zeros(())
     backend = dispatch.resolve(backend, params[0].device, "ewc_penalty_")
-    for p in params:
+    # missing gradients: zeros in the dtype torch would give them
+    grads = [torch.zeros_like(p, dtype=_grad_dtype(p)) if g is None else g for p, g in zip(params, grads)]
+    for p, g in zip(params, grads):
         if p.grad is None:
-            p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
-    grads = [p.grad for p in params]
+            p.grad = g
     if backend == "reference":
         return ewc_penalty_accumulate_ref(params, anchors, fisher, grads, lam)
     with torch.no_grad():
@@ -131,15 +138,15 @@ def _register(flavour):
 
     @torch.library.register_fake(penalty)
     def _(params, anchors, fisher, lam):
-        return params[0].new_empty((), dtype=_accumulate_dtype(params))
+        return params[0].new_empty((), dtype=accumulate_dtype(params))
 
     @torch.library.register_fake(backward)
     def _(params, anchors, fisher, lam, grad_out):
-        return [torch.empty_like(p) for p in params]
+        return [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params]  # contiguous, as the kernels
 
     @torch.library.register_fake(accumulate)
     def _(params, anchors, fisher, grads, lam):
-        return params[0].new_empty((), dtype=_accumulate_dtype(params))
+        return params[0].new_empty((), dtype=accumulate_dtype(params))
 
     def setup_context(ctx, inputs, output):
         params, anchors, fisher, ctx.lam = inputs
@@ -166,7 +173,7 @@ def _register(flavour):
         *saved, grad_out = ctx.saved_tensors
         n, c = ctx.count, 2 * ctx.lam
         params, anchors, fisher = saved[:n], saved[n : 2 * n], saved[2 * n :]
-        acc = _accumulate_dtype(params)
+        acc = accumulate_dtype(params)
         d_params, d_grad_out = [], torch.zeros((), dtype=acc, device=grad_out.device)
         for p, a, f, v in zip(params, anchors, fisher, upstream):
             cfv = c * f.to(acc) * v.to(acc)

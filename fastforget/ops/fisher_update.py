@@ -12,13 +12,10 @@ import torch
 
 from fastforget import _validation as check
 from fastforget import dispatch
+from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import FLAVOURS, qualname
 
 _FISHER_DTYPES = check.FLOAT_DTYPES
-
-
-def _accumulate_dtype(fisher):
-    return torch.float64 if any(f.dtype == torch.float64 for f in fisher) else torch.float32
 
 
 def _stacked(f, g):
@@ -28,7 +25,7 @@ def _stacked(f, g):
 def fisher_update_ref(fisher, grads, decay=1.0, scale=1.0):
     """Pure torch, per tensor: F <- decay F + scale sum g^2 in fp32 (fp64 for fp64 lists), rounded once to F."""
     fisher, grads = check.tensor_list("fisher", fisher), check.tensor_list("grads", grads)
-    acc = _accumulate_dtype(fisher)
+    acc = accumulate_dtype(fisher)
     with torch.no_grad():
         for f, g in zip(fisher, grads):
             squares = g.to(acc).square()
