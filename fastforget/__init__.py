@@ -14,6 +14,10 @@ from fastforget.ops import (
     ewc_penalty_ref,
     fisher_update_,
     fisher_update_ref,
+    grad_moments,
+    grad_moments_ref,
+    scale_grads_,
+    scale_grads_ref,
 )
 
 try:
@@ -35,4 +39,8 @@ __all__ = [
     "ewc_penalty_ref",
     "fisher_update_",
     "fisher_update_ref",
+    "grad_moments",
+    "grad_moments_ref",
+    "scale_grads_",
+    "scale_grads_ref",
 ]

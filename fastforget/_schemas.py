@@ -27,6 +27,10 @@ SCHEMAS = {
     ),
     # fisher = decay * fisher + scale * grads^2, in place, one pass
     "fisher_update": "(Tensor(a!)[] fisher, Tensor[] grads, float decay, float scale) -> ()",
+    # per tensor (count, mean, M2) of inv_scale * grad: a (len(grads), 3) tensor in the accumulation dtype
+    "grad_moments": "(Tensor[] grads, Tensor inv_scale) -> Tensor",
+    # grads[i] *= factors[i], in place, one pass
+    "scale_grads": "(Tensor(a!)[] grads, Tensor factors) -> ()",
 }
 
 FLAVOURS = ("", "_triton")

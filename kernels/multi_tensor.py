@@ -5,6 +5,7 @@ a Triton kernel is specialised on element types; a model normally has one group,
 
     tables[r, t]          address of tensor t in role r    (r < roles)
     tables[roles + r, t]  numel of tensor t in role r
+    tables[2 * roles, t]  index of tensor t in the caller's list (for per-tensor inputs and outputs)
     blocks[0, b], blocks[1, b]  tensor index and first element of program b (programs cover BLOCK elements each)
 
 All offsets are int64, zero-size tensors get no program, and each program writes one reduction partial, so
@@ -53,11 +54,13 @@ def on_device(device):
 @dataclass
 class LaunchGroup:
     dtypes: tuple  # Triton element type of each role
-    tables: torch.Tensor  # (2 * roles, num_tensors) int64
+    tables: torch.Tensor  # (2 * roles + 1, num_tensors) int64
     blocks: torch.Tensor  # (2, num_blocks) int64
     num_tensors: int
     num_blocks: int
     first_block: int  # offset of this group's programs in the call's partials
+    members: list  # index in the caller's list of each tensor of the group
+    blocks_per_tensor: list  # programs of each member (0 for an empty tensor)
 
 
 def launch_groups(roles, block_size):
@@ -70,7 +73,8 @@ def launch_groups(roles, block_size):
     for signature, members in by_signature.items():
         rows = [[role[t].data_ptr() for t in members] for role in roles]
         rows += [[role[t].numel() for t in members] for role in roles]
-        tables = torch.tensor(rows, dtype=torch.int64).reshape(2 * len(roles), -1)
+        rows.append(members)
+        tables = torch.tensor(rows, dtype=torch.int64).reshape(2 * len(roles) + 1, -1)
         numels = tables[len(roles)]
         counts = (numels + block_size - 1) // block_size
         tensor_of_block = torch.repeat_interleave(torch.arange(len(members)), counts)
@@ -86,6 +90,8 @@ def launch_groups(roles, block_size):
                 num_tensors=len(members),
                 num_blocks=num_blocks,
                 first_block=first_block,
+                members=members,
+                blocks_per_tensor=counts.tolist(),
             )
         )
         first_block += num_blocks

@@ -1,0 +1,153 @@
+"""Triton kernels of the per-tensor moments (count, mean, M2) of x = inv_scale * grad, and of scale_grads.
+
+Moments are of y = x - k with k the tensor's first x, so large offsets keep their digits (see
+csrc/cpu/grad_moments.cpp). Each program computes its block's moments with the corrected two-pass algorithm
+(Chan, Golub & LeVeque 1983) in registers and writes one partial; one program per tensor then merges that tensor's
+partials in order, a batch at a time: a batch is pooled exactly (N = sum n_i, mean = sum n_i mean_i / N,
+M2 = sum M2_i + sum n_i (mean_i - mean)^2) and merged into the running moments with Chan et al.'s (1979) update.
+Deterministic: fixed order, no atomics.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastforget._dtypes import accumulate_dtype
+from fastforget._schemas import qualname
+from fastforget.kernels.multi_tensor import (
+    ACCUMULATE_TYPES,
+    contiguous,
+    launch_groups,
+    narrows_through_fp32,
+    on_device,
+    register,
+)
+
+BLOCK = 4096
+MERGE_BATCH = 1024
+
+
+@triton.jit
+def _block_moments_kernel(
+    tables, blocks, num_tensors, num_blocks, partials, shifts, scale_ptr,
+    ACC: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    t = tl.load(blocks + pid)
+    start = tl.load(blocks + num_blocks + pid)
+    n = tl.load(tables + num_tensors + t)
+    g_ptr = tl.load(tables + t).to(tl.pointer_type(G))
+    scale = tl.load(scale_ptr).to(ACC)
+    k = scale * tl.load(g_ptr).to(ACC)
+    if start == 0:
+        tl.store(shifts + tl.load(tables + 2 * num_tensors + t), k)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    y = tl.where(mask, scale * tl.load(g_ptr + offs, mask=mask, other=0).to(ACC) - k, 0)
+    count = tl.minimum(n - start, BLOCK).to(ACC)
+    m = tl.sum(y, axis=0) / count
+    d = tl.where(mask, y - m, 0)
+    s1 = tl.sum(d, axis=0)
+    s2 = tl.sum(d * d, axis=0)
+    tl.store(partials + 3 * pid, count)
+    tl.store(partials + 3 * pid + 1, m + s1 / count)
+    tl.store(partials + 3 * pid + 2, s2 - s1 * s1 / count)
+
+
+@triton.jit
+def _merge_moments_kernel(partials, shifts, first_blocks, block_counts, out, ACC: tl.constexpr, BATCH: tl.constexpr):
+    t = tl.program_id(0)
+    first = tl.load(first_blocks + t)
+    blocks = tl.load(block_counts + t)
+    count = tl.zeros([], dtype=ACC)
+    mean = tl.zeros([], dtype=ACC)
+    m2 = tl.zeros([], dtype=ACC)
+    for b in range(0, blocks, BATCH):
+        idx = b + tl.arange(0, BATCH)
+        valid = idx < blocks
+        row = partials + 3 * (first + idx)
+        n_i = tl.load(row, mask=valid, other=0)
+        mean_i = tl.load(row + 1, mask=valid, other=0)
+        m2_i = tl.load(row + 2, mask=valid, other=0)
+        n_b = tl.sum(n_i, axis=0)
+        mean_b = tl.sum(n_i * mean_i, axis=0) / n_b
+        dev = tl.where(valid, mean_i - mean_b, 0)
+        m2_b = tl.sum(m2_i, axis=0) + tl.sum(n_i * dev * dev, axis=0)
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta * delta * (count * n_b / total)
+        count = total
+    tl.store(out + 3 * t, count)
+    tl.store(out + 3 * t + 1, tl.where(blocks > 0, tl.load(shifts + t) + mean, 0))
+    tl.store(out + 3 * t + 2, m2)
+
+
+def grad_moments(grads, inv_scale):
+    grads = contiguous(grads)
+    acc = accumulate_dtype(grads)
+    device = grads[0].device
+    groups, total_blocks = launch_groups((grads,), BLOCK)
+    with on_device(device):
+        scale = inv_scale.to(device, acc).reshape(())
+        partials = torch.empty(max(total_blocks, 1), 3, dtype=acc, device=device)
+        shifts = torch.zeros(len(grads), dtype=acc, device=device)
+        first_blocks, block_counts = [0] * len(grads), [0] * len(grads)
+        for group in groups:
+            first = group.first_block
+            for member, count in zip(group.members, group.blocks_per_tensor):
+                first_blocks[member], block_counts[member] = first, count
+                first += count
+            if group.num_blocks:
+                _block_moments_kernel[(group.num_blocks,)](
+                    group.tables, group.blocks, group.num_tensors, group.num_blocks, partials[group.first_block :],
+                    shifts, scale, ACC=ACCUMULATE_TYPES[acc], G=group.dtypes[0], BLOCK=BLOCK,
+                )  # fmt: skip
+        out = torch.empty(len(grads), 3, dtype=acc, device=device)
+        table = torch.tensor([first_blocks, block_counts], dtype=torch.int64).to(device)
+        _merge_moments_kernel[(len(grads),)](
+            partials, shifts, table[0], table[1], out, ACC=ACCUMULATE_TYPES[acc], BATCH=MERGE_BATCH
+        )
+    return out
+
+
+@triton.jit
+def _scale_kernel(
+    tables, blocks, num_tensors, num_blocks, factors,
+    ACC: tl.constexpr, G: tl.constexpr, G_VIA_FP32: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    t = tl.load(blocks + pid)
+    start = tl.load(blocks + num_blocks + pid)
+    n = tl.load(tables + num_tensors + t)
+    factor = tl.load(factors + tl.load(tables + 2 * num_tensors + t))
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    g_ptr = tl.load(tables + t).to(tl.pointer_type(G)) + offs
+    out = factor * tl.load(g_ptr, mask=mask, other=0).to(ACC)
+    if G_VIA_FP32:
+        out = out.to(tl.float32)
+    tl.store(g_ptr, out.to(G), mask=mask)
+
+
+def scale_grads(grads, factors):
+    work = contiguous(grads)  # a non-contiguous gradient is updated through a copy, written back below
+    acc = accumulate_dtype(grads)
+    device = grads[0].device if grads else None
+    groups, _ = launch_groups((work,), BLOCK) if grads else ([], 0)
+    with on_device(device):
+        factors = factors.to(device, acc).contiguous()
+        for group in groups:
+            if group.num_blocks:
+                _scale_kernel[(group.num_blocks,)](
+                    group.tables, group.blocks, group.num_tensors, group.num_blocks, factors,
+                    ACC=ACCUMULATE_TYPES[acc], G=group.dtypes[0],
+                    G_VIA_FP32=narrows_through_fp32(acc, group.dtypes[0]), BLOCK=BLOCK,
+                )  # fmt: skip
+    for g, w in zip(grads, work):
+        if w is not g:
+            g.copy_(w)
+
+
+register(qualname("grad_moments", "_triton"), grad_moments)
+register(qualname("scale_grads", "_triton"), scale_grads)

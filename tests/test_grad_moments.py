@@ -1,0 +1,112 @@
+"""ff.grad_moments (per-tensor count, mean, M2) on every backend against float64 truth."""
+
+import pytest
+import torch
+from conftest import FUSED_BACKENDS, device_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastforget as ff
+
+SIZES = [0, 1, 97, 1025, 65537]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def truth(grads, inv_scale=1.0):
+    rows = []
+    for g in grads:
+        x = g.double().reshape(-1) * inv_scale
+        mean = x.mean() if x.numel() else torch.zeros((), dtype=torch.float64)
+        rows.append([x.numel(), mean.item(), (x - mean).square().sum().item()])
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
+
+
+def assert_moments(got, grads, inv_scale=1.0, rtol=2e-5):
+    expected = truth(grads, inv_scale)
+    assert got.shape == (len(grads), 3) and got.dtype in (torch.float32, torch.float64)
+    got = got.double().cpu()
+    assert torch.equal(got[:, 0], expected[:, 0])
+    scale = expected[:, 1].abs() + (expected[:, 2] / expected[:, 0].clamp_min(1)).sqrt() + 1e-30
+    torch.testing.assert_close(got[:, 1] / scale, expected[:, 1] / scale, rtol=0, atol=rtol)
+    torch.testing.assert_close(got[:, 2], expected[:, 2], rtol=rtol, atol=1e-30)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64(backend, size, dtype):
+    g = torch.Generator().manual_seed(size)
+    grads = [(3 + 2 * torch.randn(size, generator=g)).to(device_of(backend), dtype)]
+    assert_moments(ff.grad_moments(grads, backend=backend), grads)
+
+
+def test_mixed_list_inv_scale_and_many_tensors(backend):
+    device = device_of(backend)
+    grads = [torch.randn(33, 7), torch.randn(1025).bfloat16(), torch.zeros(0, 4), torch.randn(5000).half()]
+    grads = [g.to(device) for g in grads] + [torch.randn(i % 7 + 1, device=device) for i in range(1100)]
+    grads[0] = grads[0].t()  # non-contiguous
+    assert_moments(ff.grad_moments(grads, inv_scale=torch.tensor(0.25), backend=backend), grads, 0.25)
+
+
+@pytest.mark.parametrize("offset", [1e4, -3e5])
+def test_no_cancellation_for_large_offsets(backend, offset):
+    # sum(x^2) - sum(x)^2 / n in fp32 would lose every digit of M2 here
+    g = torch.Generator().manual_seed(1)
+    grads = [
+        (offset + 1e-3 * torch.randn(200_000 if backend != "triton" else 20_000, generator=g)).to(device_of(backend))
+    ]
+    got = ff.grad_moments(grads, backend=backend)
+    expected = truth(grads)  # the fp32 values, in fp64
+    torch.testing.assert_close(got[0, 2].double().cpu(), expected[0, 2], rtol=1e-3, atol=0)
+
+
+def test_non_finite_rows(backend):
+    device = device_of(backend)
+    grads = [torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]), torch.tensor([float("inf"), 0.0])]
+    got = ff.grad_moments([g.to(device) for g in grads], backend=backend).cpu()
+    assert not got[0, 1:].isfinite().any() and got[1].isfinite().all() and not got[2, 1:].isfinite().all()
+
+
+def test_bitwise_reproducible(fused_backend):
+    grads = [torch.randn(300_000, device=device_of(fused_backend)), torch.randn(77, device=device_of(fused_backend))]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            results.append(ff.grad_moments(grads, backend=fused_backend))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_bad_input(backend):
+    with pytest.raises(TypeError, match=r"grads\[1\] has dtype torch.int64"):
+        ff.grad_moments([torch.ones(3), torch.ones(3, dtype=torch.long)], backend=backend)
+    with pytest.raises(ValueError, match=r"grads\[1\] is on meta"):
+        ff.grad_moments([torch.ones(3), torch.ones(3, device="meta")], backend=backend)
+    with pytest.raises(ValueError, match="inv_scale must be finite"):
+        ff.grad_moments([torch.ones(3)], inv_scale=float("inf"), backend=backend)
+    assert ff.grad_moments([], backend=backend).shape == (0, 3)
+
+
+def test_opcheck(fused_backend):
+    device = device_of(fused_backend)
+    op = torch.ops.fastforget.grad_moments_triton if fused_backend == "triton" else torch.ops.fastforget.grad_moments
+    for grads in (
+        [torch.randn(4, 3, device=device), torch.randn(0, device=device)],
+        [torch.randn(9, device=device).half()],
+    ):
+        torch.library.opcheck(op.default, (grads, torch.tensor(0.5, device=device)))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=6),
+    offset=st.floats(-100, 100),
+    backend=st.sampled_from(FUSED_BACKENDS),
+    seed=st.integers(0, 2**31),
+)
+def test_random_lists(sizes, offset, backend, seed):
+    g = torch.Generator().manual_seed(seed)
+    grads = [(offset + torch.randn(s, generator=g)).to(device_of(backend)) for s in sizes]
+    assert_moments(ff.grad_moments(grads, backend=backend), grads)
