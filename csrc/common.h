@@ -47,4 +47,12 @@ inline std::vector<at::Tensor> contiguous(at::TensorList tensors) {
   return out;
 }
 
+// After an op updated contiguous copies (`work`, from contiguous()) of `tensors`: write back the ones that were
+// copies (a contiguous tensor is its own contiguous() and was updated in place).
+inline void copy_back(at::TensorList tensors, const std::vector<at::Tensor>& work) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!work[i].is_same(tensors[i])) tensors[i].copy_(work[i]);
+  }
+}
+
 }  // namespace fastforget

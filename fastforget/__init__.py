@@ -19,6 +19,7 @@ from fastforget.ops import (
     scale_grads_,
     scale_grads_ref,
 )
+from fastforget.protect import GradientProtector, SeedGradientProtector
 
 try:
     import fastforget.kernels  # noqa: F401  (registers the Triton kernels)
@@ -31,6 +32,8 @@ __all__ = [
     "BACKENDS",
     "BackendStatus",
     "EWC",
+    "GradientProtector",
+    "SeedGradientProtector",
     "available_backends",
     "estimate_fisher",
     "ewc_penalty",

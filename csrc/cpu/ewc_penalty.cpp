@@ -117,9 +117,7 @@ at::Tensor ewc_penalty_accumulate(at::TensorList params_, at::TensorList anchors
     const acc_t l = static_cast<acc_t>(lam);
     return run<acc_t, Pass::kAccumulate>(params, anchors, fisher, grads, acc_t(2) * l, l);
   });
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (!grads_[i].is_same(grads[i])) grads_[i].copy_(grads[i]);
-  }
+  copy_back(grads_, grads);
   return penalty;
 }
 

@@ -69,9 +69,7 @@ void fisher_update(at::TensorList fisher_, at::TensorList grads_, double decay, 
   } else {
     run<float>(fisher, grads, static_cast<float>(decay), static_cast<float>(scale));
   }
-  for (size_t i = 0; i < fisher.size(); ++i) {
-    if (!fisher_[i].is_same(fisher[i])) fisher_[i].copy_(fisher[i]);
-  }
+  copy_back(fisher_, fisher);
 }
 
 }  // namespace

@@ -42,9 +42,7 @@ void scale_grads(at::TensorList grads_, const at::Tensor& factors_) {
   } else {
     run<float>(grads, factors.const_data_ptr<float>());
   }
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (!grads_[i].is_same(grads[i])) grads_[i].copy_(grads[i]);
-  }
+  copy_back(grads_, grads);
 }
 
 }  // namespace

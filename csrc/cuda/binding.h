@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <vector>
 
 #include "multi_tensor.cuh"
 

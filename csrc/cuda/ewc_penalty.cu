@@ -77,9 +77,7 @@ at::Tensor ewc_penalty_accumulate_cuda(at::TensorList params, at::TensorList anc
   // A contiguous grad is its own .contiguous() and is updated in place; the others go through a copy.
   const auto work = contiguous(grads);
   at::Tensor out = penalty(contiguous(params), contiguous(anchors), contiguous(fisher), work, lam);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (!work[i].is_same(grads[i])) grads[i].copy_(work[i]);
-  }
+  copy_back(grads, work);
   return out;
 }
 

@@ -34,9 +34,7 @@ void fisher_update_cuda(at::TensorList fisher, at::TensorList grads, double deca
                                                        static_cast<int64_t>(work.size()), meta.num_blocks, decay,
                                                        scale, c10::cuda::getCurrentCUDAStream()));
   });
-  for (size_t i = 0; i < fisher.size(); ++i) {
-    if (!work[i].is_same(fisher[i])) fisher[i].copy_(work[i]);
-  }
+  copy_back(fisher, work);
 }
 
 }  // namespace

@@ -15,7 +15,8 @@
 // dtype code, which is uniform across a block, so the branch never diverges.
 //
 // Reductions are deterministic (no atomics): each block reduces its chunk with a fixed tree and writes one
-// partial; a single block then sums the partials in a fixed order (launch_sum_partials).
+// partial; a single block then sums the partials in a fixed order (launch_sum_partials), or an op merges them
+// in its own fixed order (grad_moments.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -135,7 +136,8 @@ __device__ __forceinline__ acc_t warp_reduce_sum(acc_t v) {
 }
 
 // Sum over a kBlockThreads-thread block in a fixed order (each warp's tree, then the warp totals in warp
-// order); the total is valid in thread 0. Call at most once per kernel: warp_sums is not guarded for reuse.
+// order); the total is valid in thread 0. warp_sums is not guarded for reuse: a kernel calls this at most once,
+// after any number of block_allreduce_sum calls (whose final barrier follows warp 0's reads of warp_sums).
 template <typename acc_t>
 __device__ __forceinline__ acc_t block_reduce_sum(acc_t v) {
   constexpr int kWarps = kBlockThreads / 32;
@@ -148,6 +150,16 @@ __device__ __forceinline__ acc_t block_reduce_sum(acc_t v) {
   __syncthreads();
   if (warp == 0) v = warp_reduce_sum(lane < kWarps ? warp_sums[lane] : acc_t(0));
   return v;
+}
+
+// block_reduce_sum's total, returned to every thread of the block. May be called any number of times per kernel.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_allreduce_sum(acc_t v) {
+  __shared__ acc_t total;
+  v = block_reduce_sum(v);
+  if (threadIdx.x == 0) total = v;
+  __syncthreads();
+  return total;
 }
 
 // One block: *out = scale * sum(partials[0 .. n)). Thread k sums partials k, k + kBlockThreads, ... in order,

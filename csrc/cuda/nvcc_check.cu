@@ -5,7 +5,9 @@
 //     csrc/cuda/nvcc_check.cu -o /tmp/nvcc_check.o
 #include "ewc_penalty.cuh"
 #include "fisher_update.cuh"
+#include "grad_moments.cuh"
 #include "multi_tensor.cuh"
+#include "scale_grads.cuh"
 
 namespace fastforget::gpu {
 
@@ -13,6 +15,10 @@ template void plan_blocks<TensorMeta<kEwcRoles>>(int64_t*, int64_t);
 template int64_t meta_words<TensorMeta<kEwcRoles>>(int64_t, int64_t);
 template void plan_blocks<FisherUpdateMeta>(int64_t*, int64_t);
 template int64_t meta_words<FisherUpdateMeta>(int64_t, int64_t);
+template void plan_blocks<GradMomentsMeta>(int64_t*, int64_t);
+template int64_t meta_words<GradMomentsMeta>(int64_t, int64_t);
+template void plan_blocks<ScaleGradsMeta>(int64_t*, int64_t);
+template int64_t meta_words<ScaleGradsMeta>(int64_t, int64_t);
 
 // The launchers instantiate every kernel (including sum_partials_kernel) and device helper.
 template cudaError_t launch_ewc_penalty<float>(const int64_t*, int64_t, int64_t, double, bool, float*, float*,
@@ -25,5 +31,11 @@ template cudaError_t launch_ewc_penalty_backward<double>(const int64_t*, int64_t
                                                          cudaStream_t);
 template cudaError_t launch_fisher_update<float>(const int64_t*, int64_t, int64_t, double, double, cudaStream_t);
 template cudaError_t launch_fisher_update<double>(const int64_t*, int64_t, int64_t, double, double, cudaStream_t);
+template cudaError_t launch_grad_moments<float>(const int64_t*, int64_t, int64_t, const float*, float*, float*,
+                                                cudaStream_t);
+template cudaError_t launch_grad_moments<double>(const int64_t*, int64_t, int64_t, const double*, double*, double*,
+                                                 cudaStream_t);
+template cudaError_t launch_scale_grads<float>(const int64_t*, int64_t, int64_t, const float*, cudaStream_t);
+template cudaError_t launch_scale_grads<double>(const int64_t*, int64_t, int64_t, const double*, cudaStream_t);
 
 }  // namespace fastforget::gpu
