@@ -18,5 +18,4 @@ from bench import harness  # noqa: E402
 @pytest.fixture(scope="session")
 def add_bandwidth_gbps() -> float:
     """GB/s of the torch.add baseline over the GPT-2 list's element count, measured once per run."""
-    baseline = harness.add_baseline(harness.gpt2_numel(harness.bench_scale()), harness.bench_device())
-    return harness.gbps(baseline.bytes_moved, harness.time_ms(baseline.fn, harness.default_repeats()))
+    return harness.add_bandwidth_gbps(harness.gpt2_numel(harness.bench_scale()), harness.bench_device())

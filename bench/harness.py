@@ -13,6 +13,7 @@ the same run over the same element count.
 """
 
 import argparse
+import itertools
 import math
 import os
 import statistics
@@ -154,6 +155,19 @@ class Variant:
     fn: Callable[[], object]  # one full run of the op; the inputs are bound in the closure
     bytes_moved: int
     compile_ms: float | None = None  # a compiled variant's first call (less on a warm Inductor on-disk cache)
+    state_bytes: int | None = None  # persistent state the variant keeps between runs (e.g. a protector's history)
+
+
+def alternate(*calls: Callable[[], object]) -> Callable[[], object]:
+    """A function that runs ``calls[0]``, ``calls[1]``, ... in turn, one per call: e.g. an in-place op applied
+    with factors f, then 1/f, so that any number of repeated runs keeps its inputs bounded."""
+    turns = itertools.cycle(calls)
+    return lambda: next(turns)()
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by the elements of ``tensors`` (each counted in full, views included)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def gbps(bytes_moved: int, ms: float) -> float:
@@ -169,6 +183,12 @@ def add_baseline(numel: int, device: torch.device) -> Variant:
     )
 
 
+def add_bandwidth_gbps(numel: int, device: torch.device, repeats: int | None = None) -> float:
+    """GB/s of the add baseline over ``numel`` elements (median of ``repeats``, default default_repeats())."""
+    baseline = add_baseline(numel, device)
+    return gbps(baseline.bytes_moved, time_ms(baseline.fn, default_repeats() if repeats is None else repeats))
+
+
 def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
     """Run ``variant`` under pytest-benchmark and put bytes, GB/s and the bandwidth fraction in extra_info."""
 
@@ -180,6 +200,8 @@ def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
     benchmark.extra_info["bytes"] = variant.bytes_moved
     if variant.compile_ms is not None:
         benchmark.extra_info["compile_ms"] = variant.compile_ms
+    if variant.state_bytes is not None:
+        benchmark.extra_info["state_bytes"] = variant.state_bytes
     if benchmark.stats is not None:  # None under --benchmark-disable, where the function runs once untimed
         achieved = gbps(variant.bytes_moved, benchmark.stats.stats.median * 1e3)
         benchmark.extra_info["gbps"] = achieved
@@ -212,13 +234,24 @@ def run_table(
     warmup: int = 1,
     reference: str = "eager_reference",
     skipped: dict[str, str] | None = None,
-) -> None:
+) -> list[float]:
     """Time the baseline and every variant (interleaved), then print ms, GB/s, fraction of add-bandwidth, speed-up,
-    and why each backend in ``skipped`` (name -> reason, from usable_backends) was left out."""
+    and why each backend in ``skipped`` (name -> reason, from usable_backends) was left out. Where some variant has
+    ``state_bytes``, also print them and their percentage of the reference's. Returns the variants' median ms."""
     baseline_ms, *variant_ms = time_interleaved([baseline.fn] + [v.fn for v in variants], repeats, warmup)
     baseline_gbps = gbps(baseline.bytes_moved, baseline_ms)
     timings = list(zip(variants, variant_ms))
     reference_ms = next((ms for variant, ms in timings if variant.name == reference), math.nan)
+    with_state = any(variant.state_bytes is not None for variant in variants)
+    reference_state = next((v.state_bytes for v in variants if v.name == reference and v.state_bytes), None)
+
+    def state_cells(variant: Variant) -> list[str]:
+        if not with_state:
+            return []
+        if variant.state_bytes is None:
+            return ["-", "-"]
+        share = "-" if reference_state is None else f"{100 * variant.state_bytes / reference_state:.4g}%"
+        return [f"{variant.state_bytes:,}", share]
 
     def row(variant: Variant, ms: float, speedup: str) -> list[str]:
         achieved = gbps(variant.bytes_moved, ms)
@@ -231,14 +264,20 @@ def run_table(
             f"{achieved / baseline_gbps:.2f}",
             speedup,
             compile_ms,
+            *state_cells(variant),
         ]
 
     rows = [row(variant, ms, f"{reference_ms / ms:.2f}x") for variant, ms in timings]
     rows.append(row(baseline, baseline_ms, "-"))
-    print_table(["variant", "backend", "ms", "GB/s", "frac_add", "speedup", "compile_ms"], rows)
-    print(
+    state_headers = ["state_bytes", f"state_vs_{reference}"] if with_state else []
+    print_table(["variant", "backend", "ms", "GB/s", "frac_add", "speedup", "compile_ms", *state_headers], rows)
+    legend = (
         f"ms: median of {repeats}; frac_add: GB/s over the torch.add baseline's; speedup: vs {reference}; "
         "compile_ms: first call of a compiled variant"
     )
+    if with_state:
+        legend += f"; state_bytes: kept between runs; state_vs_{reference}: percentage of {reference}'s"
+    print(legend)
     for backend, reason in (skipped or {}).items():
         print(f"skipped backend {backend}: {reason}")
+    return variant_ms

@@ -12,6 +12,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <utility>
+
 namespace fastforget::cpu {
 namespace {
 
@@ -29,31 +31,46 @@ struct Moments {
   }
 };
 
-// sum of d or d^2 with d = (scale * g - k) - m
+// sum of (scale * g - k), the first of the two passes
 template <typename acc_t>
-acc_t sum_deviations(const acc_t* g, acc_t scale, acc_t k, acc_t m, int64_t n, bool squared) {
+acc_t sum_shifted(const acc_t* g, acc_t scale, acc_t k, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vscale(scale), vk(k);
+  Vec vsum(acc_t(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) vsum = vsum + (vscale * Vec::loadu(g + i) - vk);
+  acc_t sum = lane_sum(vsum);
+  for (; i < n; ++i) sum += scale * g[i] - k;
+  return sum;
+}
+
+// S1 = sum d and S2 = sum d^2 with d = (scale * g - k) - m, the second pass
+template <typename acc_t>
+std::pair<acc_t, acc_t> sum_deviations(const acc_t* g, acc_t scale, acc_t k, acc_t m, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec vscale(scale), vk(k), vm(m);
-  Vec vsum(acc_t(0));
+  Vec vs1(acc_t(0)), vs2(acc_t(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec d = (vscale * Vec::loadu(g + i) - vk) - vm;
-    vsum = vsum + (squared ? d * d : d);
+    vs1 = vs1 + d;
+    vs2 = at::vec::fmadd(d, d, vs2);
   }
-  acc_t sum = lane_sum(vsum);
+  acc_t s1 = lane_sum(vs1), s2 = lane_sum(vs2);
   for (; i < n; ++i) {
     const acc_t d = (scale * g[i] - k) - m;
-    sum += squared ? d * d : d;
+    s1 += d;
+    s2 += d * d;
   }
-  return sum;
+  return {s1, s2};
 }
 
 // moments of y = scale * g - k over one tile
 template <typename acc_t>
 Moments<acc_t> tile_moments(const acc_t* g, acc_t scale, acc_t k, int64_t n) {
   const acc_t count = static_cast<acc_t>(n);
-  const acc_t m = sum_deviations(g, scale, k, acc_t(0), n, false) / count;
-  const acc_t s1 = sum_deviations(g, scale, k, m, n, false), s2 = sum_deviations(g, scale, k, m, n, true);
+  const acc_t m = sum_shifted(g, scale, k, n) / count;
+  const auto [s1, s2] = sum_deviations(g, scale, k, m, n);
   return {count, m + s1 / count, s2 - s1 * s1 / count};
 }
 
