@@ -2,7 +2,8 @@
 
 Verification, on a GPT-2-shaped list (scaled down), within the tolerance table of fastforget.testing:
 * ewc_penalty: fp32/bf16/fp16 params x fp32/bf16 Fisher; penalty and gradient of the autograd and in-place forms;
-* fisher_update_: fp32/bf16/fp16 Fisher x fp32/bf16 gradients, plain and stacked (3 per-sample gradients).
+* fisher_update_: fp32/bf16/fp16 Fisher x fp32/bf16 gradients, plain and stacked (3 per-sample gradients);
+* grad_moments (against fp64 truth) and scale_grads_: fp32/bf16/fp16 gradients x fp32/bf16 factors.
 Triton is verified under its interpreter when there is no GPU.
 """
 
@@ -17,7 +18,14 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastforget as ff  # noqa: E402
-from bench import bench_ewc_penalty, bench_fisher_update, harness  # noqa: E402
+from bench import (  # noqa: E402
+    bench_ewc_penalty,
+    bench_fisher_update,
+    bench_grad_moments,
+    bench_protect,
+    bench_scale_grads,
+    harness,
+)
 from fastforget.testing import assert_close  # noqa: E402
 
 LAM = 0.4
@@ -65,9 +73,25 @@ def verify_fisher_update(backend, device, fisher_dtype, grad_dtype):
     return sum(f.numel() for f in fisher)
 
 
+def verify_protection_ops(backend, device, grad_dtype, factor_dtype):
+    """grad_moments against fp64 truth, scale_grads_ against its reference."""
+    torch.manual_seed(0)
+    grads = [3 + g for g in harness.gpt2_tensors(VERIFY_SCALE[backend], device, grad_dtype)]
+    moments = ff.grad_moments(grads, 0.5, backend=backend)
+    assert_close(moments, ff.grad_moments_ref(grads, 0.5).to(moments.dtype), torch.float32)
+    factors = torch.rand(len(grads), device=device, dtype=factor_dtype)
+    expected, got = [g.clone() for g in grads], [g.clone() for g in grads]
+    ff.scale_grads_ref(expected, factors)
+    ff.scale_grads_(got, factors, backend=backend)
+    for g, e in zip(got, expected):
+        assert_close(g, e)
+    return sum(g.numel() for g in grads)
+
+
 CHECKS = {  # op -> (verify function, the two dtype roles it is swept over)
     "ewc_penalty": (verify_ewc_penalty, ("params", "fisher")),
     "fisher_update_": (verify_fisher_update, ("fisher", "grads")),
+    "grad_moments and scale_grads_": (verify_protection_ops, ("grads", "factors")),
 }
 
 
@@ -96,7 +120,7 @@ def main():
                         print(f"  {label} FAIL\n{error}")
     if failures:
         sys.exit(f"{failures} verification(s) failed")
-    for benchmark in (bench_ewc_penalty, bench_fisher_update):
+    for benchmark in (bench_ewc_penalty, bench_fisher_update, bench_grad_moments, bench_scale_grads, bench_protect):
         print()
         benchmark.main()
 
