@@ -27,8 +27,8 @@ import torch
 
 from fastforget import _validation as check
 from fastforget.fisher import trainable_parameters
-from fastforget.ops.grad_moments import grad_moments
-from fastforget.ops.scale_grads import scale_grads_
+from fastforget.ops.grad_moments import _inv_scale_tensor, run_grad_moments
+from fastforget.ops.scale_grads import run_scale_grads
 
 NORMALIZE = ("none", "max")
 
@@ -88,6 +88,9 @@ class GradientProtector:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.names, self.params = trainable_parameters(model_or_params)
+        check.check_one_device("parameters", self.params)
+        for i, p in enumerate(self.params):
+            check.check_dtype("parameters", i, p, check.FLOAT_DTYPES)
         self.window, self.mode, self.normalize, self.backend = window, mode, normalize, backend
         device = self.params[0].device
         count = len(self.params)
@@ -106,8 +109,11 @@ class GradientProtector:
         if not present:
             self.found_inf = torch.zeros_like(self.found_inf)
             return importance
+        # torch keeps each .grad shaped, typed and placed like its parameter (checked once, at construction), so
+        # the ops' per-call argument checks are skipped on this per-step path
         grads = [self.params[i].grad for i in present]
-        moments = grad_moments(grads, inv_scale, backend=self.backend).to(self.ring.device, torch.float64)
+        inv_scale = _inv_scale_tensor(inv_scale, self.ring.device)
+        moments = run_grad_moments(grads, inv_scale, self.backend).to(self.ring.device, torch.float64)
         finite = moments.isfinite().all()
         rows = torch.tensor(present, device=self.ring.device)
         slots = self.head[rows]
@@ -122,7 +128,7 @@ class GradientProtector:
         var = (m2_s.sum(1) + (n * (mean_s - mean[:, None]).square()).sum(1)) / (total - 1)
         step_importance = _importance(var, self.normalize, self.temperature)
         factors = torch.where(finite & (step_importance > self.threshold), 1 - step_importance, 1.0)
-        scale_grads_(grads, factors, backend=self.backend)
+        run_scale_grads(grads, factors, self.backend)
         importance[rows] = step_importance
         return importance
 

@@ -50,7 +50,11 @@ def grad_moments(grads, inv_scale=1.0, *, backend="auto"):
     grads = _checked_grads(grads)
     if not grads:
         return torch.zeros(0, 3)
-    inv_scale = _inv_scale_tensor(inv_scale, grads[0].device)
+    return run_grad_moments(grads, _inv_scale_tensor(inv_scale, grads[0].device), backend)
+
+
+def run_grad_moments(grads, inv_scale, backend):
+    """grad_moments without the argument checks, for callers whose gradients are valid by construction."""
     backend = dispatch.resolve(backend, grads[0].device, "grad_moments")
     if backend == "reference":
         return grad_moments_ref(grads, inv_scale)

@@ -30,8 +30,12 @@ def scale_grads_(grads, factors, *, backend="auto"):
         raise ValueError(f"factors has {factors.numel()} entries but grads has {len(grads)} tensors")
     check.check_distinct("grads", grads)
     check.check_no_overlap("grads", grads)
-    if not grads:
-        return
+    if grads:
+        run_scale_grads(grads, factors, backend)
+
+
+def run_scale_grads(grads, factors, backend):
+    """scale_grads_ without the argument checks, for callers whose gradients are valid by construction."""
     backend = dispatch.resolve(backend, grads[0].device, "scale_grads_")
     if backend == "reference":
         return scale_grads_ref(grads, factors)
