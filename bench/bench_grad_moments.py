@@ -83,10 +83,6 @@ def test_eager_reference(benchmark, inputs, add_bandwidth_gbps):
     harness.record_benchmark(benchmark, eager_reference(inputs), add_bandwidth_gbps)
 
 
-def test_foreach():
-    pytest.skip(FOREACH_NOT_APPLICABLE)
-
-
 def test_compiled_reference(benchmark, inputs, add_bandwidth_gbps):
     harness.record_benchmark(benchmark, compiled_reference(inputs), add_bandwidth_gbps)
 
