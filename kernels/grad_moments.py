@@ -1,4 +1,4 @@
-"""Triton kernels of the per-tensor moments (count, mean, M2) of x = inv_scale * grad, and of scale_grads.
+"""Triton kernels of the per-tensor moments (count, mean, M2) of x = inv_scale * grad.
 
 Moments are of y = x - k with k the tensor's first x, so large offsets keep their digits (see
 csrc/cpu/grad_moments.cpp). Each program computes its block's moments with the corrected two-pass algorithm
@@ -18,7 +18,6 @@ from fastforget.kernels.multi_tensor import (
     ACCUMULATE_TYPES,
     contiguous,
     launch_groups,
-    narrows_through_fp32,
     on_device,
     register,
 )
@@ -111,43 +110,4 @@ def grad_moments(grads, inv_scale):
     return out
 
 
-@triton.jit
-def _scale_kernel(
-    tables, blocks, num_tensors, num_blocks, factors,
-    ACC: tl.constexpr, G: tl.constexpr, G_VIA_FP32: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    t = tl.load(blocks + pid)
-    start = tl.load(blocks + num_blocks + pid)
-    n = tl.load(tables + num_tensors + t)
-    factor = tl.load(factors + tl.load(tables + 2 * num_tensors + t))
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
-    g_ptr = tl.load(tables + t).to(tl.pointer_type(G)) + offs
-    out = factor * tl.load(g_ptr, mask=mask, other=0).to(ACC)
-    if G_VIA_FP32:
-        out = out.to(tl.float32)
-    tl.store(g_ptr, out.to(G), mask=mask)
-
-
-def scale_grads(grads, factors):
-    work = contiguous(grads)  # a non-contiguous gradient is updated through a copy, written back below
-    acc = accumulate_dtype(grads)
-    device = grads[0].device if grads else None
-    groups, _ = launch_groups((work,), BLOCK) if grads else ([], 0)
-    with on_device(device):
-        factors = factors.to(device, acc).contiguous()
-        for group in groups:
-            if group.num_blocks:
-                _scale_kernel[(group.num_blocks,)](
-                    group.tables, group.blocks, group.num_tensors, group.num_blocks, factors,
-                    ACC=ACCUMULATE_TYPES[acc], G=group.dtypes[0],
-                    G_VIA_FP32=narrows_through_fp32(acc, group.dtypes[0]), BLOCK=BLOCK,
-                )  # fmt: skip
-    for g, w in zip(grads, work):
-        if w is not g:
-            g.copy_(w)
-
-
 register(qualname("grad_moments", "_triton"), grad_moments)
-register(qualname("scale_grads", "_triton"), scale_grads)
