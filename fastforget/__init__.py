@@ -3,22 +3,12 @@
 from fastforget import (
     _extension,  # noqa: F401  (loads the C++/CUDA kernels when built)
     _schemas,  # noqa: F401  (defines every op before kernels register on them)
+    ops,
 )
 from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
 from fastforget.ewc import EWC
 from fastforget.fisher import estimate_fisher
-from fastforget.ops import (
-    ewc_penalty,
-    ewc_penalty_,
-    ewc_penalty_accumulate_ref,
-    ewc_penalty_ref,
-    fisher_update_,
-    fisher_update_ref,
-    grad_moments,
-    grad_moments_ref,
-    scale_grads_,
-    scale_grads_ref,
-)
+from fastforget.ops import *  # noqa: F403  (every op and its reference: ops.__all__)
 from fastforget.protect import GradientProtector, SeedGradientProtector
 
 try:
@@ -36,14 +26,5 @@ __all__ = [
     "SeedGradientProtector",
     "available_backends",
     "estimate_fisher",
-    "ewc_penalty",
-    "ewc_penalty_",
-    "ewc_penalty_accumulate_ref",
-    "ewc_penalty_ref",
-    "fisher_update_",
-    "fisher_update_ref",
-    "grad_moments",
-    "grad_moments_ref",
-    "scale_grads_",
-    "scale_grads_ref",
+    *ops.__all__,
 ]

@@ -13,6 +13,7 @@ from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
     ACCUMULATE_TYPES,
     contiguous,
+    copy_back,
     launch_groups,
     narrows_through_fp32,
     on_device,
@@ -111,9 +112,7 @@ def ewc_penalty_accumulate(params, anchors, fisher, grads, lam):
     params, anchors, fisher = contiguous(params), contiguous(anchors), contiguous(fisher)
     work = contiguous(grads)  # a non-contiguous gradient is updated through a copy, written back below
     penalty = _run(ACCUMULATE, params, anchors, fisher, work, lam)
-    for g, w in zip(grads, work):
-        if w is not g:
-            g.copy_(w)
+    copy_back(grads, work)
     return penalty
 
 

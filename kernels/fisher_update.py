@@ -14,6 +14,7 @@ from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
     ACCUMULATE_TYPES,
     contiguous,
+    copy_back,
     launch_groups,
     narrows_through_fp32,
     on_device,
@@ -63,9 +64,7 @@ def fisher_update(fisher, grads, decay, scale):
                     ACC=ACCUMULATE_TYPES[acc], F=group.dtypes[0], G=group.dtypes[1],
                     F_VIA_FP32=narrows_through_fp32(acc, group.dtypes[0]), BLOCK=BLOCK,
                 )  # fmt: skip
-    for f, w in zip(fisher, work):
-        if w is not f:
-            f.copy_(w)
+    copy_back(fisher, work)
 
 
 register(qualname("fisher_update", "_triton"), fisher_update)

@@ -100,3 +100,10 @@ def launch_groups(roles, block_size):
 
 def contiguous(tensors):
     return [t.contiguous() for t in tensors]
+
+
+def copy_back(tensors, work):
+    """After an in-place update of work = contiguous(tensors): write back each work[i] that is a copy."""
+    for t, w in zip(tensors, work):
+        if w is not t:
+            t.copy_(w)

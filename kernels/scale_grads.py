@@ -8,6 +8,7 @@ from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
     ACCUMULATE_TYPES,
     contiguous,
+    copy_back,
     launch_groups,
     narrows_through_fp32,
     on_device,
@@ -50,9 +51,7 @@ def scale_grads(grads, factors):
                     ACC=ACCUMULATE_TYPES[acc], G=group.dtypes[0],
                     G_VIA_FP32=narrows_through_fp32(acc, group.dtypes[0]), BLOCK=BLOCK,
                 )  # fmt: skip
-    for g, w in zip(grads, work):
-        if w is not g:
-            g.copy_(w)
+    copy_back(grads, work)
 
 
 register(qualname("scale_grads", "_triton"), scale_grads)
