@@ -68,20 +68,27 @@ class EWC:
         """lam * (sum F (theta - anchor)^2 + C), differentiable (fp32 0-dim tensor); 0 before any consolidation."""
         if not self.tasks:
             return torch.zeros((), device=self.params[0].device)
-        self._check_shapes()
-        return ewc_penalty(self.params, self.anchors, self.fisher, self.lam, backend=self.backend) + self._offset()
+        try:
+            return ewc_penalty(self.params, self.anchors, self.fisher, self.lam, backend=self.backend) + self._offset()
+        except ValueError:
+            self._check_shapes()  # name the parameter whose shape changed, if that is the problem
+            raise
 
     def apply_(self):
         """After task_loss.backward(): p.grad += the penalty's gradient in one fused pass; returns the penalty."""
         if not self.tasks:
             return torch.zeros((), device=self.params[0].device)
-        self._check_shapes()
-        return ewc_penalty_(self.params, self.anchors, self.fisher, self.lam, backend=self.backend) + self._offset()
+        try:
+            return ewc_penalty_(self.params, self.anchors, self.fisher, self.lam, backend=self.backend) + self._offset()
+        except ValueError:
+            self._check_shapes()
+            raise
 
     def _offset(self):
         return self.lam * self.constant
 
     def _check_shapes(self):
+        """The ops reject a shape mismatch by list index; this names the parameter (on the error path only)."""
         for name, p, a in zip(self.names, self.params, self.anchors):
             if p.shape != a.shape:
                 raise ValueError(
