@@ -455,3 +455,14 @@ def test_penalty_and_apply_compile_fullgraph():
     penalty_grads = torch.autograd.grad(ewc.penalty(), list(model.parameters()))
     for p, e in zip(model.parameters(), penalty_grads):
         assert_close(p.grad, e)
+
+
+def test_consolidate_on_an_empty_loader_changes_nothing():
+    model = tiny_mlp()
+    ewc = ff.EWC(model)
+    ewc.load_importance(*random_task(model, 0))
+    before = [t.clone() for t in ewc.anchors + ewc.fisher]
+    with pytest.raises(ValueError, match="no batches"):
+        ewc.consolidate([], F.cross_entropy, progress=False)
+    assert ewc.tasks == 1
+    assert all(torch.equal(a, b) for a, b in zip(ewc.anchors + ewc.fisher, before))
