@@ -10,6 +10,8 @@ fp32 elements in 148 tensors at scale 1.0) with window 100 and threshold 0.1:
              fused scaling pass. The ring has a fixed size and every step reads all of it, so a step costs the
              same whether the window is full or not: it is not pre-filled (the Triton interpreter would take
              minutes).
+  protector_element  the same with mode="element": a per-element EMA mean and variance (2 fp32 per element), two
+             fused passes (bench_grad_ema.py times the op alone on the full GPT-2-small list).
 Every step (timed) first restores each .grad from a stored gradient (one torch._foreach_copy_), so that repeated
 protection does not shrink the gradients towards 0. That copy is counted in both, alike: it is the restore_grads
 row, and the CLI also prints the speed-up with its time subtracted from both.
@@ -17,7 +19,8 @@ row, and the CLI also prints the speed-up with its time subtracted from both.
 State bytes: the protector's state_bytes() (ring and heads: O(T * window), independent of the tensors' sizes);
 the seed's: the bytes of every tensor in its gradient_history once the window is full (window x the gradients).
 Bytes moved per element, the step's minimum: restore (read the stored gradient, write g) 8 B + protect (read g for
-its moments; read and write g to scale it) 12 B = 20 B; the seed's actual traffic is about window times that.
+its moments; read and write g to scale it) 12 B = 20 B (element mode: read g, m, v, write m, v, g: 8 + 24 = 32 B);
+the seed's actual traffic is about window times that.
 
 pytest: FF_BENCH_SMOKE=1 pytest bench/bench_protect.py [--benchmark-disable]
 CLI:    python bench/bench_protect.py [--scale S] [--repeats N]   (or python -m bench.bench_protect)
@@ -44,6 +47,7 @@ THRESHOLD = 0.1
 PROTECT_SCALE = 0.127  # GPT-2-small dimensions times this: 2,030,818 elements (harness.gpt2_numel(0.127))
 RESTORE_BYTES = 2 * harness.FP32_BYTES
 STEP_BYTES = RESTORE_BYTES + 3 * harness.FP32_BYTES
+ELEMENT_STEP_BYTES = RESTORE_BYTES + 6 * harness.FP32_BYTES  # read g, m, v; write m, v, g
 
 
 @dataclass
@@ -93,11 +97,13 @@ def seed(inputs: ProtectInputs) -> Variant:
     return Variant("seed", "torch", run, STEP_BYTES * inputs.numel, state_bytes=state_bytes)
 
 
-def protector(inputs: ProtectInputs, backend: str) -> Variant:
+def protector(inputs: ProtectInputs, backend: str, mode: str = "tensor") -> Variant:
     named, grads = parameters_with_grads(inputs)
-    protector = ff.GradientProtector(named, window=WINDOW, threshold=THRESHOLD, backend=backend)
+    protector = ff.GradientProtector(named, window=WINDOW, threshold=THRESHOLD, mode=mode, backend=backend)
     run = restoring_step(grads, inputs.stored, protector.protect_)
-    return Variant("protector", backend, run, STEP_BYTES * inputs.numel, state_bytes=protector.state_bytes())
+    step_bytes = STEP_BYTES if mode == "tensor" else ELEMENT_STEP_BYTES
+    name = "protector" if mode == "tensor" else "protector_element"
+    return Variant(name, backend, run, step_bytes * inputs.numel, state_bytes=protector.state_bytes())
 
 
 def restore_grads(inputs: ProtectInputs) -> Variant:
@@ -128,6 +134,12 @@ def test_protector(benchmark, inputs, protect_add_gbps, backend):
     harness.record_benchmark(benchmark, protector(inputs, backend), protect_add_gbps)
 
 
+@pytest.mark.parametrize("backend", ff.BACKENDS)
+def test_protector_element(benchmark, inputs, protect_add_gbps, backend):
+    harness.require_backend(backend, ff.available_backends(), inputs.stored[0].device)
+    harness.record_benchmark(benchmark, protector(inputs, backend, "element"), protect_add_gbps)
+
+
 def test_restore_grads(benchmark, inputs, protect_add_gbps):
     harness.record_benchmark(benchmark, restore_grads(inputs), protect_add_gbps)
 
@@ -142,7 +154,7 @@ def main() -> None:
     device = harness.bench_device()
     inputs = make_inputs(args.scale, device)
     backends, skipped = harness.usable_backends(ff.available_backends(), device)
-    protectors = [protector(inputs, backend) for backend in backends]
+    protectors = [protector(inputs, backend, mode) for mode in ("tensor", "element") for backend in backends]
     variants = [seed(inputs), *protectors, restore_grads(inputs)]
     print(
         f"protect on {device}: {len(inputs.stored)} fp32 tensors, {inputs.numel:,} elements "

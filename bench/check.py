@@ -3,7 +3,8 @@
 Verification, on a GPT-2-shaped list (scaled down), within the tolerance table of fastforget.testing:
 * ewc_penalty: fp32/bf16/fp16 params x fp32/bf16 Fisher; penalty and gradient of the autograd and in-place forms;
 * fisher_update_: fp32/bf16/fp16 Fisher x fp32/bf16 gradients, plain and stacked (3 per-sample gradients);
-* grad_moments (against fp64 truth) and scale_grads_: fp32/bf16/fp16 gradients x fp32/bf16 factors.
+* grad_moments (against fp64 truth), scale_grads_ and grad_ema_protect_ (fp32 state, normalize "max"):
+  fp32/bf16/fp16 gradients x fp32/bf16 factors (of scale_grads_).
 Triton is verified under its interpreter when there is no GPU.
 """
 
@@ -21,6 +22,7 @@ import fastforget as ff  # noqa: E402
 from bench import (  # noqa: E402
     bench_ewc_penalty,
     bench_fisher_update,
+    bench_grad_ema,
     bench_grad_moments,
     bench_protect,
     bench_scale_grads,
@@ -74,7 +76,7 @@ def verify_fisher_update(backend, device, fisher_dtype, grad_dtype):
 
 
 def verify_protection_ops(backend, device, grad_dtype, factor_dtype):
-    """grad_moments against fp64 truth, scale_grads_ against its reference."""
+    """grad_moments against fp64 truth, scale_grads_ and grad_ema_protect_ against their references."""
     torch.manual_seed(0)
     grads = [3 + g for g in harness.gpt2_tensors(VERIFY_SCALE[backend], device, grad_dtype)]
     moments = ff.grad_moments(grads, 0.5, backend=backend)
@@ -85,13 +87,20 @@ def verify_protection_ops(backend, device, grad_dtype, factor_dtype):
     ff.scale_grads_(got, factors, backend=backend)
     for g, e in zip(got, expected):
         assert_close(g, e)
+    mean, var = ([torch.rand(g.shape, device=device) for g in grads] for _ in range(2))
+    want_mean, want_var = [m.clone() for m in mean], [v.clone() for v in var]
+    expected, got = [g.clone() for g in grads], [g.clone() for g in grads]  # the same inputs for both
+    ff.grad_ema_protect_(got, mean, var, 0.3, normalize="max", threshold=0.6, backend=backend)
+    ff.grad_ema_protect_(expected, want_mean, want_var, 0.3, normalize="max", threshold=0.6, backend="reference")
+    for g, e in zip(got + mean + var, expected + want_mean + want_var):
+        assert_close(g, e)
     return sum(g.numel() for g in grads)
 
 
 CHECKS = {  # op -> (verify function, the two dtype roles it is swept over)
     "ewc_penalty": (verify_ewc_penalty, ("params", "fisher")),
     "fisher_update_": (verify_fisher_update, ("fisher", "grads")),
-    "grad_moments and scale_grads_": (verify_protection_ops, ("grads", "factors")),
+    "grad_moments, scale_grads_ and grad_ema_protect_": (verify_protection_ops, ("grads", "factors")),
 }
 
 
@@ -120,7 +129,8 @@ def main():
                         print(f"  {label} FAIL\n{error}")
     if failures:
         sys.exit(f"{failures} verification(s) failed")
-    for benchmark in (bench_ewc_penalty, bench_fisher_update, bench_grad_moments, bench_scale_grads, bench_protect):
+    benchmarks = (bench_ewc_penalty, bench_fisher_update, bench_grad_moments, bench_scale_grads, bench_grad_ema)
+    for benchmark in (*benchmarks, bench_protect):
         print()
         benchmark.main()
 

@@ -31,6 +31,14 @@ SCHEMAS = {
     "grad_moments": "(Tensor[] grads, Tensor inv_scale) -> Tensor",
     # grads[i] *= factors[i], in place, one pass
     "scale_grads": "(Tensor(a!)[] grads, Tensor factors) -> ()",
+    # per-element EMA of x = inv_scale * grads: per tensor, the max over its elements of the updated variance
+    # v' = (1 - alpha) (v + alpha (x - m)^2), +inf when one is not finite; nothing is written
+    "grad_ema_stats": "(Tensor[] grads, Tensor[] mean, Tensor[] var, Tensor inv_scale, Tensor alpha) -> Tensor",
+    # unless skip: m, v <- the EMA update; grads *= 1 - sigmoid(v' var_scale) where that importance > threshold
+    "grad_ema_protect": (
+        "(Tensor(a!)[] grads, Tensor(b!)[] mean, Tensor(c!)[] var, Tensor inv_scale, Tensor alpha,"
+        " Tensor var_scale, Tensor skip, float threshold) -> ()"
+    ),
 }
 
 FLAVOURS = ("", "_triton")

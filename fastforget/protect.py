@@ -10,15 +10,27 @@ importance >= 0.5: every protected gradient is at least halved. ``normalize="max
 by the largest (defined) variance among this step's tensors (as UPGD scales its utilities by their maximum), so
 z = var / max var in [0, 1]; ``temperature`` T divides z in both: importance = sigmoid(z / T).
 
-``GradientProtector`` computes exactly the seed's variance with O(window) numbers per tensor instead of the
-window's gradients: per step, one fused pass (``ff.grad_moments``) gives each gradient's (count, mean, M2), a ring
-keeps the last ``window`` triples per tensor, and the window's variance is their exact pooled combination
+``mode="tensor"``: ``GradientProtector`` computes exactly the seed's variance with O(window) numbers per tensor
+instead of the window's gradients: per step, one fused pass (``ff.grad_moments``) gives each gradient's
+(count, mean, M2), a ring keeps the last ``window`` triples per tensor, and the window's variance is their exact
+pooled combination
 
     N = sum n_s,  mean = sum n_s mean_s / N,  M2 = sum M2_s + sum n_s (mean_s - mean)^2,  var = M2 / (N - 1)
 
 (in fp64); one fused in-place pass (``ff.scale_grads_``) applies the factors. No host synchronisation: a step
 whose gradients hold a NaN or Inf (after ``inv_scale``, the AMP GradScaler's 1/scale) leaves the state and the
 gradients untouched and sets ``found_inf``, like AMP's.
+
+``mode="element"``: every gradient element gets its own importance, from an exponential moving mean m and
+variance v of that element (``ff.grad_ema_protect_``: two fused passes, state 2 numbers per element). At a
+tensor's t-th step, alpha = max(1/t, 1 - beta) with beta = 1 - 1/window by default:
+
+    x = inv_scale * g,  d = x - m,  m <- m + alpha d,  v <- (1 - alpha)(v + alpha d^2)
+    importance = sigmoid(z / T),  z = v  (normalize="none")  or  v / max(v over the tensor)  ("max")
+    g <- (1 - importance) g  where importance > threshold
+
+so for the first `window` steps m and v are the exact running mean and population variance of the element's
+gradients, then an EMA with time constant ``window``.
 """
 
 import math
@@ -26,11 +38,14 @@ import math
 import torch
 
 from fastforget import _validation as check
+from fastforget._dtypes import accumulate_dtype
 from fastforget.fisher import trainable_parameters
+from fastforget.ops.grad_ema import run_grad_ema_protect
 from fastforget.ops.grad_moments import _inv_scale_tensor, run_grad_moments
 from fastforget.ops.scale_grads import run_scale_grads
 
 NORMALIZE = ("none", "max")
+MODES = ("tensor", "element")
 
 
 def _importance(var, normalize, temperature):
@@ -67,18 +82,19 @@ class SeedGradientProtector:
 
 
 class GradientProtector:
-    """Streaming, exact gradient-variance protection over a model's trainable parameters (see the module doc).
+    """Streaming gradient-variance protection over a model's trainable parameters (see the module doc).
 
-    ``protect_()`` after ``backward()`` returns the importance of each parameter (NaN for those without a gradient
-    this step), aligned with ``self.names``.
+    ``protect_()`` after ``backward()`` returns one importance per parameter, aligned with ``self.names``: the
+    tensor's importance (mode "tensor") or the largest of its elements' (mode "element"); NaN for parameters
+    without a gradient this step, and for every parameter on a skipped (non-finite) step in mode "element".
     """
 
     def __init__(
         self, model_or_params, window=100, threshold=0.1, mode="tensor", normalize="none", temperature=1.0,
-        backend="auto",
+        beta=None, backend="auto",
     ):  # fmt: skip
-        if mode != "tensor":
-            raise ValueError(f"mode {mode!r} is not available; the supported mode is 'tensor'")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if normalize not in NORMALIZE:
             raise ValueError(f"unknown normalize {normalize!r}; expected one of {NORMALIZE}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -87,6 +103,11 @@ class GradientProtector:
         self.temperature = check.check_scalar("temperature", temperature)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.beta = 1 - 1 / window if beta is None else check.check_scalar("beta", beta)
+        if mode == "tensor" and beta is not None:
+            raise ValueError("beta belongs to mode='element' (mode 'tensor' keeps an exact window)")
+        if not 0 <= self.beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.names, self.params = trainable_parameters(model_or_params)
         check.check_one_device("parameters", self.params)
         for i, p in enumerate(self.params):
@@ -94,28 +115,48 @@ class GradientProtector:
         self.window, self.mode, self.normalize, self.backend = window, mode, normalize, backend
         device = self.params[0].device
         count = len(self.params)
-        self.ring = torch.zeros(count, window, 3, dtype=torch.float64, device=device)  # (n, mean, M2) per step
-        self.head = torch.zeros(count, dtype=torch.int64, device=device)  # next slot of each tensor's ring
+        if mode == "tensor":
+            self.ring = torch.zeros(count, window, 3, dtype=torch.float64, device=device)  # (n, mean, M2) per step
+            self.head = torch.zeros(count, dtype=torch.int64, device=device)  # next slot of each tensor's ring
+        else:
+            state_dtype = accumulate_dtype(self.params)
+            self.mean = [
+                torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format) for p in self.params
+            ]
+            self.var = [torch.zeros_like(m) for m in self.mean]
+            self.steps = torch.zeros(count, dtype=torch.int64, device=device)  # finite steps seen by each tensor
         self.found_inf = torch.zeros((), dtype=torch.bool, device=device)
 
+    def _state(self):
+        if self.mode == "tensor":
+            return {"ring": self.ring, "head": self.head}
+        return {"mean": self.mean, "var": self.var, "steps": self.steps}
+
     def state_bytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.ring, self.head))
+        tensors = [t for value in self._state().values() for t in check.tensor_list("state", value)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.no_grad()
     def protect_(self, inv_scale=1.0):
         """Update the statistics with this step's gradients and scale them in place; returns the importances."""
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
-        importance = torch.full((len(self.params),), math.nan, dtype=torch.float64, device=self.ring.device)
+        device = self.found_inf.device
+        importance = torch.full((len(self.params),), math.nan, dtype=torch.float64, device=device)
         if not present:
             self.found_inf = torch.zeros_like(self.found_inf)
             return importance
         # torch keeps each .grad shaped, typed and placed like its parameter (checked once, at construction), so
         # the ops' per-call argument checks are skipped on this per-step path
         grads = [self.params[i].grad for i in present]
-        inv_scale = _inv_scale_tensor(inv_scale, self.ring.device)
+        rows = torch.tensor(present, device=device)
+        inv_scale = _inv_scale_tensor(inv_scale, device)
+        step = self._tensor_step if self.mode == "tensor" else self._element_step
+        importance[rows] = step(grads, present, rows, inv_scale).to(torch.float64)
+        return importance
+
+    def _tensor_step(self, grads, present, rows, inv_scale):
         moments = run_grad_moments(grads, inv_scale, self.backend).to(self.ring.device, torch.float64)
         finite = moments.isfinite().all()
-        rows = torch.tensor(present, device=self.ring.device)
         slots = self.head[rows]
         self.ring[rows, slots] = torch.where(finite, moments, self.ring[rows, slots])
         self.head[rows] = torch.where(finite, (slots + 1) % self.window, slots)
@@ -126,23 +167,43 @@ class GradientProtector:
         total = n.sum(1)
         mean = (n * mean_s).sum(1) / total
         var = (m2_s.sum(1) + (n * (mean_s - mean[:, None]).square()).sum(1)) / (total - 1)
-        step_importance = _importance(var, self.normalize, self.temperature)
-        factors = torch.where(finite & (step_importance > self.threshold), 1 - step_importance, 1.0)
+        importance = _importance(var, self.normalize, self.temperature)
+        factors = torch.where(finite & (importance > self.threshold), 1 - importance, 1.0)
         run_scale_grads(grads, factors, self.backend)
-        importance[rows] = step_importance
+        return importance
+
+    def _element_step(self, grads, present, rows, inv_scale):
+        steps = self.steps[rows]
+        alpha = torch.maximum(1 / (steps + 1).to(self.mean[0].dtype), torch.tensor(1 - self.beta))
+        importance, self.found_inf = run_grad_ema_protect(
+            grads, [self.mean[i] for i in present], [self.var[i] for i in present], inv_scale, alpha,
+            self.threshold, self.normalize, self.temperature, self.backend,
+        )  # fmt: skip
+        self.steps[rows] = steps + (~self.found_inf).long()
         return importance
 
     def state_dict(self):
-        return {"names": list(self.names), "window": self.window, "ring": self.ring, "head": self.head}
+        state = {"names": list(self.names), "mode": self.mode, "window": self.window}
+        return state | self._state()
 
     def load_state_dict(self, state):
-        """Restore a state_dict (checked first: names, window, shapes; nothing changes on error)."""
+        """Restore a state_dict (checked first: names, mode, window, shapes; nothing changes on error)."""
         if list(state["names"]) != self.names:
             raise ValueError("the state was saved for other parameters (names differ)")
+        if state.get("mode", "tensor") != self.mode:
+            raise ValueError(f"the state is of mode {state.get('mode', 'tensor')!r} but this protector {self.mode!r}")
         if state["window"] != self.window:
             raise ValueError(f"the state has window {state['window']} but this protector {self.window}")
-        ring, head = state["ring"], state["head"]
-        if tuple(ring.shape) != tuple(self.ring.shape) or tuple(head.shape) != tuple(self.head.shape):
-            raise ValueError("corrupt GradientProtector state: ring or head has the wrong shape")
-        self.ring = ring.to(self.ring.device, torch.float64, copy=True)
-        self.head = head.to(self.head.device, torch.int64, copy=True)
+        restored = {}
+        for key, current in self._state().items():
+            value = state[key]
+            if isinstance(current, list):
+                if len(value) != len(current) or any(v.shape != c.shape for v, c in zip(value, current)):
+                    raise ValueError(f"corrupt GradientProtector state: {key} has the wrong shapes")
+                restored[key] = [v.to(c.device, c.dtype, copy=True) for v, c in zip(value, current)]
+            else:
+                if value.shape != current.shape:
+                    raise ValueError(f"corrupt GradientProtector state: {key} has the wrong shape")
+                restored[key] = value.to(current.device, current.dtype, copy=True)
+        for key, value in restored.items():
+            setattr(self, key, value)

@@ -131,7 +131,9 @@ def test_bad_input_changes_nothing():
         (dict(threshold=float("nan")), "threshold must be finite"),
         (dict(temperature=0.0), "temperature must be > 0"),
         (dict(normalize="sum"), "unknown normalize"),
-        (dict(mode="element"), "mode 'element' is not available"),
+        (dict(mode="row"), "unknown mode 'row'"),
+        (dict(beta=0.9), "beta belongs to mode='element'"),
+        (dict(mode="element", beta=1.0), r"beta must be in \[0, 1\)"),
     ]:
         with pytest.raises(ValueError, match=error):
             ff.GradientProtector(named, **kwargs)
@@ -140,3 +142,88 @@ def test_bad_input_changes_nothing():
         ff.GradientProtector(named, window=4).load_state_dict(protector.state_dict())
     with pytest.raises(ValueError, match="names differ"):
         ff.GradientProtector(named[:2], window=3).load_state_dict(protector.state_dict())
+
+
+def element_truth(history, window, threshold, normalize="none", temperature=1.0):
+    """mode="element" in float64, written from the formulas: per element, alpha = max(1/t, 1/window),
+    m += alpha d, v = (1 - alpha)(v + alpha d^2); importance = sigmoid(v [/ max v] / T); returns the last step's
+    scaled gradient and the largest importance."""
+    m = v = None
+    for t, g in enumerate(history, start=1):
+        x = g.double()
+        alpha = max(1 / t, 1 / window)
+        d = x - (m if m is not None else 0)
+        m = (m if m is not None else 0) + alpha * d
+        v = (1 - alpha) * ((v if v is not None else 0) + alpha * d * d)
+    z = v / v.max() if normalize == "max" and v.max() > 0 else (v * 0 if normalize == "max" else v)
+    importance = torch.sigmoid(z / temperature)
+    scaled = torch.where(importance > threshold, (1 - importance) * history[-1].double(), history[-1].double())
+    return scaled, importance.max()
+
+
+@pytest.mark.parametrize("normalize, threshold", [("none", 0.1), ("max", 0.6), ("none", 0.999)])
+def test_element_mode_matches_float64_formulas(backend, normalize, threshold):
+    ours = parameters(device_of(backend))
+    protector = ff.GradientProtector(
+        ours, window=5, threshold=threshold, mode="element", normalize=normalize, temperature=0.7, backend=backend
+    )
+    history = {name: [] for name, _ in ours}
+    for step in range(12):  # past the 5 exact steps into the EMA; some parameters skip some steps
+        set_gradients(ours, step, torch.Generator().manual_seed(step))
+        for name, p in ours:
+            if p.grad is not None:
+                history[name].append(p.grad.cpu().clone())
+        importance = protector.protect_()
+        for i, (name, p) in enumerate(ours):
+            if p.grad is None:
+                assert importance[i].isnan()
+                continue
+            scaled, top = element_truth(history[name], 5, threshold, normalize, 0.7)
+            torch.testing.assert_close(p.grad.cpu().double(), scaled, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(importance[i].cpu(), top, rtol=1e-5, atol=1e-6)
+
+
+def test_element_mode_non_finite_step_and_state_size():
+    named = parameters()
+    protector = ff.GradientProtector(named, window=4, mode="element")
+    numel = sum(p.numel() for _, p in named)
+    assert protector.state_bytes() == 2 * 4 * numel + 8 * len(named)  # two fp32 per element, a step count per tensor
+    for step in range(3):
+        set_gradients(named, step, torch.Generator().manual_seed(step), skip=False)
+        protector.protect_()
+    state = protector.state_dict()
+    state = {"mean": [t.clone() for t in state["mean"]], "var": [t.clone() for t in state["var"]]} | {
+        "steps": state["steps"].clone()
+    }
+    set_gradients(named, 9, torch.Generator().manual_seed(9), skip=False)
+    named[2][1].grad[0] = float("nan")
+    before = [p.grad.clone() for _, p in named]
+    assert protector.protect_().isnan().all() and protector.found_inf.item()
+    assert all(torch.equal(a, b) for a, b in zip(protector.mean + protector.var, state["mean"] + state["var"]))
+    assert torch.equal(protector.steps, state["steps"])
+    for (_, p), g in zip(named, before):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+    set_gradients(named, 10, torch.Generator().manual_seed(10), skip=False)
+    assert protector.protect_().isfinite().all() and not protector.found_inf.item()
+
+
+def test_element_mode_state_round_trip_continues_bitwise():
+    first, second = parameters(), parameters()
+    protector = ff.GradientProtector(first, window=6, mode="element", normalize="max")
+    for step in range(9):
+        set_gradients(first, step, torch.Generator().manual_seed(step))
+        protector.protect_()
+    buffer = io.BytesIO()
+    torch.save(protector.state_dict(), buffer)
+    buffer.seek(0)
+    restored = ff.GradientProtector(second, window=6, mode="element", normalize="max")
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    for step in range(9, 20):
+        set_gradients(first, step, torch.Generator().manual_seed(step))
+        set_gradients(second, step, torch.Generator().manual_seed(step))
+        assert torch.equal(protector.protect_().nan_to_num(-1), restored.protect_().nan_to_num(-1))
+        assert all(
+            (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad) for (_, p), (_, q) in zip(first, second)
+        )
+    with pytest.raises(ValueError, match="the state is of mode 'element' but this protector 'tensor'"):
+        ff.GradientProtector(second, window=6).load_state_dict(protector.state_dict())

@@ -53,7 +53,7 @@ static_assert(sizeof(void*) == sizeof(int64_t), "pointers are stored as int64");
 
 // ---------------------------------------------------------------------------------------------- host side
 
-inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kChunkSize; }
+__host__ __device__ inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kChunkSize; }
 
 template <typename Meta>
 inline int64_t meta_words(int64_t num_tensors, int64_t num_blocks) {

@@ -5,6 +5,7 @@
 //     csrc/cuda/nvcc_check.cu -o /tmp/nvcc_check.o
 #include "ewc_penalty.cuh"
 #include "fisher_update.cuh"
+#include "grad_ema.cuh"
 #include "grad_moments.cuh"
 #include "multi_tensor.cuh"
 #include "scale_grads.cuh"
@@ -15,6 +16,8 @@ template void plan_blocks<TensorMeta<kEwcRoles>>(int64_t*, int64_t);
 template int64_t meta_words<TensorMeta<kEwcRoles>>(int64_t, int64_t);
 template void plan_blocks<FisherUpdateMeta>(int64_t*, int64_t);
 template int64_t meta_words<FisherUpdateMeta>(int64_t, int64_t);
+template void plan_blocks<GradEmaMeta>(int64_t*, int64_t);
+template int64_t meta_words<GradEmaMeta>(int64_t, int64_t);
 template void plan_blocks<GradMomentsMeta>(int64_t*, int64_t);
 template int64_t meta_words<GradMomentsMeta>(int64_t, int64_t);
 template void plan_blocks<ScaleGradsMeta>(int64_t*, int64_t);
@@ -31,6 +34,15 @@ template cudaError_t launch_ewc_penalty_backward<double>(const int64_t*, int64_t
                                                          cudaStream_t);
 template cudaError_t launch_fisher_update<float>(const int64_t*, int64_t, int64_t, double, double, cudaStream_t);
 template cudaError_t launch_fisher_update<double>(const int64_t*, int64_t, int64_t, double, double, cudaStream_t);
+template cudaError_t launch_grad_ema_stats<float>(const int64_t*, int64_t, int64_t, const float*, const float*,
+                                                  float*, float*, cudaStream_t);
+template cudaError_t launch_grad_ema_stats<double>(const int64_t*, int64_t, int64_t, const double*, const double*,
+                                                   double*, double*, cudaStream_t);
+template cudaError_t launch_grad_ema_protect<float>(const int64_t*, int64_t, int64_t, const float*, const float*,
+                                                    const float*, const bool*, float, cudaStream_t);
+template cudaError_t launch_grad_ema_protect<double>(const int64_t*, int64_t, int64_t, const double*,
+                                                     const double*, const double*, const bool*, double,
+                                                     cudaStream_t);
 template cudaError_t launch_grad_moments<float>(const int64_t*, int64_t, int64_t, const float*, float*, float*,
                                                 cudaStream_t);
 template cudaError_t launch_grad_moments<double>(const int64_t*, int64_t, int64_t, const double*, double*, double*,

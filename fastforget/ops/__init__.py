@@ -1,5 +1,6 @@
 from fastforget.ops.ewc_penalty import ewc_penalty, ewc_penalty_, ewc_penalty_accumulate_ref, ewc_penalty_ref
 from fastforget.ops.fisher_update import fisher_update_, fisher_update_ref
+from fastforget.ops.grad_ema import grad_ema_protect_, grad_ema_protect_ref, grad_ema_stats_ref
 from fastforget.ops.grad_moments import grad_moments, grad_moments_ref
 from fastforget.ops.scale_grads import scale_grads_, scale_grads_ref
 
@@ -10,6 +11,9 @@ __all__ = [
     "ewc_penalty_ref",
     "fisher_update_",
     "fisher_update_ref",
+    "grad_ema_protect_",
+    "grad_ema_protect_ref",
+    "grad_ema_stats_ref",
     "grad_moments",
     "grad_moments_ref",
     "scale_grads_",

@@ -1,0 +1,198 @@
+// Per-element gradient protection, two passes over a whole list (math: fastforget/ops/grad_ema.py), for
+// x = inv_scale * g and alpha = alpha[t]:
+//
+//   d = x - m,  m' = m + alpha d,  v' = (1 - alpha)(v + alpha d^2)       (Welford-style EMA, Finch 2009)
+//   grad_ema_stats:    per tensor, max v' (+inf if a v' is NaN/Inf); writes nothing
+//   grad_ema_protect:  unless skip: m <- m', v <- v', g <- (1 - s) g where s = sigmoid(v' var_scale[t]) > threshold
+//
+// The max is exact, so its chunk partials combine to the same result in any order and thread count.
+#include "multi_tensor.h"
+
+#include "../common.h"
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace fastforget::cpu {
+namespace {
+
+// v' of the EMA update, for acc_t or a vector of acc_t (both passes use this one expression).
+template <typename T>
+T ema_var(T x, T m, T v, T alpha, T keep) {
+  const T d = x - m;
+  return keep * (v + alpha * d * d);
+}
+
+// max that keeps a NaN once seen
+template <typename acc_t>
+acc_t nan_max(acc_t best, acc_t v) {
+  return std::isnan(v) || v > best ? v : best;
+}
+
+template <typename acc_t>
+struct EmaArgs {
+  acc_t inv_scale, alpha, keep, var_scale, threshold;
+};
+
+template <typename acc_t>
+acc_t tile_max_var(const acc_t* g, const acc_t* m, const acc_t* v, const EmaArgs<acc_t>& a, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec scale(a.inv_scale), alpha(a.alpha), keep(a.keep);
+  Vec vbest(acc_t(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    vbest = at::vec::maximum(vbest, ema_var(scale * Vec::loadu(g + i), Vec::loadu(m + i), Vec::loadu(v + i), alpha,
+                                            keep));  // IEEE maximum: propagates NaN
+  }
+  std::array<acc_t, Vec::size()> lanes;
+  vbest.store(lanes.data());
+  acc_t best = 0;
+  for (const acc_t lane : lanes) best = nan_max(best, lane);
+  for (; i < n; ++i) best = nan_max(best, ema_var(a.inv_scale * g[i], m[i], v[i], a.alpha, a.keep));
+  return best;
+}
+
+// exp(x) for x <= 0 with arithmetic only, so that the loop below vectorises (a libm call per element would make
+// the pass compute-bound): Cephes' expf, x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split of ln2), e^r by
+// its degree-7 minimax polynomial, 2^n put in the exponent bits. Relative error < 2^-22; x < -87 gives 2^-126 e^r.
+inline float exp_nonpositive(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
+  x = x < -87.0f ? -87.0f : x;
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
+  int32_t n_int, round_bits;
+  std::memcpy(&n_int, &shifted, sizeof n_int);
+  std::memcpy(&round_bits, &kRound, sizeof round_bits);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const int32_t scale_bits = (n_int - round_bits + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  return (p * r * r + r + 1.0f) * scale;
+}
+
+inline double exp_nonpositive(double x) { return std::exp(x); }  // fp64 lists: exact libm, speed is secondary
+
+// A plain loop, vectorised by the compiler (selects need -fno-trapping-math, see setup.py): m and v never alias
+// g or out; out may be g itself.
+template <typename acc_t>
+void protect_tile(const acc_t* g, acc_t* __restrict m, acc_t* __restrict v, acc_t* out, const EmaArgs<acc_t>& a,
+                  int64_t n) {
+  const acc_t scale = a.inv_scale, alpha = a.alpha, keep = a.keep, var_scale = a.var_scale, threshold = a.threshold;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gi = g[i], mi = m[i], x = scale * gi;
+    const acc_t v_new = ema_var(x, mi, v[i], alpha, keep);
+    const acc_t importance = acc_t(1) / (acc_t(1) + exp_nonpositive(-(v_new * var_scale)));
+    const acc_t factor = importance > threshold ? acc_t(1) - importance : acc_t(1);
+    m[i] = mi + alpha * (x - mi);
+    v[i] = v_new;
+    out[i] = factor * gi;
+  }
+}
+
+// The per-tensor arguments of tensor t, from host copies of alpha (and var_scale when given).
+template <typename acc_t>
+EmaArgs<acc_t> args_of(int64_t t, acc_t inv_scale, const acc_t* alpha, const acc_t* var_scale, acc_t threshold) {
+  return {inv_scale, alpha[t], acc_t(1) - alpha[t], var_scale ? var_scale[t] : acc_t(0), threshold};
+}
+
+template <typename acc_t>
+void max_var(at::TensorList grads, at::TensorList mean, at::TensorList var, acc_t inv_scale, const acc_t* alpha,
+             acc_t* out) {
+  const auto chunks = make_chunks(grads);
+  std::vector<acc_t> partials(chunks.size(), acc_t(0));
+  for_each_chunk(chunks, [&](int64_t index, const Chunk& chunk) {
+    const auto a = args_of<acc_t>(chunk.tensor, inv_scale, alpha, nullptr, 0);
+    const acc_t* m = mean[chunk.tensor].const_data_ptr<acc_t>();
+    const acc_t* v = var[chunk.tensor].const_data_ptr<acc_t>();
+    Tile buf;
+    for (int64_t offset = chunk.begin; offset < chunk.end; offset += kTile) {
+      const int64_t n = std::min(kTile, chunk.end - offset);
+      const acc_t* g = load_tile<acc_t>(grads[chunk.tensor], offset, n, buf);
+      partials[index] = nan_max(partials[index], tile_max_var(g, m + offset, v + offset, a, n));
+    }
+  });
+  std::fill(out, out + grads.size(), acc_t(0));
+  for (size_t c = 0; c < chunks.size(); ++c) out[chunks[c].tensor] = nan_max(out[chunks[c].tensor], partials[c]);
+  for (size_t t = 0; t < grads.size(); ++t) {
+    if (std::isnan(out[t])) out[t] = std::numeric_limits<acc_t>::infinity();
+  }
+}
+
+template <typename acc_t>
+void protect(at::TensorList grads, at::TensorList mean, at::TensorList var, acc_t inv_scale, const acc_t* alpha,
+             const acc_t* var_scale, acc_t threshold) {
+  for_each_chunk(make_chunks(grads), [&](int64_t, const Chunk& chunk) {
+    const at::Tensor& target = grads[chunk.tensor];
+    const auto a = args_of<acc_t>(chunk.tensor, inv_scale, alpha, var_scale, threshold);
+    acc_t* m = mean[chunk.tensor].mutable_data_ptr<acc_t>();
+    acc_t* v = var[chunk.tensor].mutable_data_ptr<acc_t>();
+    Tile g_buf, out_buf;
+    for (int64_t offset = chunk.begin; offset < chunk.end; offset += kTile) {
+      const int64_t n = std::min(kTile, chunk.end - offset);
+      acc_t* out = output_tile<acc_t>(target, offset, out_buf);
+      protect_tile(load_tile<acc_t>(target, offset, n, g_buf), m + offset, v + offset, out, a, n);
+      store_tile<acc_t>(target, offset, n, out);
+    }
+  });
+}
+
+// mean and var all hold acc (float or double: the math's dtype), are contiguous and shaped like grads (the Python layer checks it).
+void check_state(at::TensorList grads, at::TensorList mean, at::TensorList var, at::ScalarType acc) {
+  check_same_layout("mean", mean, grads);
+  check_same_layout("var", var, grads);
+  for (size_t t = 0; t < grads.size(); ++t) {
+    TORCH_CHECK(mean[t].scalar_type() == acc && var[t].scalar_type() == acc, "mean[", t, "] and var[", t,
+                "] must be ", acc);
+    TORCH_CHECK(mean[t].is_contiguous() && var[t].is_contiguous(), "mean[", t, "] and var[", t,
+                "] must be contiguous");
+  }
+}
+
+at::Tensor grad_ema_stats(at::TensorList grads_, at::TensorList mean, at::TensorList var, const at::Tensor& inv_scale,
+                          const at::Tensor& alpha_) {
+  const auto grads = contiguous(grads_);
+  const auto acc = accumulate_type(mean);  // the state's dtype
+  check_state(grads, mean, var, acc);
+  const at::Tensor alpha = alpha_.to(acc).contiguous();
+  at::Tensor out = at::empty({static_cast<int64_t>(grads.size())}, at::TensorOptions().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "grad_ema_stats", [&] {
+    max_var<scalar_t>(grads, mean, var, inv_scale.item<scalar_t>(), alpha.const_data_ptr<scalar_t>(),
+                      out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+void grad_ema_protect(at::TensorList grads_, at::TensorList mean, at::TensorList var, const at::Tensor& inv_scale,
+                      const at::Tensor& alpha_, const at::Tensor& var_scale_, const at::Tensor& skip,
+                      double threshold) {
+  if (skip.item<bool>()) return;
+  const auto grads = contiguous(grads_);  // a non-contiguous one is updated through a copy, written back below
+  const auto acc = accumulate_type(mean);  // the state's dtype
+  check_state(grads, mean, var, acc);
+  const at::Tensor alpha = alpha_.to(acc).contiguous(), var_scale = var_scale_.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "grad_ema_protect", [&] {
+    protect<scalar_t>(grads, mean, var, inv_scale.item<scalar_t>(), alpha.const_data_ptr<scalar_t>(),
+                      var_scale.const_data_ptr<scalar_t>(), static_cast<scalar_t>(threshold));
+  });
+  copy_back(grads_, grads);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastforget, CPU, m) {
+  m.impl("grad_ema_stats", &grad_ema_stats);
+  m.impl("grad_ema_protect", &grad_ema_protect);
+}
+
+}  // namespace fastforget::cpu
