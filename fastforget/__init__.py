@@ -10,6 +10,7 @@ from fastforget.ewc import EWC
 from fastforget.fisher import estimate_fisher
 from fastforget.ops import *  # noqa: F403  (every op and its reference: ops.__all__)
 from fastforget.protect import GradientProtector, SeedGradientProtector
+from fastforget.replay import ReplayBuffer
 
 try:
     import fastforget.kernels  # noqa: F401  (registers the Triton kernels)
@@ -23,6 +24,7 @@ __all__ = [
     "BackendStatus",
     "EWC",
     "GradientProtector",
+    "ReplayBuffer",
     "SeedGradientProtector",
     "available_backends",
     "estimate_fisher",
