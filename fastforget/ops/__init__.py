@@ -1,6 +1,7 @@
 from fastforget.ops.ewc_penalty import ewc_penalty, ewc_penalty_, ewc_penalty_accumulate_ref, ewc_penalty_ref
 from fastforget.ops.fisher_update import fisher_update_, fisher_update_ref
 from fastforget.ops.grad_moments import grad_moments, grad_moments_ref
+from fastforget.ops.lora_linear import lora_linear, lora_linear_ref
 from fastforget.ops.scale_grads import scale_grads_, scale_grads_ref
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "fisher_update_ref",
     "grad_moments",
     "grad_moments_ref",
+    "lora_linear",
+    "lora_linear_ref",
     "scale_grads_",
     "scale_grads_ref",
 ]
