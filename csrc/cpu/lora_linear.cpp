@@ -1,4 +1,5 @@
-// LoRA linear on the CPU: the ATen GEMMs of ../lora_linear.h (MKL / oneDNN), the rank-r term added in place.
+// LoRA linear on the CPU: the ATen GEMMs of ../lora_linear.h (MKL / oneDNN), the base GEMM accumulating into the
+// output in place.
 #include <torch/library.h>
 
 #include "../lora_linear.h"

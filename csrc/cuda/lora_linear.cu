@@ -1,6 +1,6 @@
-// CUDA binding of the LoRA linear ops: pure ATen (cuBLAS GEMMs through at::addmm / at::mm, the rank-r term added
-// to the output in place), the code of ../lora_linear.h; no kernel body of its own. The fused single-kernel path
-// on GPUs is the Triton backend (kernels/lora_linear.py).
+// CUDA binding of the LoRA linear ops: pure ATen (cuBLAS GEMMs, the base GEMM accumulating into the output in
+// place), the code of ../lora_linear.h; no kernel body of its own. The fused single-kernel path on GPUs is the Triton
+// backend (kernels/lora_linear.py).
 #include <torch/library.h>
 
 #include "../lora_linear.h"
