@@ -42,7 +42,11 @@ setup(
     package_dir={"fastforget.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "peft": ["safetensors"],  # ff.load_peft_adapter of adapter_model.safetensors files
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors"],
+    },
     ext_modules=[native_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
