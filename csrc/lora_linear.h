@@ -1,10 +1,8 @@
-// LoRA linear on ATen GEMMs, shared by the CPU and CUDA backends: every product is at::addmm / at::mm on the
-// tensors' device (MKL or oneDNN on the CPU, cuBLAS on CUDA), accumulating in fp32 for 16-bit inputs. The output
-// is first filled with the rank-r term and the bias, then the base GEMM accumulates into it in place (beta = 1):
-// no M x out temporary besides the output. The rank-r products:
-//
-//   project(X, F, keep, alpha) = alpha (X * keep) F^T         (M, r)   X (M, K), F (r, K)
-//   expand(P, F, bias, keep)   = bias + P F, or (P F) * keep  (M, N)   P (M, r), F (r, N); never both
+// LoRA linear, shared by the CPU and CUDA backends: the big products are at::addmm / at::mm on the tensors' device
+// (MKL or oneDNN on the CPU, cuBLAS on CUDA), accumulating in fp32 for 16-bit inputs; the thin rank-r ones come
+// from a Products policy (ATen's here; the CPU backend's own kernels for fp32/fp64). The output is first filled
+// with the rank-r term and the bias, then the base GEMM accumulates into it in place (beta = 1): no M x out
+// temporary besides the output.
 //
 // Schemas: fastforget/_schemas.py; the math and what is saved: fastforget/ops/lora_linear.py.
 #pragma once
@@ -45,34 +43,46 @@ inline void check_shapes(const at::Tensor& x, const at::Tensor& weight, const Op
 // x * keep, or x itself
 inline at::Tensor kept(const at::Tensor& x, const OptionalTensor& keep) { return keep ? at::mul(x, *keep) : x; }
 
-inline at::Tensor project(const at::Tensor& X, const at::Tensor& F, const OptionalTensor& keep, double alpha) {
-  at::Tensor out = at::empty({X.size(0), F.size(0)}, X.options());
-  return at::addmm_out(out, out, kept(X, keep), F.t(), /*beta=*/0, alpha);  // beta = 0: out is not read
-}
+// LoRA's thin (rank-r) products on ATen GEMMs:
+//   project(X, F, keep, alpha) = alpha (X * keep) F^T           (M, r)   X (M, K), F (r, K)
+//   expand(P, F, bias, keep)   = bias + P F, or (P F) * keep    (M, N)   P (M, r), F (r, N); never both
+//   reduce(P, X, keep)         = P^T (X * keep)                 (r, K)   P (M, r), X (M, K)
+// The CPU backend substitutes its own kernels (csrc/cpu/lora_linear.cpp), which beat a BLAS on these shapes.
+struct AtenProducts {
+  static at::Tensor project(const at::Tensor& X, const at::Tensor& F, const OptionalTensor& keep, double alpha) {
+    at::Tensor out = at::empty({X.size(0), F.size(0)}, X.options());
+    return at::addmm_out(out, out, kept(X, keep), F.t(), /*beta=*/0, alpha);  // beta = 0: out is not read
+  }
 
-inline at::Tensor expand(const at::Tensor& P, const at::Tensor& F, const OptionalTensor& bias,
-                         const OptionalTensor& keep) {
-  if (bias) return at::addmm(*bias, P, F);
-  at::Tensor product = at::mm(P, F);
-  return keep ? product.mul_(*keep) : product;
-}
+  static at::Tensor expand(const at::Tensor& P, const at::Tensor& F, const OptionalTensor& bias,
+                           const OptionalTensor& keep) {
+    if (bias) return at::addmm(*bias, P, F);
+    at::Tensor product = at::mm(P, F);
+    return keep ? product.mul_(*keep) : product;
+  }
+
+  static at::Tensor reduce(const at::Tensor& P, const at::Tensor& X, const OptionalTensor& keep) {
+    return at::mm(P.t(), kept(X, keep));
+  }
+};
 
 // y = x W^T + bias + S B^T and S = scale (x * keep) A^T
-inline std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Tensor& weight,
-                                                      const OptionalTensor& bias, const at::Tensor& lora_A,
-                                                      const at::Tensor& lora_B, const OptionalTensor& keep,
-                                                      double scale) {
+template <typename Products = AtenProducts>
+std::tuple<at::Tensor, at::Tensor> lora_linear(const at::Tensor& x, const at::Tensor& weight,
+                                               const OptionalTensor& bias, const at::Tensor& lora_A,
+                                               const at::Tensor& lora_B, const OptionalTensor& keep, double scale) {
   check_shapes(x, weight, bias, lora_A, lora_B, keep);
-  at::Tensor S = project(x, lora_A, keep, scale);
-  at::Tensor y = expand(S, lora_B.t(), bias, std::nullopt);
+  at::Tensor S = Products::project(x, lora_A, keep, scale);
+  at::Tensor y = Products::expand(S, lora_B.t(), bias, std::nullopt);
   y.addmm_(x, weight.t());
   return {y, S};
 }
 
 // (dx, dweight, dbias, dlora_A, dlora_B), each only where output_mask asks for it
-inline Gradients lora_linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                                      const at::Tensor& lora_A, const at::Tensor& lora_B, const OptionalTensor& keep,
-                                      const at::Tensor& S, double scale, std::array<bool, 5> output_mask) {
+template <typename Products = AtenProducts>
+Gradients lora_linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B, const OptionalTensor& keep,
+                               const at::Tensor& S, double scale, std::array<bool, 5> output_mask) {
   check_shapes(x, weight, std::nullopt, lora_A, lora_B, keep);
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == weight.size(0) &&
                   S.dim() == 2 && S.size(0) == x.size(0) && S.size(1) == lora_A.size(0),
@@ -80,13 +90,13 @@ inline Gradients lora_linear_backward(const at::Tensor& grad_y, const at::Tensor
   const auto [need_x, need_weight, need_bias, need_A, need_B] = output_mask;
   OptionalTensor dx, dweight, dbias, dA, dB;
   if (need_x || need_A) {
-    const at::Tensor dS = project(grad_y, lora_B.t(), std::nullopt, scale);  // scale dY B, once
-    if (need_x) dx = expand(dS, lora_A, std::nullopt, keep).addmm_(grad_y, weight);
-    if (need_A) dA = at::mm(dS.t(), kept(x, keep));
+    const at::Tensor dS = Products::project(grad_y, lora_B.t(), std::nullopt, scale);  // scale dY B, once
+    if (need_x) dx = Products::expand(dS, lora_A, std::nullopt, keep).addmm_(grad_y, weight);
+    if (need_A) dA = Products::reduce(dS, x, keep);
   }
   if (need_weight) dweight = at::mm(grad_y.t(), x);
   if (need_bias) dbias = grad_y.sum(0);
-  if (need_B) dB = at::mm(grad_y.t(), S);
+  if (need_B) dB = Products::reduce(S, grad_y, std::nullopt).t().contiguous();  // (S^T dY)^T = dY^T S
   return {dx, dweight, dbias, dA, dB};
 }
 

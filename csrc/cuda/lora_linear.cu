@@ -6,6 +6,6 @@
 #include "../lora_linear.h"
 
 TORCH_LIBRARY_IMPL(fastforget, CUDA, m) {
-  m.impl("lora_linear", &fastforget::lora::lora_linear);
-  m.impl("lora_linear_backward", &fastforget::lora::lora_linear_backward);
+  m.impl("lora_linear", &fastforget::lora::lora_linear<>);
+  m.impl("lora_linear_backward", &fastforget::lora::lora_linear_backward<>);
 }
