@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from distributed_utils import run_ranks
 from torch import nn
 from torch.multiprocessing import ProcessRaisedException
+from torch.nn.parallel import DistributedDataParallel
 
 import fastforget as ff
 
@@ -86,6 +87,63 @@ def assert_runs_match(got, expected):
         torch.testing.assert_close(got[key], expected[key], **TOL)
     for ours, theirs in zip(got["importance"], expected["importance"]):
         torch.testing.assert_close(ours, theirs, equal_nan=True, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------- DDP
+
+DDP_PROTECTORS = [dict(window=3, threshold=0.6)]
+
+
+def ddp_scenario(rank, world_size):
+    ddp = DistributedDataParallel(mlp())
+    batches = global_batches(STEPS)
+    result = {}
+    # Fisher: `batch` over equal per-rank halves of each batch, the per-sample ones over unequal parts (5 + 3)
+    ewc = ff.EWC(ddp, LAM)
+    ewc.consolidate(split(batches, rank), F.cross_entropy, estimator="batch", progress=False)
+    result["fisher_batch"] = list(ewc.fisher)
+    for estimator in ("empirical", "true"):
+        fisher = ff.estimate_fisher(ddp, split(batches, rank, (5, 3)), F.cross_entropy, estimator=estimator)
+        result[f"fisher_{estimator}"] = fisher
+    # training with EWC and a protector: DDP averages the gradients, so every rank holds the single-process ones
+    ewc = ff.EWC(ddp, LAM)
+    ewc.load_importance(*importance_task(ddp))
+    protectors = [ff.GradientProtector(ddp, **kw) for kw in DDP_PROTECTORS]
+    result["run"] = train(ddp, list(ddp.parameters()), split(batches, rank), ewc, protectors)
+    # replay: one buffer per rank, fed with that rank's own stream only
+    buffer = ff.ReplayBuffer(6, generator=torch.Generator().manual_seed(rank))
+    for x, y in split(batches, rank):
+        buffer.add((x, y))
+    result["replay"] = buffer.sample(len(buffer))
+    return result
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    return run_ranks(ddp_scenario, tmp_path_factory.mktemp("ddp"))
+
+
+def test_ddp_fisher_equals_the_single_process_fisher_over_the_union(ddp_results):
+    model, batches = mlp(), global_batches(STEPS)
+    for estimator in ("batch", "empirical", "true"):
+        expected = ff.estimate_fisher(model, batches, F.cross_entropy, estimator=estimator)
+        for result in ddp_results:
+            torch.testing.assert_close(result[f"fisher_{estimator}"], expected, **TOL)
+
+
+def test_ddp_training_with_ewc_and_protector_equals_single_process(ddp_results):
+    expected, _ = single_process_run(global_batches(STEPS), DDP_PROTECTORS)
+    for result in ddp_results:
+        assert_runs_match(result["run"], expected)
+
+
+def test_ddp_replay_buffers_hold_their_own_ranks_data(ddp_results):
+    batches = global_batches(STEPS)
+    for rank, result in enumerate(ddp_results):
+        own = torch.cat([x for x, _ in split(batches, rank)])
+        stored, _ = result["replay"]
+        assert len(stored) == 6
+        assert all((own == row).all(1).any() for row in stored)
 
 
 # -------------------------------------------------------------------------------------------------------- hangs
