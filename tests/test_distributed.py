@@ -5,13 +5,16 @@ plain tensors; the tests compare them with the same computation in this process,
 """
 
 import time
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from distributed_utils import run_ranks
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.multiprocessing import ProcessRaisedException
 from torch.nn.parallel import DistributedDataParallel
 
@@ -144,6 +147,113 @@ def test_ddp_replay_buffers_hold_their_own_ranks_data(ddp_results):
         stored, _ = result["replay"]
         assert len(stored) == 6
         assert all((own == row).all(1).any() for row in stored)
+
+
+# -------------------------------------------------------------------------------------------------------- FSDP2
+
+FSDP_PROTECTORS = [dict(window=3, threshold=0.6), dict(mode="element", window=3, normalize="max", threshold=0.6)]
+
+
+def sharded_mlp():
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def fsdp_scenario(rank, world_size, checkpoint):
+    model = sharded_mlp()
+    params = list(model.parameters())
+    batches = global_batches(STEPS)
+    result = {}
+    ewc = ff.EWC(model, LAM)
+    ewc.load_importance(*importance_task(mlp()))  # full tensors, sharded like the parameters
+    result["state_is_sharded"] = all(
+        t.placements == p.placements and t.to_local().shape == p.to_local().shape
+        for t, p in zip(ewc.anchors + ewc.fisher, params + params)
+    )
+    # the penalty alone: every rank backpropagates the global penalty
+    penalty = ewc.penalty()
+    penalty.backward()
+    result["penalty"] = penalty.detach()
+    result["penalty_grads"] = [p.grad.full_tensor() for p in params]
+    for p in params:
+        p.grad = None
+    result["apply"] = ewc.apply_()
+    result["apply_grads_sharded"] = all(p.grad.placements == p.placements for p in params)
+    result["apply_grads"] = [p.grad.full_tensor() for p in params]
+    # the batch Fisher: FSDP2 reduce-scatters (averages) each batch's gradient
+    fisher_ewc = ff.EWC(model, LAM)
+    fisher_ewc.consolidate(split(batches, rank), F.cross_entropy, estimator="batch", progress=False)
+    result["fisher_batch"] = [f.full_tensor() for f in fisher_ewc.fisher]
+    try:  # per-sample gradients would need the full parameters
+        ff.estimate_fisher(model, split(batches, rank), F.cross_entropy, estimator="empirical")
+    except ValueError as error:
+        result["empirical_error"] = str(error)
+    protectors = [ff.GradientProtector(model, **kw) for kw in FSDP_PROTECTORS]
+    result["run"] = train(model, params, split(batches, rank), ewc, protectors)
+    result["saved_penalty"] = ewc.penalty().detach()
+    dcp.save({"ewc": ewc.state_dict(), "protector": protectors[1].state_dict()}, checkpoint_id=checkpoint)
+    return result
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    return run_ranks(fsdp_scenario, out, str(out / "checkpoint")), out / "checkpoint"
+
+
+def test_fsdp_penalty_and_gradients_equal_single_process(fsdp_results):
+    results, _ = fsdp_results
+    model = mlp()
+    ewc = ff.EWC(model, LAM)
+    ewc.load_importance(*importance_task(model))
+    penalty = ewc.penalty()
+    penalty.backward()
+    for result in results:
+        assert result["state_is_sharded"] and result["apply_grads_sharded"]
+        torch.testing.assert_close(result["penalty"], penalty.detach(), **TOL)
+        torch.testing.assert_close(result["apply"], penalty.detach(), **TOL)
+        # not world_size times the single-process gradient
+        torch.testing.assert_close(result["penalty_grads"], [p.grad for p in model.parameters()], **TOL)
+        torch.testing.assert_close(result["apply_grads"], [p.grad for p in model.parameters()], **TOL)
+
+
+def test_fsdp_batch_fisher_equals_the_single_process_fisher_over_the_union(fsdp_results):
+    results, _ = fsdp_results
+    expected = ff.estimate_fisher(mlp(), global_batches(STEPS), F.cross_entropy, estimator="batch")
+    for result in results:
+        torch.testing.assert_close(result["fisher_batch"], expected, **TOL)
+        assert "use estimator='batch'" in result["empirical_error"]
+
+
+def test_fsdp_training_with_ewc_and_protectors_equals_single_process(fsdp_results):
+    results, _ = fsdp_results
+    expected, _ = single_process_run(global_batches(STEPS), FSDP_PROTECTORS)
+    for result in results:
+        assert_runs_match(result["run"], expected)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_fsdp_checkpoint_saved_on_2_ranks_loads_on_1(fsdp_results):
+    results, checkpoint = fsdp_results
+    expected, protectors = single_process_run(global_batches(STEPS), FSDP_PROTECTORS)
+    model = mlp()
+    with torch.no_grad():
+        for p, trained in zip(model.parameters(), expected["params"]):
+            p.copy_(trained)
+    ewc, protector = ff.EWC(model, LAM), ff.GradientProtector(model, **FSDP_PROTECTORS[1])
+    state = {"ewc": ewc.state_dict(), "protector": protector.state_dict()}  # templates: zeros
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
+        dcp.load(state, checkpoint_id=str(checkpoint))
+    ewc.load_state_dict(state["ewc"])
+    protector.load_state_dict(state["protector"])
+    assert ewc.tasks == 1
+    torch.testing.assert_close(ewc.penalty().detach(), results[0]["saved_penalty"], **TOL)
+    torch.testing.assert_close(protector.mean + protector.var, protectors[1].mean + protectors[1].var, **TOL)
+    torch.testing.assert_close(protector.steps, protectors[1].steps)
 
 
 # -------------------------------------------------------------------------------------------------------- hangs
