@@ -18,6 +18,10 @@ Modes, with F_t and theta*_t the Fisher and the parameters after task t:
 
 State: two tensors per protected parameter in ``state_dtype`` (fp32: 8 B/parameter, bf16: 4 B/parameter) plus a
 few numbers; the penalty always computes in fp32.
+
+Under FSDP2 (DTensor parameters, see ``fastforget.distributed``) the state tensors are DTensors sharded like the
+parameters, the ops run on the local shards, and the penalty is the sum of the ranks' local penalties (one scalar
+all-reduce whose backward passes the gradient through, so gradients equal the single-process ones).
 """
 
 import math
@@ -25,6 +29,7 @@ import math
 import torch
 
 from fastforget import _validation as check
+from fastforget import distributed as dist_util
 from fastforget.fisher import ESTIMATORS, estimate_fisher, trainable_parameters
 from fastforget.ops.ewc_penalty import ewc_penalty, ewc_penalty_
 
@@ -46,6 +51,7 @@ class EWC:
             raise TypeError(f"state_dtype must be torch.float32 or torch.bfloat16, not {state_dtype}")
         self.model = model if isinstance(model, torch.nn.Module) else None
         self.names, self.params = trainable_parameters(model)
+        self.group = dist_util.check_parameters(self.names, self.params)  # None unless sharded (FSDP2)
         self.lam = check.check_scalar("lam", lam, minimum=0.0)
         self.decay = check.check_scalar("decay", decay, minimum=0.0)
         if mode == "separate" and self.decay != 1.0:
@@ -67,22 +73,49 @@ class EWC:
     def penalty(self):
         """lam * (sum F (theta - anchor)^2 + C), differentiable (fp32 0-dim tensor); 0 before any consolidation."""
         if not self.tasks:
-            return torch.zeros((), device=self.params[0].device)
+            return torch.zeros((), device=self._device())
+        params = [dist_util.local(p) for p in self.params]
         try:
-            return ewc_penalty(self.params, self.anchors, self.fisher, self.lam, backend=self.backend) + self._offset()
+            value = ewc_penalty(
+                params, self._local(self.anchors), self._local(self.fisher), self.lam, backend=self.backend
+            )
         except ValueError:
             self._check_shapes()  # name the parameter whose shape changed, if that is the problem
             raise
+        return dist_util.sum_over_ranks(value, self.group) + self._offset()
 
     def apply_(self):
-        """After task_loss.backward(): p.grad += the penalty's gradient in one fused pass; returns the penalty."""
+        """After task_loss.backward(): p.grad += the penalty's gradient in one fused pass; returns the penalty.
+
+        A missing ``.grad`` is allocated as zeros (a DTensor sharded like its parameter under FSDP2)."""
         if not self.tasks:
-            return torch.zeros((), device=self.params[0].device)
+            return torch.zeros((), device=self._device())
+        params = self.params
+        if self.group is not None:  # the fused op writes the local shard of each (DTensor) .grad
+            params = []
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                shard = p.to_local().detach()
+                shard.grad = p.grad.to_local()
+                params.append(shard)
         try:
-            return ewc_penalty_(self.params, self.anchors, self.fisher, self.lam, backend=self.backend) + self._offset()
+            value = ewc_penalty_(
+                params, self._local(self.anchors), self._local(self.fisher), self.lam, backend=self.backend
+            )
         except ValueError:
             self._check_shapes()
             raise
+        if self.group is not None:
+            torch.distributed.all_reduce(value, group=self.group)
+        return value + self._offset()
+
+    def _device(self):
+        return dist_util.local(self.params[0]).device
+
+    @staticmethod
+    def _local(tensors):
+        return [dist_util.local(t) for t in tensors]
 
     def _offset(self):
         return self.lam * self.constant
@@ -135,47 +168,63 @@ class EWC:
                     raise TypeError(f"{label} for {name!r} has dtype {t.dtype}; expected a floating point dtype")
         if any(bool((f < 0).any()) or not bool(f.isfinite().all()) for f in fisher):
             raise ValueError("fisher must be finite and >= 0")
-        self._add_task(
-            [a.detach().to(p.device) for a, p in zip(anchors, self.params)],
-            [f.detach().to(p.device, torch.float32) for f, p in zip(fisher, self.params)],
+        self._add_task(  # full tensors are sharded like DTensor parameters
+            [dist_util.shard_like(a.detach().to(p.device), p) for a, p in zip(anchors, self.params)],
+            [dist_util.shard_like(f.detach().to(p.device, torch.float32), p) for f, p in zip(fisher, self.params)],
         )
 
     @torch.no_grad()
     def _add_task(self, anchors, fisher):
-        """Merge task (anchors theta*_t, fp32 Fisher F_t) into the state, computing in fp32 (C in fp64)."""
+        """Merge task (anchors theta*_t, fp32 Fisher F_t) into the state, computing in fp32 (C in fp64).
+
+        Sharded: on the local shards (C summed over the ranks), the results rewrapped like the parameters."""
+        anchors, fisher = self._local(anchors), self._local(fisher)
+        constant = torch.zeros((), dtype=torch.float64, device=self._device())
         if self.tasks == 0:
             merged_fisher, merged_anchors = fisher, anchors
         elif self.mode == "online":  # F <- decay F + F_t, anchor <- theta*_t
-            merged_fisher = [self.decay * f.float() + new for f, new in zip(self.fisher, fisher)]
+            merged_fisher = [self.decay * f.float() + new for f, new in zip(self._local(self.fisher), fisher)]
             merged_anchors = anchors
         else:
             merged_fisher, merged_anchors = [], []
-            for a, p, b, q in zip(self.fisher, self.anchors, fisher, anchors):
+            for a, p, b, q in zip(self._local(self.fisher), self._local(self.anchors), fisher, anchors):
                 a, p, q = a.float(), p.float(), q.float()
                 total = a + b
                 weighted = total > 0
                 safe = torch.where(weighted, total, 1.0)
                 merged_anchors.append(torch.where(weighted, (a * p + b * q) / safe, q))
                 merged_fisher.append(total)
-                self.constant += float(
-                    (torch.where(weighted, a * b / safe, 0.0) * (p - q).square()).sum(dtype=torch.float64)
-                )
+                constant += (torch.where(weighted, a * b / safe, 0.0) * (p - q).square()).sum(dtype=torch.float64)
+        if self.group is not None:
+            torch.distributed.all_reduce(constant, group=self.group)
         # copies: an anchor must not alias the live parameter (or a caller's tensor)
-        self.fisher = [f.to(self.state_dtype, copy=True) for f in merged_fisher]
-        self.anchors = [a.to(self.state_dtype, copy=True) for a in merged_anchors]
+        self.fisher = [dist_util.like(f.to(self.state_dtype, copy=True), p) for f, p in zip(merged_fisher, self.params)]
+        self.anchors = [
+            dist_util.like(a.to(self.state_dtype, copy=True), p) for a, p in zip(merged_anchors, self.params)
+        ]
+        self.constant += float(constant)
         self.tasks += 1
 
     # --------------------------------------------------------------------------------------------------- state
 
     def state_dict(self):
-        """Tensors and plain values only: loads with ``torch.load(weights_only=True)``."""
+        """Tensors and plain values only: loads with ``torch.load(weights_only=True)``.
+
+        Before the first task the tensors are zeros: a template to load into, which is what
+        ``torch.distributed.checkpoint.load`` needs (it fills existing tensors, resharding them)."""
+        anchors, fisher = list(self.anchors), list(self.fisher)
+        if not self.tasks:
+            anchors = [
+                dist_util.like(torch.zeros_like(self._local([p])[0], dtype=self.state_dtype), p) for p in self.params
+            ]
+            fisher = [torch.zeros_like(a) for a in anchors]
         return {
             "mode": self.mode,
             "tasks": self.tasks,
             "constant": self.constant,
             "names": list(self.names),
-            "anchors": list(self.anchors),
-            "fisher": list(self.fisher),
+            "anchors": anchors,
+            "fisher": fisher,
         }
 
     def load_state_dict(self, state):
@@ -196,12 +245,14 @@ class EWC:
         if constant and (self.mode == "online" or not tasks):
             raise ValueError("corrupt EWC state: a nonzero constant belongs to the separate mode with tasks")
         names, anchors, fisher = list(state["names"]), list(state["anchors"]), list(state["fisher"])
-        if tasks:
+        if anchors or fisher or tasks:
             self._check_state_tensors(names, anchors, fisher)
-            anchors = [a.to(p.device, self.state_dtype, copy=True) for a, p in zip(anchors, self.params)]
-            fisher = [f.to(p.device, self.state_dtype, copy=True) for f, p in zip(fisher, self.params)]
-        elif anchors or fisher:
-            raise ValueError("corrupt EWC state: tensors without a consolidated task")
+        if tasks:
+            # full tensors or DTensors (as DCP loads them): on each parameter's device, sharded like it
+            anchors = [dist_util.copy_like(a, p, self.state_dtype) for a, p in zip(anchors, self.params)]
+            fisher = [dist_util.copy_like(f, p, self.state_dtype) for f, p in zip(fisher, self.params)]
+        else:  # the zero tensors of a state before the first task are not kept
+            anchors, fisher = [], []
         self.tasks, self.constant, self.anchors, self.fisher = tasks, float(constant), anchors, fisher
 
     def _check_state_tensors(self, names, anchors, fisher):
@@ -221,5 +272,6 @@ class EWC:
                     raise ValueError(
                         f"{label} of {name!r} has shape {tuple(t.shape)} but the parameter {tuple(p.shape)}"
                     )
+            f = dist_util.local(f)  # each rank checks its shard
             if not bool(f.isfinite().all()) or bool((f < 0).any()):
                 raise ValueError(f"fisher of {name!r} in the state is not finite and >= 0")

@@ -18,14 +18,27 @@ memory is bounded by chunk_size x the trainable parameters (by default as many s
 ``CHUNK_ELEMENTS`` = 2^28 gradient elements: 1 GiB in fp32; a GPT-2-small chunk is 2 samples). Each chunk's stack
 of squared gradients is accumulated by one call of the fused ``ff.fisher_update_``. The model runs in eval mode
 during estimation (its mode is restored afterwards).
+
+Distributed (pass the wrapped model): the ``batch`` estimator runs ``loss.backward()`` (the parameters' ``.grad``
+are stashed and restored), so DDP all-reduces (averages) each batch's gradient over the ranks and FSDP2
+reduce-scatters it: F = 1/B sum_b (mean over ranks of the ranks' b-th batch mean gradients)^2, the single-process
+``batch`` Fisher over the union of the ranks' b-th batches when those have equal sizes. Under DDP the per-sample
+estimators compute each rank's per-sample gradients on its own samples (the unwrapped module, no DDP hooks) and
+then sum the squares and the sample counts over the ranks: exactly the single-process Fisher over the union of the
+ranks' samples, for any per-rank sample counts, identical on every rank. Under FSDP2 only ``batch`` is supported
+(per-sample gradients would need the full parameters on each rank); its results are DTensors sharded like the
+parameters.
 """
 
 import contextlib
 import sys
 
 import torch
+import torch.distributed as dist
 from torch.func import functional_call, grad, vmap
+from torch.nn.parallel import DistributedDataParallel
 
+from fastforget import distributed as dist_util
 from fastforget._validation import check_distinct
 from fastforget.ops.fisher_update import fisher_update_
 
@@ -122,8 +135,15 @@ def estimate_fisher(
         chunk_size = max(1, min(32, CHUNK_ELEMENTS // sum(p.numel() for p in tensors)))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    device = tensors[0].device
-    fisher = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in tensors]
+    sharded = dist_util.check_parameters(names, tensors) is not None
+    if sharded and estimator != "batch":
+        raise ValueError(
+            f"the {estimator!r} Fisher needs per-sample gradients of the full parameters; with sharded (FSDP2) "
+            "parameters use estimator='batch', or compute it elsewhere and pass it to EWC.load_importance"
+        )
+    shards = [dist_util.local(p) for p in tensors]
+    device = shards[0].device
+    fisher = [torch.zeros(s.shape, dtype=torch.float32, device=device) for s in shards]
     report = _Progress(f"fisher [{estimator}]", _length(loader, max_batches), progress)
     if estimator == "batch":
         accumulate = _batch_accumulator(model, tensors, fisher, loss_fn, backend)
@@ -138,18 +158,45 @@ def estimate_fisher(
             batches, samples = batches + 1, samples + len(inputs)
             report.update(batches, samples)
     report.close()
-    if batches == 0:
+    if isinstance(model, DistributedDataParallel) and estimator != "batch":
+        samples = _sum_over_ranks(fisher, samples, model.process_group)
+    if (batches if estimator == "batch" else samples) == 0:
         raise ValueError("the loader yielded no batches: nothing to estimate the Fisher from")
     torch._foreach_mul_(fisher, 1.0 / (batches if estimator == "batch" else samples))
-    return fisher
+    return [dist_util.like(f, p) for f, p in zip(fisher, tensors)]
+
+
+def _sum_over_ranks(fisher, samples, group):
+    """Sum the unnormalised Fisher tensors (in place, one all-reduce of them all) and the sample counts over the
+    ranks; returns the total count."""
+    flat = torch.cat([f.reshape(-1) for f in fisher])
+    dist.all_reduce(flat, group=group)
+    torch._foreach_copy_(fisher, [part.view_as(f) for part, f in zip(flat.split([f.numel() for f in fisher]), fisher)])
+    count = torch.tensor(samples, device=flat.device)
+    dist.all_reduce(count, group=group)
+    return int(count)
 
 
 def _batch_accumulator(model, tensors, fisher, loss_fn, backend):
+    """F += g_b^2 with g_b the batch's gradient from loss.backward() (so DDP and FSDP2 reduce it over the ranks).
+
+    Every parameter's .grad is stashed first and restored afterwards."""
+    module_params = list(model.parameters())
+
     def accumulate(inputs, targets):
-        with torch.enable_grad():
-            grads = torch.autograd.grad(loss_fn(model(inputs), targets), tensors, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tensors, grads)]
-        fisher_update_(fisher, grads, backend=backend)
+        stashed = [p.grad for p in module_params]
+        try:
+            for p in module_params:
+                p.grad = None
+            with torch.enable_grad():
+                loss_fn(model(inputs), targets).backward()
+            grads = [
+                torch.zeros_like(f) if p.grad is None else dist_util.local(p.grad) for p, f in zip(tensors, fisher)
+            ]
+            fisher_update_(fisher, grads, backend=backend)
+        finally:
+            for p, g in zip(module_params, stashed):
+                p.grad = g
 
     return accumulate
 
@@ -166,6 +213,8 @@ def _module_names(model, tensors):
 def _sample_accumulator(
     model, names, tensors, fisher, loss_fn, estimator, chunk_size, exact_classes, generator, backend
 ):
+    if isinstance(model, DistributedDataParallel):  # each rank's own samples, no DDP hooks; summed afterwards
+        model = model.module
     names = _module_names(model, tensors)
     trainable = dict(zip(names, (p.detach() for p in tensors)))
     protected = {id(p) for p in tensors}

@@ -31,6 +31,12 @@ tensor's t-th step, alpha = max(1/t, 1 - beta) with beta = 1 - 1/window by defau
 
 so for the first `window` steps m and v are the exact running mean and population variance of the element's
 gradients, then an EMA with time constant ``window``.
+
+Distributed: under DDP the gradients are already averaged and identical on every rank, and so is every protector.
+Under FSDP2 (DTensor parameters) the ops run on the local gradient shards; mode "tensor" merges the ranks' per-shard
+(count, mean, M2) rows (one all_gather of a (T, 3) tensor per step) and mode "element" takes the max of the
+per-tensor variance maxima over the ranks (one all-reduce of T numbers per step), so both give the single-process
+importances and scaled gradients. Mode "element"'s state is sharded like the parameters (DTensors).
 """
 
 import math
@@ -38,6 +44,7 @@ import math
 import torch
 
 from fastforget import _validation as check
+from fastforget import distributed as dist_util
 from fastforget._dtypes import accumulate_dtype
 from fastforget.fisher import trainable_parameters
 from fastforget.ops.grad_ema import run_grad_ema_protect
@@ -109,6 +116,7 @@ class GradientProtector:
         if not 0 <= self.beta < 1:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.names, self.params = trainable_parameters(model_or_params)
+        self.group = dist_util.check_parameters(self.names, self.params)  # None unless sharded (FSDP2)
         check.check_one_device("parameters", self.params)
         for i, p in enumerate(self.params):
             check.check_dtype("parameters", i, p, check.FLOAT_DTYPES)
@@ -120,8 +128,11 @@ class GradientProtector:
             self.head = torch.zeros(count, dtype=torch.int64, device=device)  # next slot of each tensor's ring
         else:
             state_dtype = accumulate_dtype(self.params)
-            self.mean = [
-                torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format) for p in self.params
+            self.mean = [  # DTensors sharded like the parameters under FSDP2
+                dist_util.like(
+                    torch.zeros_like(dist_util.local(p), dtype=state_dtype, memory_format=torch.contiguous_format), p
+                )
+                for p in self.params
             ]
             self.var = [torch.zeros_like(m) for m in self.mean]
             self.steps = torch.zeros(count, dtype=torch.int64, device=device)  # finite steps seen by each tensor
@@ -133,7 +144,8 @@ class GradientProtector:
         return {"mean": self.mean, "var": self.var, "steps": self.steps}
 
     def state_bytes(self):
-        tensors = [t for value in self._state().values() for t in check.tensor_list("state", value)]
+        """Bytes of state on this rank."""
+        tensors = [dist_util.local(t) for value in self._state().values() for t in check.tensor_list("state", value)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.no_grad()
@@ -147,7 +159,7 @@ class GradientProtector:
             return importance
         # torch keeps each .grad shaped, typed and placed like its parameter (checked once, at construction), so
         # the ops' per-call argument checks are skipped on this per-step path
-        grads = [self.params[i].grad for i in present]
+        grads = [dist_util.local(self.params[i].grad) for i in present]
         rows = torch.tensor(present, device=device)
         inv_scale = _inv_scale_tensor(inv_scale, device)
         step = self._tensor_step if self.mode == "tensor" else self._element_step
@@ -156,6 +168,7 @@ class GradientProtector:
 
     def _tensor_step(self, grads, present, rows, inv_scale):
         moments = run_grad_moments(grads, inv_scale, self.backend).to(self.ring.device, torch.float64)
+        moments = dist_util.merge_moments(moments, self.group)  # of the whole tensors, from their shards
         finite = moments.isfinite().all()
         slots = self.head[rows]
         self.ring[rows, slots] = torch.where(finite, moments, self.ring[rows, slots])
@@ -175,9 +188,10 @@ class GradientProtector:
     def _element_step(self, grads, present, rows, inv_scale):
         steps = self.steps[rows]
         alpha = torch.maximum(1 / (steps + 1).to(self.mean[0].dtype), torch.tensor(1 - self.beta))
+        mean, var = ([dist_util.local(state[i]) for i in present] for state in (self.mean, self.var))
         importance, self.found_inf = run_grad_ema_protect(
-            grads, [self.mean[i] for i in present], [self.var[i] for i in present], inv_scale, alpha,
-            self.threshold, self.normalize, self.temperature, self.backend,
+            grads, mean, var, inv_scale, alpha, self.threshold, self.normalize, self.temperature, self.backend,
+            reduce_maxima=lambda maxima: dist_util.all_reduce_max(maxima, self.group),
         )  # fmt: skip
         self.steps[rows] = steps + (~self.found_inf).long()
         return importance
@@ -200,7 +214,8 @@ class GradientProtector:
             if isinstance(current, list):
                 if len(value) != len(current) or any(v.shape != c.shape for v, c in zip(value, current)):
                     raise ValueError(f"corrupt GradientProtector state: {key} has the wrong shapes")
-                restored[key] = [v.to(c.device, c.dtype, copy=True) for v, c in zip(value, current)]
+                # full tensors or DTensors (as DCP loads them), sharded like the current state
+                restored[key] = [dist_util.copy_like(v, c, c.dtype) for v, c in zip(value, current)]
             else:
                 if value.shape != current.shape:
                     raise ValueError(f"corrupt GradientProtector state: {key} has the wrong shape")

@@ -136,8 +136,12 @@ def grad_ema_protect_(
     return run_grad_ema_protect(grads, mean, var, inv_scale, alpha, threshold, normalize, temperature, backend)
 
 
-def run_grad_ema_protect(grads, mean, var, inv_scale, alpha, threshold, normalize, temperature, backend):
-    """grad_ema_protect_ without the argument checks, for callers whose lists are valid by construction."""
+def run_grad_ema_protect(
+    grads, mean, var, inv_scale, alpha, threshold, normalize, temperature, backend, reduce_maxima=None
+):
+    """grad_ema_protect_ without the argument checks, for callers whose lists are valid by construction.
+
+    ``reduce_maxima`` (in place, between the passes) combines the per-tensor maxima of sharded tensors' shards."""
     backend = dispatch.resolve(backend, grads[0].device, "grad_ema_protect_")
     with torch.no_grad():
         if backend == "reference":
@@ -148,6 +152,8 @@ def run_grad_ema_protect(grads, mean, var, inv_scale, alpha, threshold, normaliz
                 dispatch.native_op("grad_ema_protect", backend),
             )
         maxima = stats(grads, mean, var, inv_scale, alpha)
+        if reduce_maxima is not None:
+            maxima = reduce_maxima(maxima)
         found_inf = ~maxima.isfinite().all()
         var_scale = _var_scale(maxima, normalize, temperature)
         protect(grads, mean, var, inv_scale, alpha, var_scale, found_inf, threshold)
