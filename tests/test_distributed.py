@@ -256,6 +256,79 @@ def test_fsdp_checkpoint_saved_on_2_ranks_loads_on_1(fsdp_results):
     torch.testing.assert_close(protector.steps, protectors[1].steps)
 
 
+# --------------------------------------------------------------------------------------------------------- LoRA
+
+LORA_STEPS = 3
+
+
+def lora_mlp():
+    """mlp() with rank-2 adapters on both layers (lora_B non-zero, so that the adapters matter from step 0)."""
+    model = ff.apply_lora(mlp(), ["0", "2"], r=2, alpha=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def lora_train(model, batches):
+    """LORA_STEPS of SGD on the trainable (adapter) parameters only; returns the frozen weights' gradients seen."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.3)
+    for x, y in batches[:LORA_STEPS]:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return [p.grad for p in model.parameters() if not p.requires_grad]
+
+
+def lora_scenario(rank, world_size):
+    batches, probe = global_batches(LORA_STEPS), global_batches(1, seed=9)[0][0]
+    result = {}
+    ddp = DistributedDataParallel(lora_mlp())
+    result["ddp_frozen_grads"] = lora_train(ddp, split(batches, rank))
+    result["ddp"] = {k: v.clone() for k, v in ff.lora_state_dict(ddp.module).items()}
+    # FSDP2 shards the adapters like every other parameter (dim 0: A's r rows, B's out rows)
+    model = lora_mlp()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    lora_train(model, split(batches, rank))
+    adapters = ff.lora_state_dict(model)
+    result["fsdp_sharded"] = all(isinstance(t, torch.distributed.tensor.DTensor) for t in adapters.values())
+    result["fsdp"] = {k: full(v).clone() for k, v in adapters.items()}
+    result["fsdp_output"] = model(probe).detach()
+    for layer in (model[0], model[2]):
+        layer.merge()  # W += s B A on the sharded DTensors
+    result["fsdp_merged_output"] = model(probe).detach()
+    result["fsdp_merged_weights"] = [full(layer.base_layer.weight).clone() for layer in (model[0], model[2])]
+    return result
+
+
+@pytest.fixture(scope="module")
+def lora_results(tmp_path_factory):
+    return run_ranks(lora_scenario, tmp_path_factory.mktemp("lora"))
+
+
+def test_lora_under_ddp_and_fsdp_equals_single_process(lora_results):
+    model = lora_mlp()
+    lora_train(model, global_batches(LORA_STEPS))
+    expected = ff.lora_state_dict(model)
+    probe = global_batches(1, seed=9)[0][0]
+    output = model(probe).detach()
+    for layer in (model[0], model[2]):
+        layer.merge()
+    merged_weights = [layer.base_layer.weight.detach() for layer in (model[0], model[2])]
+    for result in lora_results:
+        assert all(grad is None for grad in result["ddp_frozen_grads"])  # only the adapters train
+        assert result["fsdp_sharded"]
+        torch.testing.assert_close(result["ddp"], expected, **TOL)
+        torch.testing.assert_close(result["fsdp"], expected, **TOL)
+        torch.testing.assert_close(result["fsdp_output"], output, **TOL)
+        torch.testing.assert_close(result["fsdp_merged_output"], output, **TOL)
+        torch.testing.assert_close(result["fsdp_merged_weights"], merged_weights, **TOL)
+
+
 # -------------------------------------------------------------------------------------------------------- hangs
 
 
