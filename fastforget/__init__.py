@@ -11,6 +11,7 @@ from fastforget.fisher import estimate_fisher
 from fastforget.ops import *  # noqa: F403  (every op and its reference: ops.__all__)
 from fastforget.protect import GradientProtector, SeedGradientProtector
 from fastforget.replay import ReplayBuffer
+from fastforget.trainer import ProtectedTrainer
 
 try:
     import fastforget.kernels  # noqa: F401  (registers the Triton kernels)
@@ -24,6 +25,7 @@ __all__ = [
     "BackendStatus",
     "EWC",
     "GradientProtector",
+    "ProtectedTrainer",
     "ReplayBuffer",
     "SeedGradientProtector",
     "available_backends",
