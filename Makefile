@@ -32,10 +32,10 @@ lint: $(DEPS_STAMP)
 build: $(BUILD_STAMP)
 
 # torch: reuse one the venv can import; else $(TORCH_SPEC) (the CPU wheel on this kind of machine).
-$(DEPS_STAMP):
+$(DEPS_STAMP): Makefile  # a changed dependency list reinstalls
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "triton>=3.6" ninja setuptools wheel numpy pytest pytest-benchmark hypothesis ruff
+	$(PIP) install -q "triton>=3.6" ninja setuptools wheel numpy pytest pytest-benchmark hypothesis ruff safetensors
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)

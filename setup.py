@@ -2,6 +2,8 @@
 
 Environment:
   FASTFORGET_SKIP_CUDA_BUILD=1  build the CPU kernels only, even when torch has CUDA
+  FASTFORGET_CPU_ARCH           -march of the C++ kernels (default: native, for the building machine); set it
+                                to e.g. x86-64-v2, or empty for the compiler's default, to build for other CPUs
   MAX_JOBS, TORCH_CUDA_ARCH_LIST are honoured by torch.utils.cpp_extension (ninja).
 """
 
@@ -20,8 +22,10 @@ def native_extension():
     sources = ["csrc/extension.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -fopenmp makes at::parallel_for parallel; the GOMP symbols resolve to the OpenMP runtime torch already
     # loaded (not linked here), so torch.set_num_threads governs our kernels too.
-    # -fno-trapping-math lets the compiler vectorise loops with float selects (we never read FP exception flags).
-    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"]}
+    # -fno-trapping-math lets the compiler vectorise loops with float selects (we never read FP exception flags);
+    # -march (default native: the build is for this machine) lets it use AVX2/AVX-512 where the CPU has them.
+    arch = os.environ.get("FASTFORGET_CPU_ARCH", "native")
+    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", *([f"-march={arch}"] if arch else [])]}
     if with_cuda:
         # every op's binding; nvcc_check.cu only compile-checks the torch-free kernel headers
         sources += sorted(f for f in glob.glob("csrc/cuda/*.cu") if not f.endswith("nvcc_check.cu"))
@@ -38,7 +42,11 @@ setup(
     package_dir={"fastforget.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "peft": ["safetensors"],  # ff.load_peft_adapter of adapter_model.safetensors files
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors"],
+    },
     ext_modules=[native_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

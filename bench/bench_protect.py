@@ -167,8 +167,8 @@ def main() -> None:
     for variant, ms in zip(protectors, protector_ms):
         if ms > restore_ms:
             print(
-                f"protector ({variant.backend}) without the restore copy: {ms - restore_ms:.3f} ms/step against the "
-                f"seed's {seed_ms - restore_ms:.3f}: {(seed_ms - restore_ms) / (ms - restore_ms):.2f}x"
+                f"{variant.name} ({variant.backend}) without the restore copy: {ms - restore_ms:.3f} ms/step against "
+                f"the seed's {seed_ms - restore_ms:.3f}: {(seed_ms - restore_ms) / (ms - restore_ms):.2f}x"
             )
     full = harness.gpt2_numel()
     print(

@@ -5,6 +5,8 @@ Verification, on a GPT-2-shaped list (scaled down), within the tolerance table o
 * fisher_update_: fp32/bf16/fp16 Fisher x fp32/bf16 gradients, plain and stacked (3 per-sample gradients);
 * grad_moments (against fp64 truth), scale_grads_ and grad_ema_protect_ (fp32 state, normalize "max"):
   fp32/bf16/fp16 gradients x fp32/bf16 factors (of scale_grads_).
+* lora_linear: fp32/bf16/fp16 layers without and with dropout; output and gradients of x, W, b, A, B against the
+  PEFT formula evaluated in fp64.
 Triton is verified under its interpreter when there is no GPU.
 """
 
@@ -24,11 +26,13 @@ from bench import (  # noqa: E402
     bench_fisher_update,
     bench_grad_ema,
     bench_grad_moments,
+    bench_lora_linear,
     bench_protect,
     bench_scale_grads,
     harness,
 )
-from fastforget.testing import assert_close  # noqa: E402
+from fastforget.ops.lora_linear import dropout_keep_mask  # noqa: E402
+from fastforget.testing import assert_close, assert_close_matmul  # noqa: E402
 
 LAM = 0.4
 # small under the Triton interpreter, which runs kernels in numpy
@@ -97,10 +101,35 @@ def verify_protection_ops(backend, device, grad_dtype, factor_dtype):
     return sum(g.numel() for g in grads)
 
 
-CHECKS = {  # op -> (verify function, the two dtype roles it is swept over)
-    "ewc_penalty": (verify_ewc_penalty, ("params", "fisher")),
-    "fisher_update_": (verify_fisher_update, ("fisher", "grads")),
-    "grad_moments, scale_grads_ and grad_ema_protect_": (verify_protection_ops, ("grads", "factors")),
+def verify_lora_linear(backend, device, dtype, dropout):
+    """Output and gradients (of x, W, b, A, B) against PEFT's formula in fp64, with the same dropout mask."""
+    m, n_in, n_out, r = (33, 40, 24, 8) if VERIFY_SCALE[backend] < 0.05 else (1025, 256, 384, 16)
+    g = torch.Generator().manual_seed(0)
+    x, bias = torch.randn(m, n_in, generator=g), torch.randn(n_out, generator=g)
+    weight, lora_A = torch.randn(n_out, n_in, generator=g) / n_in**0.5, torch.randn(r, n_in, generator=g) / n_in**0.5
+    layer = [x, weight, bias, lora_A, torch.randn(n_out, r, generator=g) / r**0.5]
+    results = []
+    for name, dt in ((backend, dtype), ("reference", torch.float64)):
+        leaves = [t.detach().to(device, dt).requires_grad_() for t in layer]
+        torch.manual_seed(1)
+        keep = dropout_keep_mask((m, n_in), dropout, device) if dropout else None
+        torch.manual_seed(1)
+        if name == "reference":  # the truth: PEFT's formula on fp64 copies, with the same mask
+            y = ff.lora_linear_ref(*leaves, 2.0, keep, dropout)
+        else:
+            y = ff.lora_linear(*leaves, 2.0, dropout, backend=name)
+        y.backward(torch.ones_like(y))
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        assert_close_matmul(got, want, dtype)
+    return m * n_in
+
+
+CHECKS = {  # op -> (verify function, the two roles (dtypes or settings) it is swept over, and their values)
+    "ewc_penalty": (verify_ewc_penalty, ("params", "fisher"), None),
+    "fisher_update_": (verify_fisher_update, ("fisher", "grads"), None),
+    "grad_moments, scale_grads_ and grad_ema_protect_": (verify_protection_ops, ("grads", "factors"), None),
+    "lora_linear": (verify_lora_linear, ("layer", "dropout"), (0.0, 0.25)),
 }
 
 
@@ -110,7 +139,7 @@ def main():
     for name, s in status.items():
         print(f"  {name:10s} {'yes' if s.available else 'no':4s} {s.reason}")
     failures = 0
-    for op, (verify, (first, second)) in CHECKS.items():
+    for op, (verify, (first, second), second_values) in CHECKS.items():
         print(f"\nverification of {op} against its reference:")
         for backend in ("cpu", "cuda", "triton"):
             device = torch.device("cpu" if backend == "cpu" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -118,8 +147,8 @@ def main():
                 print(f"  {backend:7s} skipped: {ff.dispatch._why_not(backend, device.type)}")
                 continue
             for first_dtype in (torch.float32, torch.bfloat16, torch.float16):
-                for second_dtype in (torch.float32, torch.bfloat16):
-                    dtypes = f"{first} {str(first_dtype)[6:]:8s} {second} {str(second_dtype)[6:]:8s}"
+                for second_dtype in second_values or (torch.float32, torch.bfloat16):
+                    dtypes = f"{first} {str(first_dtype)[6:]:8s} {second} {str(second_dtype).removeprefix('torch.'):8s}"
                     label = f"{backend:7s} on {device.type}: {dtypes}"
                     try:
                         numel = verify(backend, device, first_dtype, second_dtype)
@@ -130,7 +159,7 @@ def main():
     if failures:
         sys.exit(f"{failures} verification(s) failed")
     benchmarks = (bench_ewc_penalty, bench_fisher_update, bench_grad_moments, bench_scale_grads, bench_grad_ema)
-    for benchmark in (*benchmarks, bench_protect):
+    for benchmark in (*benchmarks, bench_protect, bench_lora_linear):
         print()
         benchmark.main()
 

@@ -24,5 +24,9 @@ timeout 300 "$PY" -m pytest tests -q -x -p no:cacheprovider 2>&1 | tail -15 || e
 echo "== verification of every backend + benchmark tables (GPT-2-small-shaped list, fp32)"
 timeout 200 "$PY" bench/check.py --repeats 20 || echo "CHECK FAILED OR TIMED OUT"
 
+echo "== LoRA linear at the GPU size (M=8192 tokens, in=out=4096, r=16, bf16; check.py printed the CPU size)"
+timeout 150 "$PY" bench/bench_lora_linear.py --tokens 8192 --features 4096 --rank 16 --dtype bfloat16 --repeats 20 \
+  || echo "LORA BENCHMARK FAILED OR TIMED OUT"
+
 echo "== EWC end to end"
 timeout 60 "$PY" bench/bench_ewc.py --repeats 5 2>/dev/null || echo "EWC BENCHMARK FAILED OR TIMED OUT"

@@ -8,6 +8,7 @@ from fastforget import (
 from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
 from fastforget.ewc import EWC
 from fastforget.fisher import estimate_fisher
+from fastforget.lora import LoRALinear, apply_lora, load_peft_adapter, lora_state_dict, merge_lora
 from fastforget.ops import *  # noqa: F403  (every op and its reference: ops.__all__)
 from fastforget.protect import GradientProtector, SeedGradientProtector
 from fastforget.replay import ReplayBuffer
@@ -25,10 +26,15 @@ __all__ = [
     "BackendStatus",
     "EWC",
     "GradientProtector",
+    "LoRALinear",
     "ProtectedTrainer",
     "ReplayBuffer",
     "SeedGradientProtector",
+    "apply_lora",
     "available_backends",
     "estimate_fisher",
+    "load_peft_adapter",
+    "lora_state_dict",
+    "merge_lora",
     *ops.__all__,
 ]

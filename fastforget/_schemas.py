@@ -3,7 +3,7 @@
 Each op exists in two flavours that share one schema:
 
 * ``fastforget::<op>``          -- native kernels: C++ on the CPU key, CUDA on the CUDA key (``csrc/``).
-* ``fastforget::<op>_triton``   -- the Triton multi-tensor kernels (``kernels/``), CPU key only under
+* ``fastforget::<op>_triton``   -- the Triton kernels (``kernels/``), CPU key only under
   ``TRITON_INTERPRET=1``.
 
 The ``reference`` backend is plain torch and needs no op. Fake (meta) impls and autograd are registered in
@@ -38,6 +38,19 @@ SCHEMAS = {
     "grad_ema_protect": (
         "(Tensor(a!)[] grads, Tensor(b!)[] mean, Tensor(c!)[] var, Tensor inv_scale, Tensor alpha,"
         " Tensor var_scale, Tensor skip, float threshold) -> ()"
+    ),
+    # LoRA linear, x (M, in) 2-D: returns y = x W^T + bias + S B^T (M, out) and S = scale (x * keep) A^T (M, r),
+    # both in x's dtype; keep is the dropout's bool keep-mask (M, in) or None, and the dropout's 1 / (1 - p) is
+    # folded into scale by the caller
+    "lora_linear": (
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? keep, float scale) "
+        "-> (Tensor, Tensor)"
+    ),
+    # its gradients (dx, dweight, dbias, dlora_A, dlora_B) from grad_y and the saved S; output_mask says which
+    # are needed (the others are None)
+    "lora_linear_backward": (
+        "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? keep, Tensor S, "
+        "float scale, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)"
     ),
 }
 

@@ -2,6 +2,7 @@ from fastforget.ops.ewc_penalty import ewc_penalty, ewc_penalty_, ewc_penalty_ac
 from fastforget.ops.fisher_update import fisher_update_, fisher_update_ref
 from fastforget.ops.grad_ema import grad_ema_protect_, grad_ema_protect_ref, grad_ema_stats_ref
 from fastforget.ops.grad_moments import grad_moments, grad_moments_ref
+from fastforget.ops.lora_linear import lora_linear, lora_linear_ref
 from fastforget.ops.scale_grads import scale_grads_, scale_grads_ref
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "grad_ema_stats_ref",
     "grad_moments",
     "grad_moments_ref",
+    "lora_linear",
+    "lora_linear_ref",
     "scale_grads_",
     "scale_grads_ref",
 ]

@@ -1,0 +1,272 @@
+"""ff.lora_linear on every backend against the PEFT formula evaluated in fp64 (the truth for the same inputs)."""
+
+import pytest
+import torch
+from conftest import CUDA, FUSED_BACKENDS, device_of
+
+import fastforget as ff
+from fastforget.ops.lora_linear import dropout_keep_mask
+from fastforget.testing import assert_close_matmul
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SCALE = 1.7
+# (M, in, out, r, bias, trainable base): every M in (1, 97, 1025), in/out in (33, 127, 256) and r in (1, 4, 16, 64)
+SHAPES = [
+    (1, 33, 127, 1, True, False),
+    (97, 127, 33, 4, True, True),
+    (1025, 256, 256, 16, False, False),
+    (97, 33, 256, 64, True, False),
+    (1025, 127, 33, 64, False, True),
+    (1, 256, 33, 16, False, True),
+]
+# Triton's interpreter runs every program in numpy: tiny sizes, still ragged against its 16-wide tiles
+INTERPRETER_SHAPES = [(1, 33, 17, 1, True, False), (33, 64, 40, 8, True, True), (20, 17, 33, 4, False, True)]
+
+
+def shapes_for(backend):
+    return INTERPRETER_SHAPES if backend == "triton" and not CUDA else SHAPES
+
+
+def make_layer(m, n_in, n_out, r, dtype, device, bias=True, seed=0):
+    """x, weight, bias, lora_A, lora_B with outputs of order 1 (and a LoRA term as large as the base one)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, std=1.0):
+        return (std * torch.randn(*shape, generator=g)).to(device, dtype)
+
+    return (
+        rand(m, n_in),
+        rand(n_out, n_in, std=n_in**-0.5),
+        rand(n_out) if bias else None,
+        rand(r, n_in, std=n_in**-0.5),
+        rand(n_out, r, std=r**-0.5),
+    )
+
+
+def run(layer, backend, trainable_base=True, dropout_p=0.0, seed=None, grad_seed=1, **kwargs):
+    """Output and gradients (x, weight, bias, lora_A, lora_B; None where not trainable) under an upstream gradient."""
+    leaves = [
+        None if t is None else t.detach().clone().requires_grad_(i in (0, 3, 4) or trainable_base)
+        for i, t in enumerate(layer)
+    ]
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = ff.lora_linear(*leaves, SCALE, dropout_p, backend=backend, **kwargs)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y)
+    y.backward(upstream)
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def truth(layer, trainable_base=True, keep=None, dropout_p=0.0):
+    """PEFT's formula (the reference) on fp64 copies of the inputs, with autograd."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in layer]
+    x = leaves[0]
+    keep = None if keep is None else keep.reshape(x.shape)
+    y = ff.lora_linear_ref(*leaves, SCALE, keep, dropout_p)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y))
+    frozen = () if trainable_base else (1, 2)  # weight, bias
+    return y.detach(), [None if t is None or i in frozen else t.grad for i, t in enumerate(leaves)]
+
+
+def check_against_truth(layer, backend, trainable_base=True, dropout_p=0.0):
+    keep = None
+    if dropout_p:
+        torch.manual_seed(7)
+        keep = dropout_keep_mask(layer[0].reshape(-1, layer[0].shape[-1]).shape, dropout_p, layer[0].device)
+    dtype = layer[0].dtype
+    y, grads = run(layer, backend, trainable_base, dropout_p, seed=7 if dropout_p else None)
+    y_true, grads_true = truth(layer, trainable_base, keep, dropout_p)
+    assert y.dtype == dtype and y.shape == y_true.shape
+    assert_close_matmul(y, y_true, dtype)
+    for name, got, want in zip(("x", "weight", "bias", "lora_A", "lora_B"), grads, grads_true):
+        assert (got is None) == (want is None), name
+        if want is not None:
+            assert got.dtype == dtype and got.shape == want.shape, name
+            assert_close_matmul(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "backend, shape", [(b, shape) for b in FUSED_BACKENDS + ["reference"] for shape in shapes_for(b)], ids=str
+)
+def test_matches_peft_formula(backend, shape, dtype):
+    m, n_in, n_out, r, bias, trainable_base = shape
+    layer = make_layer(m, n_in, n_out, r, dtype, device_of(backend), bias)
+    check_against_truth(layer, backend, trainable_base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_matches_peft_formula_with_the_same_mask(backend, dtype):
+    m, n_in, n_out, r = (33, 40, 24, 8) if backend == "triton" else (97, 127, 33, 16)
+    check_against_truth(make_layer(m, n_in, n_out, r, dtype, device_of(backend)), backend, dropout_p=0.3)
+
+
+def test_three_dimensional_and_strided_inputs(backend):
+    device = device_of(backend)
+    x, weight, bias, lora_A, lora_B = make_layer(6, 24, 20, 4, torch.float32, device)
+    x3 = torch.randn(5, 3, 24, device=device).transpose(0, 1)  # (3, 5, 24), not contiguous
+    weight_t = weight.t().contiguous().t()  # column-major
+    lora_B_t = lora_B.t().contiguous().t()
+    y, grads = run((x3, weight_t, bias, lora_A, lora_B_t), backend)
+    y_true, grads_true = truth((x3, weight_t, bias, lora_A, lora_B_t))
+    assert y.shape == (3, 5, 20)
+    assert_close_matmul(y, y_true, torch.float32)
+    assert grads[0].shape == x3.shape
+    for got, want in zip(grads, grads_true):
+        assert_close_matmul(got, want, torch.float32)
+
+
+def test_no_rows(backend):
+    layer = make_layer(0, 24, 20, 4, torch.float32, device_of(backend))
+    y, (dx, dweight, dbias, dA, dB) = run(layer, backend)
+    assert y.shape == (0, 20) and dx.shape == (0, 24)
+    for grad in (dweight, dbias, dA, dB):
+        assert not grad.any()
+
+
+def test_gradients_only_where_required(backend):
+    x, weight, bias, lora_A, lora_B = make_layer(7, 24, 20, 4, torch.float32, device_of(backend))
+    lora_A.requires_grad_()
+    y = ff.lora_linear(x, weight, bias, lora_A, lora_B, SCALE, backend=backend)
+    y.sum().backward()  # an expanded (stride 0) upstream gradient
+    assert x.grad is None and weight.grad is None and bias.grad is None and lora_B.grad is None
+    lora_A64 = lora_A.detach().double().requires_grad_()
+    ff.lora_linear_ref(x.double(), weight.double(), bias.double(), lora_A64, lora_B.double(), SCALE).sum().backward()
+    assert_close_matmul(lora_A.grad, lora_A64.grad, torch.float32)
+
+
+def test_initial_adapter_gives_the_base_output(backend):
+    x, weight, bias, lora_A, lora_B = make_layer(9, 24, 20, 4, torch.float32, device_of(backend))
+    y = ff.lora_linear(x, weight, bias, lora_A, torch.zeros_like(lora_B), SCALE, 0.5, backend=backend)
+    assert_close_matmul(y, torch.nn.functional.linear(x, weight, bias), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- dropout
+
+
+def test_dropout_is_reproducible_under_manual_seed(fused_backend):
+    layer = make_layer(20, 24, 16, 4, torch.float32, device_of(fused_backend))
+    first = run(layer, fused_backend, dropout_p=0.5, seed=3)
+    again = run(layer, fused_backend, dropout_p=0.5, seed=3)
+    other = run(layer, fused_backend, dropout_p=0.5, seed=4)
+    assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_dropout_is_off_in_eval_and_at_zero(fused_backend):
+    layer = make_layer(20, 24, 16, 4, torch.float32, device_of(fused_backend))
+    plain = run(layer, fused_backend)
+    for p, training in ((0.5, False), (0.0, True)):
+        y, grads = run(layer, fused_backend, dropout_p=p, seed=0, training=training)
+        assert torch.equal(y, plain[0]) and all(torch.equal(a, b) for a, b in zip(grads, plain[1]))
+
+
+def test_keep_mask_rate():
+    torch.manual_seed(0)
+    keep = dropout_keep_mask((400, 500), 0.3, "cpu")
+    assert keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.7) < 0.005
+
+
+# ---------------------------------------------------------------------------------------------------- autograd
+
+
+def test_fp64_gradcheck(backend):
+    layer = make_layer(5, 7, 6, 3, torch.float64, device_of(backend))
+    leaves = [t.requires_grad_() for t in layer]
+
+    def layer_output(*tensors):
+        torch.manual_seed(0)  # the same dropout mask on every evaluation
+        return ff.lora_linear(*tensors, SCALE, 0.3, backend=backend)
+
+    assert torch.autograd.gradcheck(layer_output, leaves)
+
+
+def opcheck_samples(device):
+    x, weight, bias, lora_A, lora_B = make_layer(20, 24, 18, 4, torch.float32, device)
+    keep = dropout_keep_mask(x.shape, 0.4, device)
+    x_t = x.t().contiguous().t()  # column-major
+    empty = make_layer(0, 24, 18, 4, torch.float32, device)
+    for x_, b_, keep_ in ((x, bias, None), (x_t, None, keep), (empty[0], empty[2], None)):
+        grad_x = x_.clone().requires_grad_()
+        leaves = [t.clone().requires_grad_() for t in (weight, lora_A, lora_B)]
+        yield "lora_linear", (grad_x, leaves[0], b_, leaves[1], leaves[2], keep_, SCALE)
+        S = SCALE * x_ @ lora_A.t()
+        grad_y = torch.randn(x_.shape[0], weight.shape[0], device=device)
+        for mask in ([True] * 5, [True, False, False, True, True], [False, True, True, False, False]):
+            yield "lora_linear_backward", (grad_y, x_, weight, lora_A, lora_B, keep_, S, SCALE, mask)
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "lora_linear_backward"])
+def test_opcheck(fused_backend, op):
+    flavour = "_triton" if fused_backend == "triton" else ""
+    for name, args in opcheck_samples(device_of(fused_backend)):
+        if name == op:
+            torch.library.opcheck(getattr(torch.ops.fastforget, op + flavour).default, args)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(fused_backend, compiler):
+    layer = make_layer(12, 24, 20, 4, torch.float32, device_of(fused_backend))
+
+    def loss(x, weight, bias, lora_A, lora_B):
+        return ff.lora_linear(x, weight, bias, lora_A, lora_B, SCALE, backend=fused_backend).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend=compiler)
+    got, want = ([t.clone().requires_grad_() for t in layer] for _ in range(2))
+    out, expected = compiled(*got), loss(*want)
+    out.backward()
+    expected.backward()
+    assert_close_matmul(out, expected, torch.float32)
+    for g, w in zip(got, want):
+        assert_close_matmul(g.grad, w.grad, torch.float32)
+
+
+def test_torch_compile_with_dropout(fused_backend):
+    # aot_eager runs the traced ops eagerly, so the compiled graph draws the same mask as eager code
+    layer = make_layer(12, 24, 20, 4, torch.float32, device_of(fused_backend))
+
+    def output(*tensors):
+        return ff.lora_linear(*tensors, SCALE, 0.5, backend=fused_backend)
+
+    compiled = torch.compile(output, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    got = compiled(*layer)
+    torch.manual_seed(5)
+    assert torch.equal(got, output(*layer))
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def bad_cases():
+    x, weight, bias, lora_A, lora_B = make_layer(4, 6, 5, 2, torch.float32, "cpu")
+    good = dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, scale=SCALE, dropout_p=0.1)
+    return good, {
+        "in_features": (dict(x=torch.randn(4, 7)), ValueError, r"x has shape \(4, 7\) but weight expects 6"),
+        "scalar_x": (dict(x=torch.tensor(1.0)), ValueError, r"x has shape \(\)"),
+        "weight_1d": (dict(weight=torch.randn(30)), ValueError, r"weight must be 2-D"),
+        "bias": (dict(bias=torch.randn(4)), ValueError, r"bias has shape \(4,\); expected \(5,\)"),
+        "lora_A_in": (dict(lora_A=torch.randn(2, 5)), ValueError, r"lora_A has shape \(2, 5\); expected \(r, 6\)"),
+        "lora_B_out": (dict(lora_B=torch.randn(4, 2)), ValueError, r"lora_B has shape \(4, 2\); expected \(5, 2\)"),
+        "lora_B_r": (dict(lora_B=torch.randn(5, 3)), ValueError, r"lora_B has shape \(5, 3\); expected \(5, 2\)"),
+        "rank_0": (dict(lora_A=torch.randn(0, 6), lora_B=torch.randn(5, 0)), ValueError, r"r must be >= 1"),
+        "dtype": (dict(weight=weight.double()), TypeError, r"weight has dtype torch.float64 but x has dtype torch.f"),
+        "adapter_dtype": (dict(lora_B=lora_B.half()), TypeError, r"lora_B has dtype torch.float16"),
+        "int_x": (dict(x=x.long()), TypeError, r"x has dtype torch.int64"),
+        "not_tensor": (dict(lora_A=[[1.0] * 6] * 2), TypeError, r"lora_A must be a Tensor, not list"),
+        "sparse": (dict(weight=weight.to_sparse()), TypeError, r"weight has layout"),
+        "device": (dict(bias=bias.to("meta")), ValueError, r"bias is on meta but x is on cpu"),
+        "dropout_1": (dict(dropout_p=1.0), ValueError, r"dropout_p must be a number in \[0, 1\), got 1.0"),
+        "dropout_negative": (dict(dropout_p=-0.1), ValueError, r"dropout_p must be a number in \[0, 1\)"),
+        "scale_nan": (dict(scale=float("nan")), ValueError, r"scale must be finite"),
+        "training": (dict(training="yes"), TypeError, r"training must be a bool"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_cases()[1]), ids=str)
+def test_bad_input_is_rejected(backend, case):
+    good, cases = bad_cases()
+    changes, error, message = cases[case]
+    with pytest.raises(error, match=message):
+        ff.lora_linear(**{**good, **changes}, backend=backend)
