@@ -31,10 +31,10 @@ def assert_bitwise(a, b):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def protections(model, backend="auto", seed=0, mode="tensor"):
+def protections(model, backend="auto", seed=0, mode="tensor", estimator="empirical"):
     """EWC (consolidated on one batch), a filled replay buffer and a protector, all over `model`."""
     ewc = ff.EWC(model, lam=5.0, mode="separate", backend=backend)
-    ewc.consolidate(make_batches(2, seed=7), F.cross_entropy, progress=False)
+    ewc.consolidate(make_batches(2, seed=7), F.cross_entropy, estimator=estimator, progress=False)
     replay = ff.ReplayBuffer(20, generator=torch.Generator().manual_seed(seed))
     for batch in make_batches(3, seed=8):
         replay.add(batch)
@@ -196,6 +196,26 @@ def test_grad_scaler_gives_the_unscaled_step():
             trainer.step(batch)
         finals.append(params_of(model))
     assert_bitwise(*finals)
+
+
+def test_lora_model_only_adapters_are_protected_and_updated():
+    model = ff.apply_lora(make_model(), target_modules=["0", "2"], r=2, alpha=4)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    parts = protections(model, estimator="batch")
+    assert parts["ewc"].names == parts["protector"].names == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in name for name in parts["ewc"].names)
+    before = [p.detach().clone() for p in trainable]
+    trainer = ff.ProtectedTrainer(model, torch.optim.Adam(trainable, lr=1e-2), F.cross_entropy, **parts)
+    for batch in make_batches(4):
+        trainer.step(batch)
+    # "batch": the per-sample estimators run the model under torch.func, which the fused lora_linear op lacks
+    trainer.end_task(make_batches(2), estimator="batch")
+    assert parts["ewc"].tasks == 2
+    assert all(not torch.equal(p, b) for p, b in zip(trainable, before))
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]) and p.grad is None, name
 
 
 def test_batch_loss_for_other_batch_structures():
