@@ -28,8 +28,8 @@ def make_optimizer(config, model):
 
 def batches(x, y, size, generator=None):
     """(x, y) mini-batches; shuffled when a generator is given."""
-    order = torch.randperm(len(x), generator=generator).to(x.device) if generator is not None else None
-    if order is not None:
+    if generator is not None:
+        order = torch.randperm(len(x), generator=generator).to(x.device)
         x, y = x[order], y[order]
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
