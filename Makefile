@@ -1,4 +1,5 @@
-# Everything a fresh machine needs: `make check` (verify + benchmark) and `make test` (the test suite).
+# Everything a fresh machine needs: `make demo` (the continual-learning demo), `make test` (the test suite) and
+# `make check` (verify every backend + benchmark).
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
@@ -7,8 +8,12 @@ PIP         := $(PY) -m pip
 DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.fastforget-built
 NATIVE_SRC  := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+DEMO_FLAGS  ?=
 
-.PHONY: check test bench bench-smoke nvcc-check lint build clean
+.PHONY: demo check test bench bench-smoke nvcc-check lint build clean
+
+demo: $(BUILD_STAMP)
+	$(PY) -m fastforget demo --out demo_out $(DEMO_FLAGS)
 
 check: $(BUILD_STAMP)
 	$(PY) bench/check.py
@@ -35,7 +40,8 @@ build: $(BUILD_STAMP)
 $(DEPS_STAMP): Makefile  # a changed dependency list reinstalls
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "triton>=3.6" ninja setuptools wheel numpy pytest pytest-benchmark hypothesis ruff safetensors
+	$(PIP) install -q "triton>=3.6" ninja setuptools wheel numpy pytest pytest-benchmark hypothesis ruff safetensors \
+		scikit-learn matplotlib tqdm
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)

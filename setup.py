@@ -38,15 +38,17 @@ setup(
     name="fastforget",
     version="0.1.0",
     description="Fused multi-tensor kernels for EWC, rehearsal, LoRA and gradient protection",
-    packages=["fastforget", "fastforget.ops", "fastforget.kernels"],
+    packages=["fastforget", "fastforget.ops", "fastforget.kernels", "fastforget.demo"],
     package_dir={"fastforget.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     extras_require={
         "triton": ["triton>=3.6"],
         "peft": ["safetensors"],  # ff.load_peft_adapter of adapter_model.safetensors files
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors"],
+        "demo": ["scikit-learn", "matplotlib", "tqdm"],  # python -m fastforget demo
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "scikit-learn", "matplotlib", "tqdm"],
     },
+    entry_points={"console_scripts": ["fastforget=fastforget.__main__:main"]},
     ext_modules=[native_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

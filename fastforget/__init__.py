@@ -12,6 +12,7 @@ from fastforget.lora import LoRALinear, apply_lora, load_peft_adapter, lora_stat
 from fastforget.ops import *  # noqa: F403  (every op and its reference: ops.__all__)
 from fastforget.protect import GradientProtector, SeedGradientProtector
 from fastforget.replay import ReplayBuffer
+from fastforget.trainer import ProtectedTrainer
 
 try:
     import fastforget.kernels  # noqa: F401  (registers the Triton kernels)
@@ -26,6 +27,7 @@ __all__ = [
     "EWC",
     "GradientProtector",
     "LoRALinear",
+    "ProtectedTrainer",
     "ReplayBuffer",
     "SeedGradientProtector",
     "apply_lora",

@@ -1,0 +1,194 @@
+"""The protected training step: the seed's ``protected_training_step`` with fused protections, made real.
+
+One ``step(batch)``:
+
+    zero_grad
+    loss = loss(batch)                                   (under autocast when asked)
+    + replay_weight * loss(replay.sample(k))             (rehearsal; k = the batch's size by default)
+    backward                                             (of the scaled loss under a GradScaler)
+    scaler.unscale_(optimizer)                           (AMP: every later step sees true gradients)
+    ewc.apply_()                                         (fused: p.grad += 2 lam F (theta - theta*))
+    protector.protect_()                                 (fused: shrink high-variance gradients)
+    optimizer.step()                                     (scaler.step + scaler.update under AMP)
+
+and ``end_task(loader)`` consolidates the EWC on the task's data and offers the task's batches to the buffer.
+
+Why unscale first under AMP: the EWC gradient is in the units of the true gradient, so adding it to gradients that
+are still multiplied by the loss scale S would weaken it by S. ``scaler.unscale_`` divides the gradients by S once
+(and records whether any is inf/NaN); EWC and the protector then work on true gradients, and ``scaler.step`` reuses
+that record: on an overflow it skips the optimizer step. EWC has no per-step state, and the protector checks the
+gradients itself and leaves its state untouched on a non-finite step (its ``found_inf``), so a skipped step
+changes nothing but the gradients, which the next ``zero_grad`` discards.
+"""
+
+import contextlib
+import time
+from collections.abc import Mapping
+
+import torch
+
+
+def _to_device(batch, device):
+    """The batch with every tensor moved to `device` (tuples, lists and dicts are rebuilt, other values kept)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(part, device) for part in batch)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(part, device) for key, part in batch.items()}
+    return batch
+
+
+def _batch_size(batch):
+    """Examples in a batch: the length of its first part (a tensor's first dimension, or a ragged list's length)."""
+    if isinstance(batch, Mapping):
+        return len(next(iter(batch.values())))
+    return len(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def _as_buffer_batch(batch):
+    """A DataLoader yields [x, y] lists; the replay buffer takes tuples (a list part would be a ragged part)."""
+    return tuple(batch) if isinstance(batch, list) else batch
+
+
+class _Timer:
+    """Wall time per named section in milliseconds; synchronises CUDA around a section so that the time is the
+    section's own work, not work queued before it or still running after it."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.ms = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.ms[name] = (time.perf_counter() - start) * 1e3
+
+
+class ProtectedTrainer:
+    """Training steps with optional rehearsal, EWC and gradient protection (see the module doc).
+
+    model, optimizer: what to train; the protections cover whatever the EWC and protector were built over (a
+        module's trainable parameters: for a LoRA-wrapped model, the adapters).
+    loss_fn(outputs, targets): a mean-reduced loss; batches are ``(inputs, targets)``. The same loss estimates the
+        EWC's Fisher in ``end_task``.
+    batch_loss(model, batch) -> loss: for other batch structures (a dict of token ids, ...); replaces
+        ``loss_fn(model(inputs), targets)`` in ``step`` (``end_task`` still needs ``(inputs, targets)`` batches
+        when there is an EWC).
+    ewc, replay, protector: an ``ff.EWC``, ``ff.ReplayBuffer``, ``ff.GradientProtector`` or None. Each carries
+        its own backend (``backend="reference"`` runs it on the pure-torch path).
+    replay_weight: the weight of the rehearsal loss; replay_batch_size: examples replayed per step (default: as
+        many as the batch has, at most what the buffer holds).
+    scaler: a ``torch.amp.GradScaler`` (mixed precision); autocast_dtype: run the forward passes under
+        ``torch.autocast`` with this dtype on the parameters' device type.
+    """
+
+    def __init__(
+        self, model, optimizer, loss_fn=None, *, ewc=None, replay=None, protector=None, replay_weight=1.0,
+        replay_batch_size=None, scaler=None, autocast_dtype=None, batch_loss=None,
+    ):  # fmt: skip
+        if loss_fn is None and batch_loss is None:
+            raise ValueError("pass loss_fn(outputs, targets) or batch_loss(model, batch)")
+        if ewc is not None and loss_fn is None:
+            raise ValueError("an EWC needs loss_fn(outputs, targets) to estimate the Fisher in end_task")
+        if replay_weight < 0:
+            raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
+        if replay_batch_size is not None and replay_batch_size < 1:
+            raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.ewc, self.replay, self.protector = ewc, replay, protector
+        self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
+        self.scaler, self.autocast_dtype = scaler, autocast_dtype
+        self.batch_loss = batch_loss if batch_loss is not None else self._pair_loss
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters")
+        self.device = trainable[0].device
+        self.steps = 0  # optimizer steps taken (skipped AMP steps not counted)
+
+    def _pair_loss(self, model, batch):
+        inputs, targets = batch
+        return self.loss_fn(model(inputs), targets)
+
+    def _forward_context(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def step(self, batch):
+        """One protected training step on `batch`; returns its statistics.
+
+        ``{"loss", "replay_loss" (None without a replay sample), "penalty" (0.0 without an EWC), "skipped" (an AMP
+        step skipped for inf/NaN gradients), "time_ms": {"replay", "ewc", "protect" (present for the protections
+        in use), "step" (the whole step)}}``. Losses are Python floats (one host synchronisation per step).
+        """
+        timer = _Timer(self.device)
+        with timer("step"):
+            self.optimizer.zero_grad()
+            batch = _to_device(batch, self.device)
+            with self._forward_context():
+                loss = self.batch_loss(self.model, batch)
+            total, replay_loss = loss, None
+            if self.replay is not None and len(self.replay):
+                # rehearsal: a separate forward pass on stored examples (the seed's form); its backward is part
+                # of the one backward below, so "replay" times the sampling and the forward pass
+                with timer("replay"):
+                    k = min(self.replay_batch_size or _batch_size(batch), len(self.replay))
+                    replayed = _to_device(self.replay.sample(k), self.device)
+                    with self._forward_context():
+                        replay_loss = self.batch_loss(self.model, replayed)
+                total = loss + self.replay_weight * replay_loss
+            if self.scaler is not None:
+                self.scaler.scale(total).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                total.backward()
+            penalty = 0.0
+            if self.ewc is not None:
+                with timer("ewc"):
+                    penalty = float(self.ewc.apply_())
+            if self.protector is not None:
+                with timer("protect"):
+                    self.protector.protect_()
+            skipped = self._optimizer_step()
+        self.steps += not skipped
+        return {
+            "loss": float(loss.detach()),
+            "replay_loss": None if replay_loss is None else float(replay_loss.detach()),
+            "penalty": penalty,
+            "skipped": skipped,
+            "time_ms": timer.ms,
+        }
+
+    def _optimizer_step(self):
+        """optimizer.step (through the scaler under AMP); True when AMP skipped it."""
+        if self.scaler is None:
+            self.optimizer.step()
+            return False
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skips the step when unscale_ found an inf/NaN gradient
+        self.scaler.update()
+        return self.scaler.get_scale() < scale  # update() lowers the scale exactly when the step was skipped
+
+    def end_task(self, loader, *, estimator="empirical", max_batches=None, progress=False):
+        """After a task: consolidate the EWC at the current parameters over `loader` (Fisher by `estimator`,
+        see ``ff.EWC.consolidate``), then offer every batch of `loader` to the replay buffer, whose policy decides
+        what stays. `loader` is iterated once for each of the two (a DataLoader or a list, not a generator).
+        Returns ``{"time_ms": {"consolidate", "fill"}}`` for the parts in use."""
+        timer = _Timer(self.device)
+        if self.ewc is not None:
+            with timer("consolidate"):
+                self.ewc.consolidate(
+                    loader, self.loss_fn, estimator=estimator, max_batches=max_batches, progress=progress,
+                    model=self.model,
+                )  # fmt: skip
+        if self.replay is not None:
+            with timer("fill"):
+                for batch in loader:
+                    self.replay.add(_as_buffer_batch(batch))
+        return {"time_ms": timer.ms}
