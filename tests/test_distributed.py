@@ -329,6 +329,49 @@ def test_lora_under_ddp_and_fsdp_equals_single_process(lora_results):
         torch.testing.assert_close(result["fsdp_merged_weights"], merged_weights, **TOL)
 
 
+# ------------------------------------------------------------------------------------------- ProtectedTrainer
+
+
+def trainer_run(model, task_a, task_b):
+    """Task A with a ProtectedTrainer (EWC + tensor-mode protector), end_task (batch Fisher), then task B."""
+    ewc = ff.EWC(model, LAM)
+    protector = ff.GradientProtector(model, window=3, threshold=0.6)
+    trainer = ff.ProtectedTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.2), F.cross_entropy, ewc=ewc, protector=protector
+    )
+    penalties = []
+    for batch in task_a:
+        trainer.step(batch)
+    trainer.end_task(task_a, estimator="batch")
+    for batch in task_b:
+        penalties.append(torch.tensor(trainer.step(batch)["penalty"]))
+    return {"penalties": torch.stack(penalties), "params": [full(p.detach()).clone() for p in model.parameters()]}
+
+
+def trainer_scenario(rank, world_size):
+    task_a, task_b = global_batches(STEPS, seed=11), global_batches(STEPS, seed=12)
+    result = {"ddp": trainer_run(DistributedDataParallel(mlp()), split(task_a, rank), split(task_b, rank))}
+    result["fsdp"] = trainer_run(sharded_mlp(), split(task_a, rank), split(task_b, rank))
+    # rehearsal under DDP: per-rank buffers, each rank replays its own examples
+    model = DistributedDataParallel(mlp())
+    buffer = ff.ReplayBuffer(8, generator=torch.Generator().manual_seed(rank))
+    trainer = ff.ProtectedTrainer(model, torch.optim.SGD(model.parameters(), lr=0.2), F.cross_entropy, replay=buffer)
+    trainer.end_task(split(task_a, rank))
+    result["replay_losses"] = torch.tensor([trainer.step(batch)["replay_loss"] for batch in split(task_b, rank)])
+    return result
+
+
+def test_protected_trainer_under_ddp_and_fsdp_equals_single_process(tmp_path):
+    results = run_ranks(trainer_scenario, tmp_path)
+    expected = trainer_run(mlp(), global_batches(STEPS, seed=11), global_batches(STEPS, seed=12))
+    assert expected["penalties"][1:].gt(0).all()  # after its first step, task B is pulled back towards task A
+    for result in results:
+        for engine in ("ddp", "fsdp"):
+            torch.testing.assert_close(result[engine]["penalties"], expected["penalties"], **TOL)
+            torch.testing.assert_close(result[engine]["params"], expected["params"], **TOL)
+        assert result["replay_losses"].isfinite().all()
+
+
 # -------------------------------------------------------------------------------------------------------- hangs
 
 
