@@ -24,14 +24,18 @@ def batches(sizes=(5, 3, 4), seed=1):
     return [(torch.randn(n, 4, generator=g), torch.randint(0, CLASSES, (n,), generator=g)) for n in sizes]
 
 
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def squared_grads(model, loss):
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+    grads = torch.autograd.grad(loss, trainable(model))
     return [g.square() for g in grads]
 
 
 def brute_force(model, data, estimator):
-    """The definitions, one sample (or one batch) and one backward at a time."""
-    total, count = [torch.zeros_like(p) for p in model.parameters()], 0
+    """The definitions, one sample (or one batch) and one backward at a time, for the trainable parameters."""
+    total, count = [torch.zeros_like(p) for p in trainable(model)], 0
     device = next(model.parameters()).device
     for x, y in data:
         x, y = x.to(device), y.to(device)
@@ -61,6 +65,28 @@ def test_estimators_match_brute_force(estimator, backend):
     got = ff.estimate_fisher(model, data, F.cross_entropy, estimator=estimator, chunk_size=2, backend=backend)
     for g, e in zip(got, expected):
         assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("estimator", ["empirical", "true"])
+def test_consolidate_on_a_lora_model_matches_brute_force(estimator, backend):
+    # per-sample gradients through ff.lora_linear under torch.func (vmap over the samples of grad w.r.t. the
+    # adapters): each sample's adapter gradients from its own rows, as one backward per sample gives them
+    model = ff.apply_lora(tiny_mlp(device=device_of(backend)), ["0", "2"], r=2, backend=backend)
+    adapters = [m for m in model.modules() if isinstance(m, ff.LoRALinear)]
+    with torch.no_grad():  # a trained adapter: lora_B = 0 would make every lora_A gradient 0
+        for module in adapters:
+            module.lora_B.normal_()
+    data = batches()
+    for module in adapters:  # the truth through PEFT's formula, one sample and one backward at a time
+        module.backend = "reference"
+    expected = brute_force(model, data, estimator)
+    for module in adapters:
+        module.backend = backend
+    ewc = ff.EWC(model, backend=backend)
+    ewc.consolidate(data, F.cross_entropy, estimator=estimator, progress=False, chunk_size=2)
+    assert len(ewc.fisher) == 4  # lora_A, lora_B of both layers; the base layers are frozen
+    for g, e in zip(ewc.fisher, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
 
 

@@ -270,3 +270,190 @@ def test_bad_input_is_rejected(backend, case):
     changes, error, message = cases[case]
     with pytest.raises(error, match=message):
         ff.lora_linear(**{**good, **changes}, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------------- torch.func
+
+NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+
+
+def per_sample_loop(layer, upstream, backend, truth=False, dropout_p=0.0, seed=None):
+    """Outputs and gradients (x, weight, bias, lora_A, lora_B) of each sample on its own with plain autograd,
+    stacked: sample i takes the i-th slice of upstream, of x and of the other tensors given with a leading sample
+    dim. truth=True: PEFT's formula on fp64 copies instead of ff.lora_linear."""
+    unbatched_dims = (None, 2, 1, 2, 2)
+    ys, grads = [], []
+    for i in range(len(upstream)):
+        leaves = [
+            (t if n is not None and t.dim() == n else t[i]).detach().clone().requires_grad_()
+            for t, n in zip(layer, unbatched_dims)
+        ]
+        if truth:
+            leaves = [t.detach().double().requires_grad_() for t in leaves]
+            y = ff.lora_linear_ref(*leaves, SCALE)
+        else:
+            if seed is not None:
+                torch.manual_seed(seed)
+            y = ff.lora_linear(*leaves, SCALE, dropout_p, backend=backend)
+        y.backward(upstream[i].to(y.dtype))
+        ys.append(y.detach())
+        grads.append([t.grad for t in leaves])
+    return torch.stack(ys), [torch.stack(g) for g in zip(*grads)]
+
+
+def sample_loss(backend, dropout_p=0.0):
+    """(x, weight, bias, lora_A, lora_B, upstream) -> (<y, upstream>, y) for one sample: its gradients are the
+    op's backward at that upstream gradient."""
+
+    def loss(x, weight, bias, lora_A, lora_B, upstream):
+        y = ff.lora_linear(x, weight, bias, lora_A, lora_B, SCALE, dropout_p, backend=backend)
+        return (y * upstream).sum(), y
+
+    return loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_per_sample_gradients_under_vmap_of_grad(backend, dtype):
+    # torch.func's per-sample gradients (vmap over the samples of grad w.r.t. everything) as fastforget's Fisher
+    # computes them: each sample's weight gradients reduce its own rows only; x is (2, 3, in) per sample
+    device = device_of(backend)
+    x, weight, bias, lora_A, lora_B = make_layer(4 * 6, 9, 7, 3, dtype, device)
+    x = x.reshape(4, 2, 3, 9)
+    upstream = torch.randn(4, 2, 3, 7, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    grad = torch.func.grad(sample_loss(backend), argnums=(0, 1, 2, 3, 4), has_aux=True)
+    grads, y = torch.func.vmap(grad, in_dims=(0, None, None, None, None, 0))(x, weight, bias, lora_A, lora_B, upstream)
+    layer = (x, weight, bias, lora_A, lora_B)
+    y_true, grads_true = per_sample_loop(layer, upstream, backend, truth=True)
+    y_loop, grads_loop = per_sample_loop(layer, upstream, backend)
+    assert_close_matmul(y, y_true, dtype)
+    for name, got, want, loop in zip(NAMES, grads, grads_true, grads_loop):
+        assert got.shape == want.shape and got.dtype == dtype, name
+        assert_close_matmul(got, want, dtype)
+        assert_close_matmul(got, loop, dtype)  # the same as one sample at a time through the same op
+
+
+def test_per_sample_weights_under_vmap(backend):
+    # a batch of adapters (and base weights) as for an ensemble: the op runs once per sample
+    device = device_of(backend)
+    x, weight, bias, lora_A, lora_B = make_layer(3 * 5, 8, 6, 2, torch.float32, device)
+    x = x.reshape(3, 5, 8)
+    batched = [t.expand(3, *t.shape) + 0.1 * torch.randn(3, *t.shape, device=device) for t in (weight, lora_A, lora_B)]
+    weights, lora_As, lora_Bs = batched
+    upstream = torch.randn(3, 5, 6, device=device)
+    in_dims = (0, 0, None, 0, 0, 0)
+    grad = torch.func.grad(sample_loss(backend), argnums=(0, 1, 2, 3, 4), has_aux=True)
+    grads, y = torch.func.vmap(grad, in_dims=in_dims)(x, weights, bias, lora_As, lora_Bs, upstream)
+    y_true, grads_true = per_sample_loop((x, weights, bias, lora_As, lora_Bs), upstream, backend, truth=True)
+    assert_close_matmul(y, y_true, torch.float32)
+    for got, want in zip(grads, grads_true):
+        assert_close_matmul(got, want, torch.float32)
+    # the same input for every adapter
+    shared = torch.func.vmap(lambda A, B: ff.lora_linear(x[0], weight, bias, A, B, SCALE, backend=backend))
+    expected = torch.stack([ff.lora_linear_ref(x[0], weight, bias, A, B, SCALE) for A, B in zip(lora_As, lora_Bs)])
+    assert_close_matmul(shared(lora_As, lora_Bs), expected, torch.float32)
+
+
+def test_jacrev(backend):
+    # jacrev vmaps the backward over one-hot upstream gradients: grad_y batched, the saved x and S shared
+    device = device_of(backend)
+    layer = make_layer(3, 5, 4, 2, torch.float32, device)
+
+    def output(*tensors):
+        return ff.lora_linear(*tensors, SCALE, backend=backend)
+
+    got = torch.func.jacrev(output, argnums=(0, 1, 2, 3, 4))(*layer)
+    want = torch.autograd.functional.jacobian(
+        lambda *t: ff.lora_linear_ref(*t, SCALE), tuple(t.double() for t in layer)
+    )  # fmt: skip
+    for g, w in zip(got, want):
+        assert_close_matmul(g, w, torch.float32)
+
+
+def test_nested_vmap_and_no_samples(backend):
+    device = device_of(backend)
+    x, weight, bias, lora_A, lora_B = make_layer(2 * 3 * 4, 6, 5, 2, torch.float32, device)
+    x = x.reshape(2, 3, 4, 6)
+    upstream = torch.randn(2, 3, 4, 5, device=device)
+    grad = torch.func.grad(sample_loss(backend), argnums=3, has_aux=True)
+    in_dims = (0, None, None, None, None, 0)
+    per_sample = torch.func.vmap(torch.func.vmap(grad, in_dims=in_dims), in_dims=in_dims)
+    got, y = per_sample(x, weight, bias, lora_A, lora_B, upstream)
+    layer = (x.flatten(0, 1), weight, bias, lora_A, lora_B)
+    _, grads_true = per_sample_loop(layer, upstream.flatten(0, 1), backend, truth=True)
+    assert_close_matmul(got.flatten(0, 1), grads_true[3], torch.float32)
+    assert_close_matmul(y, ff.lora_linear_ref(x, weight, bias, lora_A, lora_B, SCALE), torch.float32)
+    none = torch.func.vmap(grad, in_dims=in_dims)(x[0, :0], weight, bias, lora_A, lora_B, upstream[0, :0])
+    assert none[0].shape == (0, *lora_A.shape) and none[1].shape == (0, 4, 5)
+
+
+def test_dropout_under_vmap(backend):
+    # the mask is drawn before the op, in x's shape per sample: randomness="same" gives every sample the mask of an
+    # unbatched call at that seed; "different" would need the mask drawn per sample, which vmap refuses in place
+    device = device_of(backend)
+    layer = make_layer(3 * 4, 8, 6, 2, torch.float32, device)
+    x, weight, bias, lora_A, lora_B = layer
+    x = x.reshape(3, 4, 8)
+    upstream = torch.randn(3, 4, 6, device=device)
+    grad = torch.func.grad(sample_loss(backend, 0.5), argnums=(0, 3, 4), has_aux=True)
+    torch.manual_seed(11)
+    per_sample = torch.func.vmap(grad, in_dims=(0, None, None, None, None, 0), randomness="same")
+    grads, y = per_sample(x, weight, bias, lora_A, lora_B, upstream)
+    y_loop, grads_loop = per_sample_loop((x, weight, bias, lora_A, lora_B), upstream, backend, dropout_p=0.5, seed=11)
+    assert_close_matmul(y, y_loop, torch.float32)
+    for got, want in zip(grads, [grads_loop[i] for i in (0, 3, 4)]):
+        assert_close_matmul(got, want, torch.float32)
+    for randomness in ("error", "different"):
+        with pytest.raises(RuntimeError, match="randomness"):
+            torch.func.vmap(lambda x_: sample_loss(backend, 0.5)(x_, *layer[1:], upstream[0]), randomness=randomness)(x)
+
+
+# in_dims of (x, weight, bias, lora_A, lora_B, keep) for the forward op and of (grad_y, x, weight, lora_A, lora_B,
+# keep, S) for the backward op: rows only (one folded call), one row tensor only, a weight (a call per sample)
+OP_IN_DIMS = [
+    ((0, None, None, None, None, 0), (0, 0, None, None, None, 0, 0)),
+    ((1, None, None, None, None, None), (None, 1, None, None, None, None, None)),
+    ((None, None, None, None, None, 0), (0, None, None, None, None, None, None)),
+    ((None, None, None, 0, None, None), (None, None, None, 0, None, 0, None)),
+    ((0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("forward_dims, backward_dims", OP_IN_DIMS, ids=str)
+def test_ops_under_vmap(fused_backend, forward_dims, backward_dims):
+    # the ops' own vmap rules against a loop of the op over the samples, with the dropout mask and every output_mask
+    flavour = "_triton" if fused_backend == "triton" else ""
+    forward, backward = (
+        getattr(torch.ops.fastforget, op + flavour).default for op in ("lora_linear", "lora_linear_backward")
+    )
+    device, samples, g = device_of(fused_backend), 3, torch.Generator().manual_seed(4)
+    x, weight, bias, lora_A, lora_B = make_layer(5, 8, 6, 2, torch.float32, device)
+    keep = dropout_keep_mask(x.shape, 0.3, device)
+    grad_y = torch.randn(5, 6, generator=g).to(device)
+    S = SCALE * (x * keep) @ lora_A.t()
+
+    def batch(tensors, in_dims):
+        out = []
+        for t, d in zip(tensors, in_dims):
+            if d is not None:
+                t = torch.stack([t + 0.1 * i if t.dtype != torch.bool else t ^ (i % 2 == 1) for i in range(samples)], d)
+            out.append(t)
+        return out
+
+    def loop(op, tensors, in_dims, *rest):
+        results = [
+            op(*(t if d is None else t.select(d, i) for t, d in zip(tensors, in_dims)), *rest) for i in range(samples)
+        ]
+        return [None if r[0] is None else torch.stack(r) for r in zip(*results)]
+
+    args = batch((x, weight, bias, lora_A, lora_B, keep), forward_dims)
+    got = torch.vmap(forward, in_dims=(*forward_dims, None))(*args, SCALE)
+    for g_, w in zip(got, loop(forward, args, forward_dims, SCALE)):
+        assert_close_matmul(g_, w, torch.float32)
+    args = batch((grad_y, x, weight, lora_A, lora_B, keep, S), backward_dims)
+    for mask in ([True] * 5, [True, False, False, True, True], [False, True, True, False, False]):
+        out_dims = tuple(0 if need else None for need in mask)
+        got = torch.vmap(backward, in_dims=(*backward_dims, None, None), out_dims=out_dims)(*args, SCALE, mask)
+        for g_, w in zip(got, loop(backward, args, backward_dims, SCALE, mask)):
+            assert (g_ is None) == (w is None)
+            if w is not None:
+                assert_close_matmul(g_, w, torch.float32)

@@ -21,8 +21,12 @@ GEMM accumulates in fp32 (fp64 for fp64) and rounds its result once to that dtyp
 
 The dropout mask is drawn here, with torch's generator, before any backend runs: ``torch.manual_seed`` reproduces
 it and every backend drops the same elements.
+
+Under torch.func transforms (vmap, grad, vjp, jacrev: per-sample gradients) ``lora_linear`` applies
+_TransformableLoRALinear around the same ops, whose vmap rules are registered below (see "vmap rules").
 """
 
+import math
 import numbers
 
 import torch
@@ -98,15 +102,148 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, training=
     dropout_p outside [0, 1).
     """
     _check_inputs(x, weight, bias, lora_A, lora_B, scale, dropout_p, training)
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: x may have no elements (a vmap of 0 samples)
     keep = dropout_keep_mask(x2d.shape, dropout_p, x.device) if training and dropout_p > 0 else None
     backend = dispatch.resolve(backend, x.device, "lora_linear")
     if backend == "reference":
         y = lora_linear_ref(x2d, weight, bias, lora_A, lora_B, scale, keep, dropout_p)
     else:
         s = scale / (1 - dropout_p) if keep is not None else scale
-        y, _ = dispatch.native_op("lora_linear", backend)(x2d, weight, bias, lora_A, lora_B, keep, float(s))
+        args = (x2d, weight, bias, lora_A, lora_B, keep, float(s))
+        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+            y, _ = _TransformableLoRALinear.apply(*args, backend)  # under torch.func: see the class
+        else:
+            y, _ = dispatch.native_op("lora_linear", backend)(*args)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------- vmap rules
+#
+# torch.func.vmap of the two ops (torch.library.register_vmap; `info.batch_size` = B, the vmapped dim moved to the
+# front). The ops take x as (M, in): rows are independent, so when only the per-row tensors (x, keep, S, grad_y)
+# are batched, their B x M rows are folded into one M and the op runs once -- exact, nothing but a reshape. The
+# backward's dweight, dbias, dlora_A and dlora_B are sums over the rows, which must stay per vmapped sample
+# (per-sample gradients): they are batched matmuls over the B samples, each reducing its own M rows, in fp32 (fp64
+# for fp64) and rounded once, as the op does. When a weight or an adapter is batched (per-sample weights, e.g. an
+# ensemble), the op runs once per sample and the results are stacked.
+
+
+def _batch_first(t, dim, size):
+    """`t` with its vmapped dim at the front (expanded to `size` when `t` is not batched); None stays None."""
+    if t is None:
+        return None
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
+def _fold(t):
+    """(B, M, n) -> (B * M, n)."""
+    return None if t is None else t.reshape(t.shape[0] * t.shape[1], t.shape[2])
+
+
+def _per_sample(op, size, in_dims, args):
+    """Stacked results of `op` run on each sample's slice of the batched args (the unbatched ones shared)."""
+    args = [a if d is None else a.movedim(d, 0) for a, d in zip(args, in_dims)]
+    if size == 0:  # no samples: one run on zeros gives the shapes, none of it is kept
+        args = [a if d is None else a.new_zeros(1, *a.shape[1:]) for a, d in zip(args, in_dims)]
+    results = [op(*(a if d is None else a[i] for a, d in zip(args, in_dims))) for i in range(max(size, 1))]
+    return [None if r[0] is None else torch.stack(r)[:size] for r in zip(*results)]
+
+
+def _forward_vmap(op):
+    def rule(info, in_dims, x, weight, bias, lora_A, lora_B, keep, scale):
+        size = info.batch_size
+        x_dim, _, _, _, _, keep_dim, _ = in_dims
+        if all(d is None for d in in_dims[1:5]):  # rows only: fold them into M, one call
+            xb = _batch_first(x, x_dim, size)
+            keepb = _batch_first(keep, keep_dim, size)
+            rows = xb.shape[1]
+            y, S = op(_fold(xb), weight, bias, lora_A, lora_B, _fold(keepb), scale)
+            return (y.reshape(size, rows, y.shape[-1]), S.reshape(size, rows, S.shape[-1])), (0, 0)
+        y, S = _per_sample(
+            lambda *a: op(*a, scale), size, in_dims[:6], [x, weight, bias, lora_A, lora_B, keep]
+        )  # fmt: skip
+        return (y, S), (0, 0)
+
+    return rule
+
+
+def _weight_grads(grad_y, x, lora_A, lora_B, keep, S, scale, output_mask):
+    """dweight, dbias, dlora_A, dlora_B per sample, for batched (B, M, .) or shared (M, .) row tensors and shared
+    weights: batched matmuls reducing each sample's M rows, in fp32 (fp64 for fp64), each rounded once to x's
+    dtype (dS too, as the op does). A result is batched (B, .) when one of its row tensors is."""
+    dtype = x.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gy = grad_y.to(acc)
+    _, need_weight, need_bias, need_A, need_B = output_mask
+    d_weight = (gy.mT @ x.to(acc)).to(dtype) if need_weight else None
+    d_bias = gy.sum(-2).to(dtype) if need_bias else None
+    d_A = d_B = None
+    if need_A:
+        d_S = (gy @ lora_B.to(acc)).mul_(scale).to(dtype)
+        dropped = x if keep is None else x * keep
+        d_A = (d_S.to(acc).mT @ dropped.to(acc)).to(dtype)
+    if need_B:
+        d_B = (gy.mT @ S.to(acc)).to(dtype)
+    return d_weight, d_bias, d_A, d_B
+
+
+def _backward_vmap(op):
+    def rule(info, in_dims, grad_y, x, weight, lora_A, lora_B, keep, S, scale, output_mask):
+        size = info.batch_size
+        grad_y_dim, x_dim, weight_dim, A_dim, B_dim, keep_dim, S_dim, _, _ = in_dims
+        if any(d is not None for d in (weight_dim, A_dim, B_dim)):  # per-sample weights: one call per sample
+            grads = _per_sample(
+                lambda *a: op(*a, scale, output_mask), size, in_dims[:7], [grad_y, x, weight, lora_A, lora_B, keep, S]
+            )  # fmt: skip
+            return tuple(grads), tuple(None if g is None else 0 for g in grads)
+        rows = ((grad_y, grad_y_dim), (x, x_dim), (keep, keep_dim), (S, S_dim))
+        d_x = None
+        if output_mask[0]:  # rows are independent: fold the B x M rows into M, one call
+            grad_yb, xb, keepb, Sb = (_batch_first(t, d, size) for t, d in rows)
+            only_dx = [True, False, False, False, False]
+            d_x = op(_fold(grad_yb), _fold(xb), weight, lora_A, lora_B, _fold(keepb), _fold(Sb), scale, only_dx)[0]
+            d_x = d_x.reshape(xb.shape)
+        grad_y, x, keep, S = (t if d is None else t.movedim(d, 0) for t, d in rows)
+        weight_grads = _weight_grads(grad_y, x, lora_A, lora_B, keep, S, scale, output_mask)
+        unbatched_dims = (weight.dim(), 1, lora_A.dim(), lora_B.dim())
+        out_dims = (None if d_x is None else 0,) + tuple(
+            None if g is None or g.dim() == n else 0 for g, n in zip(weight_grads, unbatched_dims)
+        )
+        return (d_x, *weight_grads), out_dims
+
+    return rule
+
+
+class _TransformableLoRALinear(torch.autograd.Function):
+    """The op's autograd in the form torch.func accepts, for ff.lora_linear under torch.func transforms.
+
+    The Function that torch.library.register_autograd generates has no setup_context, so torch.func.grad, vjp and
+    jacrev refuse the op (pytorch/pytorch#168393); and an autograd.Function cannot be applied from inside the
+    dispatcher (the op's Autograd kernel) under those transforms. ff.lora_linear therefore applies this Function
+    itself, before the dispatcher, when a transform is active: the same forward and backward ops and the same
+    saved tensors as the registered autograd, and a vmap rule generated by vmapping forward and backward, which
+    runs the ops' vmap rules above."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, keep, scale, backend):
+        return dispatch.native_op("lora_linear", backend)(x, weight, bias, lora_A, lora_B, keep, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, lora_A, lora_B, keep, ctx.scale, ctx.backend = inputs
+        S = output[1]
+        ctx.mark_non_differentiable(S)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, keep, S)
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_S):
+        x, weight, lora_A, lora_B, keep, S = ctx.saved_tensors
+        output_mask = list(ctx.needs_input_grad[:5])  # x, weight, bias, lora_A, lora_B
+        backward_op = dispatch.native_op("lora_linear_backward", ctx.backend)
+        grads = backward_op(grad_y, x, weight, lora_A, lora_B, keep, S, ctx.scale, output_mask)
+        return *grads, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------- registration
@@ -139,6 +276,9 @@ def _register(flavour):
         return *grads, None, None
 
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+    forward_op = getattr(torch.ops.fastforget, forward.split("::")[1]).default
+    torch.library.register_vmap(forward, _forward_vmap(forward_op))
+    torch.library.register_vmap(backward, _backward_vmap(backward_op))
 
 
 for _flavour in FLAVOURS:
