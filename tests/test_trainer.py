@@ -202,15 +202,14 @@ def test_lora_model_only_adapters_are_protected_and_updated():
     model = ff.apply_lora(make_model(), target_modules=["0", "2"], r=2, alpha=4)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    parts = protections(model, estimator="batch")
+    parts = protections(model)
     assert parts["ewc"].names == parts["protector"].names == [n for n, p in model.named_parameters() if p.requires_grad]
     assert all("lora_" in name for name in parts["ewc"].names)
     before = [p.detach().clone() for p in trainable]
     trainer = ff.ProtectedTrainer(model, torch.optim.Adam(trainable, lr=1e-2), F.cross_entropy, **parts)
     for batch in make_batches(4):
         trainer.step(batch)
-    # "batch": the per-sample estimators run the model under torch.func, which the fused lora_linear op lacks
-    trainer.end_task(make_batches(2), estimator="batch")
+    trainer.end_task(make_batches(2))  # the empirical Fisher: per-sample gradients through the fused op
     assert parts["ewc"].tasks == 2
     assert all(not torch.equal(p, b) for p, b in zip(trainable, before))
     for name, p in model.named_parameters():
