@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace fastforget::cpu {
 namespace {
@@ -28,33 +29,30 @@ T ema_var(T x, T m, T v, T alpha, T keep) {
   return keep * (v + alpha * d * d);
 }
 
-// max that keeps a NaN once seen
-template <typename acc_t>
-acc_t nan_max(acc_t best, acc_t v) {
-  return std::isnan(v) || v > best ? v : best;
-}
-
 template <typename acc_t>
 struct EmaArgs {
   acc_t inv_scale, alpha, keep, var_scale, threshold;
 };
 
+// max over a tile of v' (>= 0), a NaN counting as +inf. A plain loop the compiler vectorises: a float max
+// reduction only vectorises under -ffinite-math-only, but non-negative IEEE floats (+inf included) order like
+// their bit patterns read as signed integers, and an integer max reduction always does.
 template <typename acc_t>
-acc_t tile_max_var(const acc_t* g, const acc_t* m, const acc_t* v, const EmaArgs<acc_t>& a, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec scale(a.inv_scale), alpha(a.alpha), keep(a.keep);
-  Vec vbest(acc_t(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    vbest = at::vec::maximum(vbest, ema_var(scale * Vec::loadu(g + i), Vec::loadu(m + i), Vec::loadu(v + i), alpha,
-                                            keep));  // IEEE maximum: propagates NaN
+acc_t tile_max_var(const acc_t* g, const acc_t* __restrict m, const acc_t* __restrict v, const EmaArgs<acc_t>& a,
+                   int64_t n) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
+  const acc_t scale = a.inv_scale, alpha = a.alpha, keep = a.keep;
+  bits_t best = 0;  // the bits of +0.0
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v_new = ema_var(scale * g[i], m[i], v[i], alpha, keep);
+    const acc_t finite_or_inf = v_new == v_new ? v_new : std::numeric_limits<acc_t>::infinity();
+    bits_t bits;
+    std::memcpy(&bits, &finite_or_inf, sizeof bits);
+    best = bits > best ? bits : best;
   }
-  std::array<acc_t, Vec::size()> lanes;
-  vbest.store(lanes.data());
-  acc_t best = 0;
-  for (const acc_t lane : lanes) best = nan_max(best, lane);
-  for (; i < n; ++i) best = nan_max(best, ema_var(a.inv_scale * g[i], m[i], v[i], a.alpha, a.keep));
-  return best;
+  acc_t out;
+  std::memcpy(&out, &best, sizeof out);
+  return out;
 }
 
 // exp(x) for x <= 0 with arithmetic only, so that the loop below vectorises (a libm call per element would make
@@ -119,14 +117,11 @@ void max_var(at::TensorList grads, at::TensorList mean, at::TensorList var, acc_
     for (int64_t offset = chunk.begin; offset < chunk.end; offset += kTile) {
       const int64_t n = std::min(kTile, chunk.end - offset);
       const acc_t* g = load_tile<acc_t>(grads[chunk.tensor], offset, n, buf);
-      partials[index] = nan_max(partials[index], tile_max_var(g, m + offset, v + offset, a, n));
+      partials[index] = std::max(partials[index], tile_max_var(g, m + offset, v + offset, a, n));
     }
   });
   std::fill(out, out + grads.size(), acc_t(0));
-  for (size_t c = 0; c < chunks.size(); ++c) out[chunks[c].tensor] = nan_max(out[chunks[c].tensor], partials[c]);
-  for (size_t t = 0; t < grads.size(); ++t) {
-    if (std::isnan(out[t])) out[t] = std::numeric_limits<acc_t>::infinity();
-  }
+  for (size_t c = 0; c < chunks.size(); ++c) out[chunks[c].tensor] = std::max(out[chunks[c].tensor], partials[c]);
 }
 
 template <typename acc_t>
