@@ -29,15 +29,17 @@ def check_dtype(name: str, i: int, t: torch.Tensor, allowed) -> None:
         raise TypeError(f"{name}[{i}] has layout {t.layout}; only dense (strided) tensors are supported")
 
 
-def check_like_params(name: str, tensors: list, params: list) -> None:
-    """Same length as params, and each tensor shaped and placed like its param."""
+def check_like_params(name: str, tensors: list, params: list, params_name: str = "params") -> None:
+    """Same length as params, and each tensor shaped and placed like its param (named `params_name` in errors)."""
     if len(tensors) != len(params):
-        raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(params)}")
+        raise ValueError(f"{name} has {len(tensors)} tensors but {params_name} has {len(params)}")
     for i, (t, p) in enumerate(zip(tensors, params)):
         if t.shape != p.shape:
-            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but params[{i}] has shape {tuple(p.shape)}")
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(t.shape)} but {params_name}[{i}] has shape {tuple(p.shape)}"
+            )
         if t.device != p.device:
-            raise ValueError(f"{name}[{i}] is on {t.device} but params[{i}] is on {p.device}")
+            raise ValueError(f"{name}[{i}] is on {t.device} but {params_name}[{i}] is on {p.device}")
 
 
 def check_one_device(name: str, tensors: list) -> None:

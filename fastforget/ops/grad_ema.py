@@ -38,17 +38,17 @@ def _ema_step(x, m, v, alpha):
 
 
 def _updated(grads, mean, var, inv_scale, alpha):
-    """(x, m', v') of every tensor, in the state's dtype."""
+    """(m', v') of every tensor, in the state's dtype."""
     acc = accumulate_dtype(mean)
     scale, alpha = inv_scale.to(acc), alpha.to(acc)
     for t, (g, m, v) in enumerate(zip(grads, mean, var)):
-        yield (g.to(acc) * scale, *_ema_step(g.to(acc) * scale, m.to(acc), v.to(acc), alpha[t]))
+        yield _ema_step(g.to(acc) * scale, m.to(acc), v.to(acc), alpha[t])
 
 
 def grad_ema_stats_ref(grads, mean, var, inv_scale, alpha):
     """Pure torch: per tensor, max of the updated variance v' (0 if empty, +inf if a v' is not finite)."""
     maxima = []
-    for _, _, v_new in _updated(grads, mean, var, inv_scale, alpha):
+    for _, v_new in _updated(grads, mean, var, inv_scale, alpha):
         top = v_new.max() if v_new.numel() else v_new.new_zeros(())
         maxima.append(torch.where(v_new.isfinite().all(), top, math.inf))
     return torch.stack(maxima) if maxima else torch.zeros(0)
@@ -59,7 +59,7 @@ def grad_ema_protect_ref(grads, mean, var, inv_scale, alpha, var_scale, skip, th
     acc = accumulate_dtype(mean)
     var_scale = var_scale.to(acc)
     with torch.no_grad():
-        for t, (g, m, v, (_, m_new, v_new)) in enumerate(
+        for t, (g, m, v, (m_new, v_new)) in enumerate(
             zip(grads, mean, var, _updated(grads, mean, var, inv_scale, alpha))
         ):
             importance = torch.sigmoid(v_new * var_scale[t])
@@ -78,13 +78,8 @@ def _var_scale(maxima, normalize, temperature):
 
 def _check_state(name, state, grads, acc):
     state = check.tensor_list(name, state)
-    if len(state) != len(grads):
-        raise ValueError(f"{name} has {len(state)} tensors but grads has {len(grads)}")
-    for i, (s, g) in enumerate(zip(state, grads)):
-        if s.shape != g.shape:
-            raise ValueError(f"{name}[{i}] has shape {tuple(s.shape)} but grads[{i}] has shape {tuple(g.shape)}")
-        if s.device != g.device:
-            raise ValueError(f"{name}[{i}] is on {s.device} but grads[{i}] is on {g.device}")
+    check.check_like_params(name, state, grads, "grads")
+    for i, s in enumerate(state):
         if s.dtype != acc:
             raise TypeError(f"{name}[{i}] has dtype {s.dtype}; the state must be all float32 or all float64")
         if not s.is_contiguous():
