@@ -137,11 +137,33 @@ def test_bad_input_changes_nothing():
     ]:
         with pytest.raises(ValueError, match=error):
             ff.GradientProtector(named, **kwargs)
+    before = [p.detach().clone() for _, p in named]
     protector = ff.GradientProtector(named, window=3)
-    with pytest.raises(ValueError, match="window 3 but this protector 4"):
-        ff.GradientProtector(named, window=4).load_state_dict(protector.state_dict())
+    for mode in ("tensor", "element"):
+        target = ff.GradientProtector(named, window=4, mode=mode)
+        set_gradients(named, 1, torch.Generator().manual_seed(1), skip=False)
+        target.protect_()
+        saved = io.BytesIO()
+        torch.save(target.state_dict(), saved)
+        corrupt = target.state_dict()
+        key = "ring" if mode == "tensor" else "mean"
+        corrupt[key] = corrupt[key][:1] if mode == "tensor" else corrupt[key][:-1]
+        for state, error in [
+            (protector.state_dict(), "window 3 but this protector 4" if mode == "tensor" else "of mode 'tensor'"),
+            (corrupt, f"{key} has the wrong shape"),
+        ]:
+            with pytest.raises(ValueError, match=error):
+                target.load_state_dict(state)
+        saved.seek(0)
+        expected = torch.load(saved, weights_only=True)
+        for key, value in target.state_dict().items():  # the rejected loads changed nothing
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, expected[key]), key
+            elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                assert all(torch.equal(a, b) for a, b in zip(value, expected[key])), key
     with pytest.raises(ValueError, match="names differ"):
         ff.GradientProtector(named[:2], window=3).load_state_dict(protector.state_dict())
+    assert all(torch.equal(p, b) for (_, p), b in zip(named, before))
 
 
 def element_truth(history, window, threshold, normalize="none", temperature=1.0):
