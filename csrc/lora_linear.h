@@ -47,6 +47,7 @@ inline at::Tensor kept(const at::Tensor& x, const OptionalTensor& keep) { return
 //   project(X, F, keep, alpha) = alpha (X * keep) F^T           (M, r)   X (M, K), F (r, K)
 //   expand(P, F, bias, keep)   = bias + P F, or (P F) * keep    (M, N)   P (M, r), F (r, N); never both
 //   reduce(P, X, keep)         = P^T (X * keep)                 (r, K)   P (M, r), X (M, K)
+//   reduce_t(X, P)             = X^T P                          (K, r)
 // The CPU backend substitutes its own kernels (csrc/cpu/lora_linear.cpp), which beat a BLAS on these shapes.
 struct AtenProducts {
   static at::Tensor project(const at::Tensor& X, const at::Tensor& F, const OptionalTensor& keep, double alpha) {
@@ -64,6 +65,8 @@ struct AtenProducts {
   static at::Tensor reduce(const at::Tensor& P, const at::Tensor& X, const OptionalTensor& keep) {
     return at::mm(P.t(), kept(X, keep));
   }
+
+  static at::Tensor reduce_t(const at::Tensor& X, const at::Tensor& P) { return at::mm(X.t(), P); }
 };
 
 // y = x W^T + bias + S B^T and S = scale (x * keep) A^T
@@ -96,7 +99,7 @@ Gradients lora_linear_backward(const at::Tensor& grad_y, const at::Tensor& x, co
   }
   if (need_weight) dweight = at::mm(grad_y.t(), x);
   if (need_bias) dbias = grad_y.sum(0);
-  if (need_B) dB = Products::reduce(S, grad_y, std::nullopt).t().contiguous();  // (S^T dY)^T = dY^T S
+  if (need_B) dB = Products::reduce_t(grad_y, S);  // dY^T S
   return {dx, dweight, dbias, dA, dB};
 }
 

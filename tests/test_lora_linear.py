@@ -10,7 +10,8 @@ from fastforget.testing import assert_close_matmul
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SCALE = 1.7
-# (M, in, out, r, bias, trainable base): every M in (1, 97, 1025), in/out in (33, 127, 256) and r in (1, 4, 16, 64)
+# (M, in, out, r, bias, trainable base): every M in (1, 97, 1025), in/out in (33, 127, 256) and r in (1, 4, 16, 64);
+# the last one also has a partial register tile of r after a whole one in the CPU kernels
 SHAPES = [
     (1, 33, 127, 1, True, False),
     (97, 127, 33, 4, True, True),
@@ -18,6 +19,7 @@ SHAPES = [
     (97, 33, 256, 64, True, False),
     (1025, 127, 33, 64, False, True),
     (1, 256, 33, 16, False, True),
+    (1025, 130, 70, 20, True, False),
 ]
 # Triton's interpreter runs every program in numpy: tiny sizes, still ragged against its 16-wide tiles
 INTERPRETER_SHAPES = [(1, 33, 17, 1, True, False), (33, 64, 40, 8, True, True), (20, 17, 33, 4, False, True)]
@@ -139,6 +141,22 @@ def test_initial_adapter_gives_the_base_output(backend):
     x, weight, bias, lora_A, lora_B = make_layer(9, 24, 20, 4, torch.float32, device_of(backend))
     y = ff.lora_linear(x, weight, bias, lora_A, torch.zeros_like(lora_B), SCALE, 0.5, backend=backend)
     assert_close_matmul(y, torch.nn.functional.linear(x, weight, bias), torch.float32)
+
+
+def test_cpu_rank_r_products_are_deterministic_across_thread_counts():
+    """The CPU backend's own kernels (S, dS, dA, dB) sum each element on one thread in a fixed order; the base GEMMs
+    (y, dx) are MKL's, whose summation order may follow the thread count, so only lora_A's and lora_B's gradients
+    are compared."""
+    layer = make_layer(1025, 130, 70, 20, torch.float32, "cpu")
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            results.append(run(layer, "cpu", dropout_p=0.3, seed=5)[1][3:])
+    finally:
+        torch.set_num_threads(threads)
+    for grads in results[1:]:
+        assert all(torch.equal(g, g0) for g, g0 in zip(grads, results[0]))  # bitwise
 
 
 # ---------------------------------------------------------------------------------------------------- dropout
