@@ -1,4 +1,5 @@
-"""Helpers shared by every op's benchmark: sizes, device, timing, the add-bandwidth baseline, the result table.
+"""Helpers shared by every op's benchmark: sizes, device, timing, the add-bandwidth baseline, the result table, and
+the pytest tests and CLI table of a bandwidth-bound op built from its variant factories.
 
 Environment:
   FF_BENCH_SCALE  float (default 1.0): scales every dimension of the GPT-2-small tensor list, so the element
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
+import fastforget as ff
 
 SMOKE_SCALE = 0.02
 FP32_BYTES = 4
@@ -208,6 +211,49 @@ def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
         benchmark.extra_info["bandwidth_fraction"] = achieved / baseline_gbps
 
 
+def per_backend(factory: Callable[..., Variant]) -> Callable[..., Variant]:
+    """Marks a variant factory ``(inputs, backend) -> Variant`` as one variant per backend: for every one of
+    ff.BACKENDS in pytest (skipped where unusable), for the usable ones in the CLI. Other factories take ``inputs``."""
+    factory.per_backend = True
+    return factory
+
+
+def expand(factories, backends) -> list[tuple[Callable[..., Variant], str | None]]:
+    """(factory, backend) for every variant, in order: a per_backend factory once per backend, the others once."""
+    return [(f, b) for f in factories for b in (backends if getattr(f, "per_backend", False) else [None])]
+
+
+def build(factory: Callable[..., Variant], backend: str | None, inputs) -> Variant:
+    return factory(inputs) if backend is None else factory(inputs, backend)
+
+
+def bandwidth_baseline(inputs) -> Variant:
+    return add_baseline(inputs.numel, bench_device())
+
+
+def pytest_benchmarks(make_inputs: Callable[[float, torch.device], object], factories):
+    """A bandwidth benchmark module's pytest side, for it to assign to ``inputs, test_variant``: the module-scoped
+    ``inputs`` fixture (``make_inputs(scale, device)``, with a ``numel``) and one test parametrised over every
+    variant of ``factories`` and the bandwidth baseline, with ids such as ``foreach`` and ``fused-cpu`` (so
+    ``pytest bench/bench_<op>.py -k foreach`` picks one). Each records its bytes, GB/s and fraction of the
+    ``add_bandwidth_gbps`` fixture (conftest.py's, over the GPT-2 list, unless the module overrides it)."""
+
+    @pytest.fixture(scope="module", name="inputs")
+    def inputs_fixture():
+        return make_inputs(bench_scale(), bench_device())
+
+    variants = expand((*factories, bandwidth_baseline), ff.BACKENDS)
+    ids = [factory.__name__ if backend is None else f"{factory.__name__}-{backend}" for factory, backend in variants]
+
+    @pytest.mark.parametrize(("factory", "backend"), variants, ids=ids)
+    def test_variant(benchmark, inputs, add_bandwidth_gbps, factory, backend):
+        if backend is not None:
+            require_backend(backend, ff.available_backends(), bench_device())
+        record_benchmark(benchmark, build(factory, backend, inputs), add_bandwidth_gbps)
+
+    return inputs_fixture, test_variant
+
+
 def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
@@ -281,3 +327,16 @@ def run_table(
     for backend, reason in (skipped or {}).items():
         print(f"skipped backend {backend}: {reason}")
     return variant_ms
+
+
+def run_variants(
+    factories, inputs, args: argparse.Namespace, reference: str = "eager_reference"
+) -> tuple[list[Variant], list[float]]:
+    """A bandwidth benchmark's CLI table: build every variant of ``factories`` on ``inputs`` (each per_backend one
+    for every backend usable here), then run_table them against the add baseline over ``inputs.numel`` elements
+    with ``args.repeats`` and ``args.warmup``. Returns the variants and their median ms."""
+    device = bench_device()
+    backends, skipped = usable_backends(ff.available_backends(), device)
+    variants = [build(factory, backend, inputs) for factory, backend in expand(factories, backends)]
+    baseline = add_baseline(inputs.numel, device)
+    return variants, run_table(variants, baseline, args.repeats, args.warmup, reference, skipped)
