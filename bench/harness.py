@@ -192,14 +192,19 @@ def add_bandwidth_gbps(numel: int, device: torch.device, repeats: int | None = N
     return gbps(baseline.bytes_moved, time_ms(baseline.fn, default_repeats() if repeats is None else repeats))
 
 
-def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
-    """Run ``variant`` under pytest-benchmark and put bytes, GB/s and the bandwidth fraction in extra_info."""
+def synchronized(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` followed by a wait for the device: what pytest-benchmark times, so that queued device work counts."""
 
-    def run_synchronized():
-        variant.fn()
+    def run():
+        fn()
         synchronize()
 
-    benchmark(run_synchronized)
+    return run
+
+
+def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
+    """Run ``variant`` under pytest-benchmark and put bytes, GB/s and the bandwidth fraction in extra_info."""
+    benchmark(synchronized(variant.fn))
     benchmark.extra_info["bytes"] = variant.bytes_moved
     if variant.compile_ms is not None:
         benchmark.extra_info["compile_ms"] = variant.compile_ms
@@ -254,17 +259,21 @@ def pytest_benchmarks(make_inputs: Callable[[float, torch.device], object], fact
     return inputs_fixture, test_variant
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def arg_parser(
+    description: str, scale_help: str = "dimension scale of the GPT-2 tensor list"
+) -> argparse.ArgumentParser:
+    """The options every benchmark's CLI has (--scale, --repeats, --warmup), for it to add its own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
-        "--scale",
-        type=float,
-        default=bench_scale(),
-        help="dimension scale of the GPT-2 tensor list (default: FF_BENCH_SCALE, or smoke size)",
+        "--scale", type=float, default=bench_scale(), help=f"{scale_help} (default: FF_BENCH_SCALE, or smoke size)"
     )
     parser.add_argument("--repeats", type=int, default=default_repeats(), help="timed runs per variant (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing each variant")
-    return parser.parse_args()
+    return parser
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    return arg_parser(description).parse_args()
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
