@@ -223,16 +223,18 @@ def per_backend(factory: Callable[..., Variant]) -> Callable[..., Variant]:
     return factory
 
 
-def expand(factories, backends) -> list[tuple[Callable[..., Variant], str | None]]:
-    """(factory, backend) for every variant, in order: a per_backend factory once per backend, the others once."""
+def expand_backends(factories, backends) -> list[tuple[Callable[..., Variant], str | None]]:
+    """(factory, backend) for every variant, in order: a per_backend factory once per backend, the others once
+    (backend None)."""
     return [(f, b) for f in factories for b in (backends if getattr(f, "per_backend", False) else [None])]
 
 
-def build(factory: Callable[..., Variant], backend: str | None, inputs) -> Variant:
+def make_variant(factory: Callable[..., Variant], backend: str | None, inputs) -> Variant:
     return factory(inputs) if backend is None else factory(inputs, backend)
 
 
 def bandwidth_baseline(inputs) -> Variant:
+    """The add baseline over ``inputs.numel`` elements, as a variant factory."""
     return add_baseline(inputs.numel, bench_device())
 
 
@@ -247,14 +249,14 @@ def pytest_benchmarks(make_inputs: Callable[[float, torch.device], object], fact
     def inputs_fixture():
         return make_inputs(bench_scale(), bench_device())
 
-    variants = expand((*factories, bandwidth_baseline), ff.BACKENDS)
-    ids = [factory.__name__ if backend is None else f"{factory.__name__}-{backend}" for factory, backend in variants]
+    cases = expand_backends((*factories, bandwidth_baseline), ff.BACKENDS)
+    ids = [factory.__name__ if backend is None else f"{factory.__name__}-{backend}" for factory, backend in cases]
 
-    @pytest.mark.parametrize(("factory", "backend"), variants, ids=ids)
+    @pytest.mark.parametrize(("factory", "backend"), cases, ids=ids)
     def test_variant(benchmark, inputs, add_bandwidth_gbps, factory, backend):
         if backend is not None:
             require_backend(backend, ff.available_backends(), bench_device())
-        record_benchmark(benchmark, build(factory, backend, inputs), add_bandwidth_gbps)
+        record_benchmark(benchmark, make_variant(factory, backend, inputs), add_bandwidth_gbps)
 
     return inputs_fixture, test_variant
 
@@ -346,6 +348,6 @@ def run_variants(
     with ``args.repeats`` and ``args.warmup``. Returns the variants and their median ms."""
     device = bench_device()
     backends, skipped = usable_backends(ff.available_backends(), device)
-    variants = [build(factory, backend, inputs) for factory, backend in expand(factories, backends)]
+    variants = [make_variant(factory, backend, inputs) for factory, backend in expand_backends(factories, backends)]
     baseline = add_baseline(inputs.numel, device)
     return variants, run_table(variants, baseline, args.repeats, args.warmup, reference, skipped)
