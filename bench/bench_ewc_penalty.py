@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 
 if __package__ in (None, ""):  # run as a script: make `bench` (and an uninstalled fastforget) importable
@@ -98,6 +97,7 @@ def compiled_reference(inputs: EwcInputs) -> Variant:
     return Variant("compiled_reference", "inductor", run, FRESH_GRAD_BYTES * inputs.numel, compile_ms)
 
 
+@harness.per_backend
 def fused_autograd(inputs: EwcInputs, backend: str) -> Variant:
     params, anchors, fisher = inputs.params, inputs.anchors, inputs.fisher
 
@@ -108,6 +108,7 @@ def fused_autograd(inputs: EwcInputs, backend: str) -> Variant:
     return Variant("fused_autograd", backend, run, FRESH_GRAD_BYTES * inputs.numel)
 
 
+@harness.per_backend
 def fused_inplace(inputs: EwcInputs, backend: str) -> Variant:
     params, anchors, fisher = inputs.params, inputs.anchors, inputs.fisher
     existing_grads(params)
@@ -119,54 +120,16 @@ def fused_inplace(inputs: EwcInputs, backend: str) -> Variant:
     )
 
 
-@pytest.fixture(scope="module")
-def inputs() -> EwcInputs:
-    return make_inputs(harness.bench_scale(), harness.bench_device())
-
-
-def test_eager_reference(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, eager_reference(inputs), add_bandwidth_gbps)
-
-
-def test_foreach(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, foreach(inputs), add_bandwidth_gbps)
-
-
-def test_compiled_reference(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, compiled_reference(inputs), add_bandwidth_gbps)
-
-
-@pytest.mark.parametrize("backend", ff.BACKENDS)
-def test_fused_autograd(benchmark, inputs, add_bandwidth_gbps, backend):
-    harness.require_backend(backend, ff.available_backends(), inputs.params[0].device)
-    harness.record_benchmark(benchmark, fused_autograd(inputs, backend), add_bandwidth_gbps)
-
-
-@pytest.mark.parametrize("backend", ff.BACKENDS)
-def test_fused_inplace(benchmark, inputs, add_bandwidth_gbps, backend):
-    harness.require_backend(backend, ff.available_backends(), inputs.params[0].device)
-    harness.record_benchmark(benchmark, fused_inplace(inputs, backend), add_bandwidth_gbps)
-
-
-def test_bandwidth_baseline(benchmark, inputs, add_bandwidth_gbps):
-    device = inputs.params[0].device
-    harness.record_benchmark(benchmark, harness.add_baseline(inputs.numel, device), add_bandwidth_gbps)
+VARIANTS = (eager_reference, foreach, compiled_reference, fused_autograd, fused_inplace)
+inputs, test_variant = harness.pytest_benchmarks(make_inputs, VARIANTS)
 
 
 def main() -> None:
     args = harness.parse_args(__doc__.splitlines()[0])
     device = harness.bench_device()
     inputs = make_inputs(args.scale, device)
-    backends, skipped = harness.usable_backends(ff.available_backends(), device)
-    variants = [
-        eager_reference(inputs),
-        foreach(inputs),
-        compiled_reference(inputs),
-        *(fused_autograd(inputs, backend) for backend in backends),
-        *(fused_inplace(inputs, backend) for backend in backends),
-    ]
     print(f"ewc_penalty on {device}: {len(inputs.params)} fp32 tensors, {inputs.numel:,} elements (scale {args.scale})")
-    harness.run_table(variants, harness.add_baseline(inputs.numel, device), args.repeats, args.warmup, skipped=skipped)
+    harness.run_variants(VARIANTS, inputs, args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 
 if __package__ in (None, ""):  # run as a script: make `bench` (and an uninstalled fastforget) importable
@@ -76,6 +75,7 @@ def compiled_reference(inputs: FisherInputs) -> Variant:
     return Variant("compiled_reference", "inductor", run, UPDATE_BYTES * inputs.numel, compile_ms)
 
 
+@harness.per_backend
 def fused(inputs: FisherInputs, backend: str) -> Variant:
     fisher, grads = inputs.fisher, inputs.grads
     return Variant(
@@ -86,49 +86,18 @@ def fused(inputs: FisherInputs, backend: str) -> Variant:
     )
 
 
-@pytest.fixture(scope="module")
-def inputs() -> FisherInputs:
-    return make_inputs(harness.bench_scale(), harness.bench_device())
-
-
-def test_eager_reference(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, eager_reference(inputs), add_bandwidth_gbps)
-
-
-def test_foreach(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, foreach(inputs), add_bandwidth_gbps)
-
-
-def test_compiled_reference(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, compiled_reference(inputs), add_bandwidth_gbps)
-
-
-@pytest.mark.parametrize("backend", ff.BACKENDS)
-def test_fused(benchmark, inputs, add_bandwidth_gbps, backend):
-    harness.require_backend(backend, ff.available_backends(), inputs.fisher[0].device)
-    harness.record_benchmark(benchmark, fused(inputs, backend), add_bandwidth_gbps)
-
-
-def test_bandwidth_baseline(benchmark, inputs, add_bandwidth_gbps):
-    device = inputs.fisher[0].device
-    harness.record_benchmark(benchmark, harness.add_baseline(inputs.numel, device), add_bandwidth_gbps)
+VARIANTS = (eager_reference, foreach, compiled_reference, fused)
+inputs, test_variant = harness.pytest_benchmarks(make_inputs, VARIANTS)
 
 
 def main() -> None:
     args = harness.parse_args(__doc__.splitlines()[0])
     device = harness.bench_device()
     inputs = make_inputs(args.scale, device)
-    backends, skipped = harness.usable_backends(ff.available_backends(), device)
-    variants = [
-        eager_reference(inputs),
-        foreach(inputs),
-        compiled_reference(inputs),
-        *(fused(inputs, backend) for backend in backends),
-    ]
     print(
         f"fisher_update_ on {device}: {len(inputs.fisher)} fp32 tensors, {inputs.numel:,} elements (scale {args.scale})"
     )
-    harness.run_table(variants, harness.add_baseline(inputs.numel, device), args.repeats, args.warmup, skipped=skipped)
+    harness.run_variants(VARIANTS, inputs, args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 
 if __package__ in (None, ""):  # run as a script: make `bench` (and an uninstalled fastforget) importable
@@ -72,6 +71,7 @@ def compiled_reference(inputs: EmaInputs) -> Variant:
     return Variant("compiled_reference", "inductor", run, STEP_BYTES * inputs.numel, compile_ms)
 
 
+@harness.per_backend
 def fused(inputs: EmaInputs, backend: str) -> Variant:
     def run():
         ff.grad_ema_protect_(inputs.grads, inputs.mean, inputs.var, inputs.alpha, threshold=THRESHOLD, backend=backend)
@@ -79,41 +79,19 @@ def fused(inputs: EmaInputs, backend: str) -> Variant:
     return Variant("fused", backend, run, STEP_BYTES * inputs.numel)
 
 
-@pytest.fixture(scope="module")
-def inputs() -> EmaInputs:
-    return make_inputs(harness.bench_scale(), harness.bench_device())
-
-
-def test_eager_reference(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, eager_reference(inputs), add_bandwidth_gbps)
-
-
-def test_compiled_reference(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, compiled_reference(inputs), add_bandwidth_gbps)
-
-
-@pytest.mark.parametrize("backend", ff.BACKENDS)
-def test_fused(benchmark, inputs, add_bandwidth_gbps, backend):
-    harness.require_backend(backend, ff.available_backends(), inputs.grads[0].device)
-    harness.record_benchmark(benchmark, fused(inputs, backend), add_bandwidth_gbps)
-
-
-def test_bandwidth_baseline(benchmark, inputs, add_bandwidth_gbps):
-    device = inputs.grads[0].device
-    harness.record_benchmark(benchmark, harness.add_baseline(inputs.numel, device), add_bandwidth_gbps)
+VARIANTS = (eager_reference, compiled_reference, fused)
+inputs, test_variant = harness.pytest_benchmarks(make_inputs, VARIANTS)
 
 
 def main() -> None:
     args = harness.parse_args(__doc__.splitlines()[0])
     device = harness.bench_device()
     inputs = make_inputs(args.scale, device)
-    backends, skipped = harness.usable_backends(ff.available_backends(), device)
-    variants = [eager_reference(inputs), compiled_reference(inputs), *(fused(inputs, b) for b in backends)]
     print(
         f"grad_ema_protect_ on {device}: {len(inputs.grads)} fp32 tensors, {inputs.numel:,} elements "
         f"(scale {args.scale}), fp32 state ({2 * harness.FP32_BYTES * inputs.numel / 1e9:.2f} GB)"
     )
-    harness.run_table(variants, harness.add_baseline(inputs.numel, device), args.repeats, args.warmup, skipped=skipped)
+    harness.run_variants(VARIANTS, inputs, args)
 
 
 if __name__ == "__main__":

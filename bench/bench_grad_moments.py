@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 
 if __package__ in (None, ""):  # run as a script: make `bench` (and an uninstalled fastforget) importable
@@ -69,47 +68,22 @@ def compiled_reference(inputs: MomentsInputs) -> Variant:
     return Variant("compiled_reference", "inductor", run, MOMENTS_BYTES * inputs.numel, compile_ms)
 
 
+@harness.per_backend
 def fused(inputs: MomentsInputs, backend: str) -> Variant:
     grads = inputs.grads
     return Variant("fused", backend, lambda: ff.grad_moments(grads, 1.0, backend=backend), MOMENTS_BYTES * inputs.numel)
 
 
-@pytest.fixture(scope="module")
-def inputs() -> MomentsInputs:
-    return make_inputs(harness.bench_scale(), harness.bench_device())
-
-
-def test_eager_reference(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, eager_reference(inputs), add_bandwidth_gbps)
-
-
-def test_compiled_reference(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, compiled_reference(inputs), add_bandwidth_gbps)
-
-
-@pytest.mark.parametrize("backend", ff.BACKENDS)
-def test_fused(benchmark, inputs, add_bandwidth_gbps, backend):
-    harness.require_backend(backend, ff.available_backends(), inputs.grads[0].device)
-    harness.record_benchmark(benchmark, fused(inputs, backend), add_bandwidth_gbps)
-
-
-def test_bandwidth_baseline(benchmark, inputs, add_bandwidth_gbps):
-    device = inputs.grads[0].device
-    harness.record_benchmark(benchmark, harness.add_baseline(inputs.numel, device), add_bandwidth_gbps)
+VARIANTS = (eager_reference, compiled_reference, fused)
+inputs, test_variant = harness.pytest_benchmarks(make_inputs, VARIANTS)
 
 
 def main() -> None:
     args = harness.parse_args(__doc__.splitlines()[0])
     device = harness.bench_device()
     inputs = make_inputs(args.scale, device)
-    backends, skipped = harness.usable_backends(ff.available_backends(), device)
-    variants = [
-        eager_reference(inputs),
-        compiled_reference(inputs),
-        *(fused(inputs, backend) for backend in backends),
-    ]
     print(f"grad_moments on {device}: {len(inputs.grads)} fp32 tensors, {inputs.numel:,} elements (scale {args.scale})")
-    harness.run_table(variants, harness.add_baseline(inputs.numel, device), args.repeats, args.warmup, skipped=skipped)
+    harness.run_variants(VARIANTS, inputs, args)
     print(f"no foreach variant: {FOREACH_NOT_APPLICABLE}")
 
 

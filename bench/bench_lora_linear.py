@@ -15,7 +15,6 @@ CLI:    python bench/bench_lora_linear.py [--tokens M] [--features N] [--rank R]
         (defaults: the CPU size M=4096, in=out=1024, r=16, fp32; bench/gpu_check.sh runs 8192 x 4096 x 4096 bf16)
 """
 
-import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,11 +217,7 @@ def compiled_ref(inputs):
 
 
 def record(benchmark, variant: Variant, mode: str) -> None:
-    def run_synchronized():
-        variant.fn()
-        harness.synchronize()
-
-    benchmark(run_synchronized)
+    benchmark(harness.synchronized(variant.fn))
     benchmark.extra_info.update(mode=mode, flops=variant.flops)
     if variant.compile_ms is not None:
         benchmark.extra_info["compile_ms"] = variant.compile_ms
@@ -256,14 +251,11 @@ def test_fused(benchmark, inputs, backend, mode):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.arg_parser(__doc__.splitlines()[0], scale_help="scales tokens and features")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="M, rows of x (default %(default)s)")
     parser.add_argument("--features", type=int, default=FEATURES, help="in = out features (default %(default)s)")
     parser.add_argument("--rank", type=int, default=RANK, help="r (default %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--scale", type=float, default=harness.bench_scale(), help="scales tokens and features")
-    parser.add_argument("--repeats", type=int, default=harness.default_repeats(), help="timed runs (median)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     return parser.parse_args()
 
 

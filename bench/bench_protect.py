@@ -97,6 +97,7 @@ def seed(inputs: ProtectInputs) -> Variant:
     return Variant("seed", "torch", run, STEP_BYTES * inputs.numel, state_bytes=state_bytes)
 
 
+@harness.per_backend
 def protector(inputs: ProtectInputs, backend: str, mode: str = "tensor") -> Variant:
     named, grads = parameters_with_grads(inputs)
     protector = ff.GradientProtector(named, window=WINDOW, threshold=THRESHOLD, mode=mode, backend=backend)
@@ -106,6 +107,11 @@ def protector(inputs: ProtectInputs, backend: str, mode: str = "tensor") -> Vari
     return Variant(name, backend, run, step_bytes * inputs.numel, state_bytes=protector.state_bytes())
 
 
+@harness.per_backend
+def protector_element(inputs: ProtectInputs, backend: str) -> Variant:
+    return protector(inputs, backend, "element")
+
+
 def restore_grads(inputs: ProtectInputs) -> Variant:
     """The restore copy alone (part of every step above)."""
     _, grads = parameters_with_grads(inputs)
@@ -113,56 +119,26 @@ def restore_grads(inputs: ProtectInputs) -> Variant:
     return Variant("restore_grads", "torch", lambda: torch._foreach_copy_(grads, stored), RESTORE_BYTES * inputs.numel)
 
 
-@pytest.fixture(scope="module")
-def inputs() -> ProtectInputs:
-    return make_inputs(harness.bench_scale(), harness.bench_device())
+VARIANTS = (seed, protector, protector_element, restore_grads)
+inputs, test_variant = harness.pytest_benchmarks(make_inputs, VARIANTS)
 
 
 @pytest.fixture(scope="module")
-def protect_add_gbps(inputs) -> float:
-    """The add baseline over this benchmark's element count (not the GPT-2 list's)."""
-    return harness.add_bandwidth_gbps(inputs.numel, inputs.stored[0].device)
-
-
-def test_seed(benchmark, inputs, protect_add_gbps):
-    harness.record_benchmark(benchmark, seed(inputs), protect_add_gbps)
-
-
-@pytest.mark.parametrize("backend", ff.BACKENDS)
-def test_protector(benchmark, inputs, protect_add_gbps, backend):
-    harness.require_backend(backend, ff.available_backends(), inputs.stored[0].device)
-    harness.record_benchmark(benchmark, protector(inputs, backend), protect_add_gbps)
-
-
-@pytest.mark.parametrize("backend", ff.BACKENDS)
-def test_protector_element(benchmark, inputs, protect_add_gbps, backend):
-    harness.require_backend(backend, ff.available_backends(), inputs.stored[0].device)
-    harness.record_benchmark(benchmark, protector(inputs, backend, "element"), protect_add_gbps)
-
-
-def test_restore_grads(benchmark, inputs, protect_add_gbps):
-    harness.record_benchmark(benchmark, restore_grads(inputs), protect_add_gbps)
-
-
-def test_bandwidth_baseline(benchmark, inputs, protect_add_gbps):
-    device = inputs.stored[0].device
-    harness.record_benchmark(benchmark, harness.add_baseline(inputs.numel, device), protect_add_gbps)
+def add_bandwidth_gbps(inputs) -> float:
+    """The add baseline over this benchmark's element count (not the GPT-2 list's, as conftest.py's)."""
+    return harness.add_bandwidth_gbps(inputs.numel, harness.bench_device())
 
 
 def main() -> None:
     args = harness.parse_args(__doc__.splitlines()[0])
     device = harness.bench_device()
     inputs = make_inputs(args.scale, device)
-    backends, skipped = harness.usable_backends(ff.available_backends(), device)
-    protectors = [protector(inputs, backend, mode) for mode in ("tensor", "element") for backend in backends]
-    variants = [seed(inputs), *protectors, restore_grads(inputs)]
     print(
         f"protect on {device}: {len(inputs.stored)} fp32 tensors, {inputs.numel:,} elements "
         f"(GPT-2 dimensions x {PROTECT_SCALE * args.scale:g}), window {WINDOW}, threshold {THRESHOLD}; ms per step"
     )
-    seed_ms, *protector_ms, restore_ms = harness.run_table(
-        variants, harness.add_baseline(inputs.numel, device), args.repeats, args.warmup, "seed", skipped
-    )
+    variants, (seed_ms, *protector_ms, restore_ms) = harness.run_variants(VARIANTS, inputs, args, reference="seed")
+    protectors = variants[1:-1]  # between seed and restore_grads
     print("restore_grads: the .grad restore copy that every step above includes (its speedup means nothing)")
     for variant, ms in zip(protectors, protector_ms):
         if ms > restore_ms:

@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 
 if __package__ in (None, ""):  # run as a script: make `bench` (and an uninstalled fastforget) importable
@@ -77,6 +76,7 @@ def compiled_reference(inputs: ScaleInputs) -> Variant:
     return Variant("compiled_reference", "inductor", run, SCALE_BYTES * inputs.numel, compile_ms)
 
 
+@harness.per_backend
 def fused(inputs: ScaleInputs, backend: str) -> Variant:
     grads = inputs.grads
     run = harness.alternate(
@@ -86,47 +86,16 @@ def fused(inputs: ScaleInputs, backend: str) -> Variant:
     return Variant("fused", backend, run, SCALE_BYTES * inputs.numel)
 
 
-@pytest.fixture(scope="module")
-def inputs() -> ScaleInputs:
-    return make_inputs(harness.bench_scale(), harness.bench_device())
-
-
-def test_eager_reference(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, eager_reference(inputs), add_bandwidth_gbps)
-
-
-def test_foreach(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, foreach(inputs), add_bandwidth_gbps)
-
-
-def test_compiled_reference(benchmark, inputs, add_bandwidth_gbps):
-    harness.record_benchmark(benchmark, compiled_reference(inputs), add_bandwidth_gbps)
-
-
-@pytest.mark.parametrize("backend", ff.BACKENDS)
-def test_fused(benchmark, inputs, add_bandwidth_gbps, backend):
-    harness.require_backend(backend, ff.available_backends(), inputs.grads[0].device)
-    harness.record_benchmark(benchmark, fused(inputs, backend), add_bandwidth_gbps)
-
-
-def test_bandwidth_baseline(benchmark, inputs, add_bandwidth_gbps):
-    device = inputs.grads[0].device
-    harness.record_benchmark(benchmark, harness.add_baseline(inputs.numel, device), add_bandwidth_gbps)
+VARIANTS = (eager_reference, foreach, compiled_reference, fused)
+inputs, test_variant = harness.pytest_benchmarks(make_inputs, VARIANTS)
 
 
 def main() -> None:
     args = harness.parse_args(__doc__.splitlines()[0])
     device = harness.bench_device()
     inputs = make_inputs(args.scale, device)
-    backends, skipped = harness.usable_backends(ff.available_backends(), device)
-    variants = [
-        eager_reference(inputs),
-        foreach(inputs),
-        compiled_reference(inputs),
-        *(fused(inputs, backend) for backend in backends),
-    ]
     print(f"scale_grads_ on {device}: {len(inputs.grads)} fp32 tensors, {inputs.numel:,} elements (scale {args.scale})")
-    harness.run_table(variants, harness.add_baseline(inputs.numel, device), args.repeats, args.warmup, skipped=skipped)
+    harness.run_variants(VARIANTS, inputs, args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Helpers shared by every op's benchmark: sizes, device, timing, the add-bandwidth baseline, the result table.
+"""Helpers shared by every op's benchmark: sizes, device, timing, the add-bandwidth baseline, the result table, and
+the pytest tests and CLI table of a bandwidth-bound op built from its variant factories.
 
 Environment:
   FF_BENCH_SCALE  float (default 1.0): scales every dimension of the GPT-2-small tensor list, so the element
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
+import fastforget as ff
 
 SMOKE_SCALE = 0.02
 FP32_BYTES = 4
@@ -189,14 +192,19 @@ def add_bandwidth_gbps(numel: int, device: torch.device, repeats: int | None = N
     return gbps(baseline.bytes_moved, time_ms(baseline.fn, default_repeats() if repeats is None else repeats))
 
 
-def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
-    """Run ``variant`` under pytest-benchmark and put bytes, GB/s and the bandwidth fraction in extra_info."""
+def synchronized(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` followed by a wait for the device: what pytest-benchmark times, so that queued device work counts."""
 
-    def run_synchronized():
-        variant.fn()
+    def run():
+        fn()
         synchronize()
 
-    benchmark(run_synchronized)
+    return run
+
+
+def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
+    """Run ``variant`` under pytest-benchmark and put bytes, GB/s and the bandwidth fraction in extra_info."""
+    benchmark(synchronized(variant.fn))
     benchmark.extra_info["bytes"] = variant.bytes_moved
     if variant.compile_ms is not None:
         benchmark.extra_info["compile_ms"] = variant.compile_ms
@@ -208,17 +216,66 @@ def record_benchmark(benchmark, variant: Variant, baseline_gbps: float) -> None:
         benchmark.extra_info["bandwidth_fraction"] = achieved / baseline_gbps
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def per_backend(factory: Callable[..., Variant]) -> Callable[..., Variant]:
+    """Marks a variant factory ``(inputs, backend) -> Variant`` as one variant per backend: for every one of
+    ff.BACKENDS in pytest (skipped where unusable), for the usable ones in the CLI. Other factories take ``inputs``."""
+    factory.per_backend = True
+    return factory
+
+
+def expand_backends(factories, backends) -> list[tuple[Callable[..., Variant], str | None]]:
+    """(factory, backend) for every variant, in order: a per_backend factory once per backend, the others once
+    (backend None)."""
+    return [(f, b) for f in factories for b in (backends if getattr(f, "per_backend", False) else [None])]
+
+
+def make_variant(factory: Callable[..., Variant], backend: str | None, inputs) -> Variant:
+    return factory(inputs) if backend is None else factory(inputs, backend)
+
+
+def bandwidth_baseline(inputs) -> Variant:
+    """The add baseline over ``inputs.numel`` elements, as a variant factory."""
+    return add_baseline(inputs.numel, bench_device())
+
+
+def pytest_benchmarks(make_inputs: Callable[[float, torch.device], object], factories):
+    """A bandwidth benchmark module's pytest side, for it to assign to ``inputs, test_variant``: the module-scoped
+    ``inputs`` fixture (``make_inputs(scale, device)``, with a ``numel``) and one test parametrised over every
+    variant of ``factories`` and the bandwidth baseline, with ids such as ``foreach`` and ``fused-cpu`` (so
+    ``pytest bench/bench_<op>.py -k foreach`` picks one). Each records its bytes, GB/s and fraction of the
+    ``add_bandwidth_gbps`` fixture (conftest.py's, over the GPT-2 list, unless the module overrides it)."""
+
+    @pytest.fixture(scope="module", name="inputs")
+    def inputs_fixture():
+        return make_inputs(bench_scale(), bench_device())
+
+    cases = expand_backends((*factories, bandwidth_baseline), ff.BACKENDS)
+    ids = [factory.__name__ if backend is None else f"{factory.__name__}-{backend}" for factory, backend in cases]
+
+    @pytest.mark.parametrize(("factory", "backend"), cases, ids=ids)
+    def test_variant(benchmark, inputs, add_bandwidth_gbps, factory, backend):
+        if backend is not None:
+            require_backend(backend, ff.available_backends(), bench_device())
+        record_benchmark(benchmark, make_variant(factory, backend, inputs), add_bandwidth_gbps)
+
+    return inputs_fixture, test_variant
+
+
+def arg_parser(
+    description: str, scale_help: str = "dimension scale of the GPT-2 tensor list"
+) -> argparse.ArgumentParser:
+    """The options every benchmark's CLI has (--scale, --repeats, --warmup), for it to add its own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
-        "--scale",
-        type=float,
-        default=bench_scale(),
-        help="dimension scale of the GPT-2 tensor list (default: FF_BENCH_SCALE, or smoke size)",
+        "--scale", type=float, default=bench_scale(), help=f"{scale_help} (default: FF_BENCH_SCALE, or smoke size)"
     )
     parser.add_argument("--repeats", type=int, default=default_repeats(), help="timed runs per variant (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing each variant")
-    return parser.parse_args()
+    return parser
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    return arg_parser(description).parse_args()
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
@@ -281,3 +338,16 @@ def run_table(
     for backend, reason in (skipped or {}).items():
         print(f"skipped backend {backend}: {reason}")
     return variant_ms
+
+
+def run_variants(
+    factories, inputs, args: argparse.Namespace, reference: str = "eager_reference"
+) -> tuple[list[Variant], list[float]]:
+    """A bandwidth benchmark's CLI table: build every variant of ``factories`` on ``inputs`` (each per_backend one
+    for every backend usable here), then run_table them against the add baseline over ``inputs.numel`` elements
+    with ``args.repeats`` and ``args.warmup``. Returns the variants and their median ms."""
+    device = bench_device()
+    backends, skipped = usable_backends(ff.available_backends(), device)
+    variants = [make_variant(factory, backend, inputs) for factory, backend in expand_backends(factories, backends)]
+    baseline = add_baseline(inputs.numel, device)
+    return variants, run_table(variants, baseline, args.repeats, args.warmup, reference, skipped)
