@@ -159,6 +159,24 @@ def test_cpu_rank_r_products_are_deterministic_across_thread_counts():
         assert all(torch.equal(g, g0) for g, g0 in zip(grads, results[0]))  # bitwise
 
 
+def test_cpu_op_reads_a_non_contiguous_keep_mask_by_its_strides():
+    """A direct op call may pass any bool mask shaped like x; the CPU kernels index contiguous ones only."""
+    x, weight, bias, lora_A, lora_B = make_layer(40, 37, 21, 5, torch.float32, "cpu")
+    keep = dropout_keep_mask(x.shape, 0.4, "cpu")
+    keep_t = keep.t().contiguous().t()  # same values, column-major
+    S = SCALE * x @ lora_A.t()
+    grad_y = torch.randn(40, 21)
+    op, backward = torch.ops.fastforget.lora_linear, torch.ops.fastforget.lora_linear_backward
+    for mask in (keep, keep_t):
+        y, S_ = op(x, weight, bias, lora_A, lora_B, mask, SCALE)
+        dx, _, _, dA, dB = backward(grad_y, x, weight, lora_A, lora_B, mask, S, SCALE, [True, False, False, True, True])
+        if mask is keep:
+            expected = (y, S_, dx, dA, dB)
+        else:
+            for got, want in zip((y, S_, dx, dA, dB), expected):
+                assert_close_matmul(got, want, torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------- dropout
 
 

@@ -65,12 +65,13 @@ Vec<T> load_partial(const T* x, const bool* keep, int64_t n) {
 
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_item)); }
 
-bool fast(std::initializer_list<const at::Tensor*> tensors) {
+// fp32/fp64 operands and a keep mask, all contiguous: what these kernels index
+bool fast(std::initializer_list<const at::Tensor*> tensors, const OptionalTensor& keep = std::nullopt) {
   for (const at::Tensor* t : tensors) {
     const auto type = t->scalar_type();
     if ((type != at::kFloat && type != at::kDouble) || !t->is_contiguous()) return false;
   }
-  return true;
+  return !keep || keep->is_contiguous();
 }
 
 const bool* mask_of(const OptionalTensor& keep) { return keep ? keep->const_data_ptr<bool>() : nullptr; }
@@ -233,7 +234,7 @@ void reduce_kernel(const at::Tensor& P, const at::Tensor& X, const bool* keep, b
 
 struct CpuProducts {
   static at::Tensor project(const at::Tensor& X, const at::Tensor& F, const OptionalTensor& keep, double alpha) {
-    if (!fast({&X})) return AtenProducts::project(X, F, keep, alpha);
+    if (!fast({&X}, keep)) return AtenProducts::project(X, F, keep, alpha);
     at::Tensor out = at::empty({X.size(0), F.size(0)}, X.options());
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "lora_project", [&] {
       project_kernel<scalar_t>(X, F, mask_of(keep), static_cast<scalar_t>(alpha), out);
@@ -244,7 +245,7 @@ struct CpuProducts {
   static at::Tensor expand(const at::Tensor& P, const at::Tensor& F, const OptionalTensor& bias,
                            const OptionalTensor& keep) {
     const at::Tensor Fc = F.contiguous();  // lora_B^T for y: out x r, small
-    if (!fast({&P, &Fc}) || (bias && !bias->is_contiguous())) return AtenProducts::expand(P, F, bias, keep);
+    if (!fast({&P, &Fc}, keep) || (bias && !bias->is_contiguous())) return AtenProducts::expand(P, F, bias, keep);
     at::Tensor out = at::empty({P.size(0), F.size(1)}, P.options());
     AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "lora_expand", [&] {
       expand_kernel<scalar_t>(P, Fc, bias ? bias->const_data_ptr<scalar_t>() : nullptr, mask_of(keep), out);
@@ -253,7 +254,7 @@ struct CpuProducts {
   }
 
   static at::Tensor reduce(const at::Tensor& P, const at::Tensor& X, const OptionalTensor& keep) {
-    if (!fast({&P, &X})) return AtenProducts::reduce(P, X, keep);
+    if (!fast({&P, &X}, keep)) return AtenProducts::reduce(P, X, keep);
     at::Tensor out = at::empty({P.size(1), X.size(1)}, X.options());
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "lora_reduce", [&] {
       reduce_kernel<scalar_t>(P, X, mask_of(keep), /*transposed=*/false, out);
