@@ -19,7 +19,7 @@ def native_extension():
     with_cuda = (
         torch.version.cuda is not None and CUDA_HOME is not None and not os.environ.get("FASTFORGET_SKIP_CUDA_BUILD")
     )
-    sources = ["csrc/extension.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]  # csrc/*.cpp: any device
     # -fopenmp makes at::parallel_for parallel; the GOMP symbols resolve to the OpenMP runtime torch already
     # loaded (not linked here), so torch.set_num_threads governs our kernels too.
     # -fno-trapping-math lets the compiler vectorise loops with float selects (we never read FP exception flags);

@@ -275,7 +275,8 @@ def _register(flavour):
         grads = backward_op(grad_y, x, weight, lora_A, lora_B, keep, S, ctx.scale, output_mask)
         return *grads, None, None
 
-    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+    if flavour:  # the native flavour's autograd is C++ (csrc/lora_linear_autograd.cpp): no Python per call
+        torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
     forward_op = getattr(torch.ops.fastforget, forward.split("::")[1]).default
     torch.library.register_vmap(forward, _forward_vmap(forward_op))
     torch.library.register_vmap(backward, _backward_vmap(backward_op))
