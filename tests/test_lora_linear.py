@@ -3,6 +3,8 @@
 import pytest
 import torch
 from conftest import CUDA, FUSED_BACKENDS, device_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastforget as ff
 from fastforget.ops.lora_linear import dropout_keep_mask
@@ -141,6 +143,24 @@ def test_initial_adapter_gives_the_base_output(backend):
     x, weight, bias, lora_A, lora_B = make_layer(9, 24, 20, 4, torch.float32, device_of(backend))
     y = ff.lora_linear(x, weight, bias, lora_A, torch.zeros_like(lora_B), SCALE, 0.5, backend=backend)
     assert_close_matmul(y, torch.nn.functional.linear(x, weight, bias), torch.float32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(0, 70),
+    n_in=st.integers(1, 70),
+    n_out=st.integers(1, 70),
+    r=st.integers(1, 40),
+    bias=st.booleans(),
+    trainable_base=st.booleans(),
+    dropout_p=st.sampled_from([0.0, 0.3]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31),
+)
+def test_random_cpu_layers(m, n_in, n_out, r, bias, trainable_base, dropout_p, dtype, seed):
+    """The CPU kernels' tails at random: rows, columns and r not multiples of their register tiles."""
+    layer = make_layer(m, n_in, n_out, r, dtype, "cpu", bias, seed=seed)
+    check_against_truth(layer, "cpu", trainable_base, dropout_p)
 
 
 def test_cpu_rank_r_products_are_deterministic_across_thread_counts():
