@@ -1,11 +1,15 @@
 // Autograd of fastforget::lora_linear (the native flavour, every device): a C++ autograd Function registered on
 // the op's Autograd key, so that an eager forward + backward of a LoRA layer costs no Python beyond
-// ff.lora_linear's argument checks -- torch.library's Python autograd wrapper cost ~150 us per layer, more than
-// the kernels of a small layer. The math is fastforget/ops/lora_linear.py's; forward and backward are the ops
-// themselves, called below autograd, so torch.compile traces them and their fake impls as before. The Triton
-// flavour registers the same autograd in Python (fastforget/ops/lora_linear.py).
+// ff.lora_linear's argument checks -- torch.library's Python autograd wrapper cost ~80 us per call, more than the
+// kernels of a small layer. The math is fastforget/ops/lora_linear.py's; the forward runs the op below autograd
+// and the backward calls lora_linear_backward, so torch.compile traces both ops and their fake impls as before.
+// The Triton flavour registers the same autograd in Python (fastforget/ops/lora_linear.py). There is no double
+// backward: both flavours' lora_linear_backward get torch's not-implemented Autograd kernel here, which raises when
+// a gradient is taken through it -- without one torch only warns and treats the first-order gradients as
+// constants, and a Python registration would make torch.func refuse even the first derivative.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <array>
@@ -55,7 +59,7 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
     ctx->mark_non_differentiable({S});  // an activation saved for backward, not a result
     ctx->save_for_backward({x, weight, lora_A, lora_B, keep.value_or(at::Tensor()), S});
     ctx->saved_data["scale"] = scale;
-    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();  // an undefined one is no graph input
     return {y, S};
   }
 
@@ -87,4 +91,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_autograd(const at::Tensor& x, con
 }  // namespace
 }  // namespace fastforget::lora
 
-TORCH_LIBRARY_IMPL(fastforget, Autograd, m) { m.impl("lora_linear", &fastforget::lora::lora_linear_autograd); }
+TORCH_LIBRARY_IMPL(fastforget, Autograd, m) {
+  m.impl("lora_linear", &fastforget::lora::lora_linear_autograd);
+  m.impl("lora_linear_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("lora_linear_backward_triton", torch::autograd::autogradNotImplementedFallback());
+}

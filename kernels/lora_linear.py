@@ -67,7 +67,7 @@ def _gemm_kernel(
         a_tile = tl.load(a + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_in, other=0)
         if KEEP_A:
             kept = tl.load(keep + offs_m[:, None] * stride_keep_row + offs_k[None, :] * stride_keep_col, a_in, other=0)
-            a_tile = tl.where(kept != 0, a_tile, tl.zeros_like(a_tile))
+            a_tile = a_tile * kept.to(a_tile.dtype)  # a product, as nn.Dropout: a dropped inf or NaN gives NaN
         b_in = in_k[:, None] & in_n[None, :]
         b_tile = tl.load(b + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn, mask=b_in, other=0)
         acc = _dot(a_tile, b_tile, acc, PRECISION, UPCAST)
@@ -87,7 +87,7 @@ def _gemm_kernel(
         if KEEP_C:
             c_in = in_m[:, None] & in_n[None, :]
             kept = tl.load(keep + offs_m[:, None] * stride_keep_row + offs_n[None, :] * stride_keep_col, c_in, other=0)
-            acc += tl.where(kept != 0, low, 0.0)
+            acc += low * kept.to(ACC)
         else:
             acc = low
 

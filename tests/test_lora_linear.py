@@ -217,6 +217,23 @@ def test_dropout_is_off_in_eval_and_at_zero(fused_backend):
         assert torch.equal(y, plain[0]) and all(torch.equal(a, b) for a, b in zip(grads, plain[1]))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under Triton's interpreter
+def test_dropped_non_finite_inputs_propagate_as_in_the_reference(fused_backend):
+    """x * keep as nn.Dropout computes it: a NaN or inf that the mask drops still makes NaN (0 * inf), so no backend
+    hides a bad activation that the reference would show."""
+    layer = list(make_layer(6, 9, 5, 3, torch.float32, device_of(fused_backend)))
+    torch.manual_seed(2)
+    keep = dropout_keep_mask((6, 9), 0.5, layer[0].device)
+    dropped = (~keep).nonzero()
+    layer[0] = layer[0].clone()
+    layer[0][tuple(dropped[0])], layer[0][tuple(dropped[1])] = float("nan"), float("inf")
+    results = [run(layer, b, dropout_p=0.5, seed=2) for b in (fused_backend, "reference")]
+    (y, grads), (y_ref, grads_ref) = results
+    assert torch.equal(y.isnan(), y_ref.isnan())
+    for got, want in zip(grads, grads_ref):
+        assert torch.equal(got.isfinite(), want.isfinite())
+
+
 def test_keep_mask_rate():
     torch.manual_seed(0)
     keep = dropout_keep_mask((400, 500), 0.3, "cpu")
@@ -236,6 +253,23 @@ def test_fp64_gradcheck(backend):
         return ff.lora_linear(*tensors, SCALE, 0.3, backend=backend)
 
     assert torch.autograd.gradcheck(layer_output, leaves)
+
+
+def test_double_backward_raises(fused_backend):
+    """No second derivative: taking one must fail, not silently drop the op's part of it."""
+    backend = fused_backend
+    layer = [t.requires_grad_() for t in make_layer(5, 7, 6, 3, torch.float64, device_of(backend))]
+    x, _, _, lora_A, _ = layer
+    y = ff.lora_linear(*layer, SCALE, backend=backend)
+    grad_x, grad_A = torch.autograd.grad((y**2).sum(), (x, lora_A), create_graph=True)
+    with pytest.raises((RuntimeError, NotImplementedError), match="lora_linear_backward"):
+        torch.autograd.grad(grad_x.sum() + grad_A.sum(), layer[:1])
+
+    def loss(x_):
+        return (ff.lora_linear(x_, *layer[1:], SCALE, backend=backend) ** 2).sum()
+
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.func.grad(lambda x_: torch.func.grad(loss)(x_).sum())(x.detach())
 
 
 def opcheck_samples(device):
@@ -444,7 +478,7 @@ def test_nested_vmap_and_no_samples(backend):
 
 def test_dropout_under_vmap(backend):
     # the mask is drawn before the op, in x's shape per sample: randomness="same" gives every sample the mask of an
-    # unbatched call at that seed; "different" would need the mask drawn per sample, which vmap refuses in place
+    # unbatched call at that seed; "different" draws one per sample (checked below); "error" refuses
     device = device_of(backend)
     layer = make_layer(3 * 4, 8, 6, 2, torch.float32, device)
     x, weight, bias, lora_A, lora_B = layer
@@ -458,9 +492,29 @@ def test_dropout_under_vmap(backend):
     assert_close_matmul(y, y_loop, torch.float32)
     for got, want in zip(grads, [grads_loop[i] for i in (0, 3, 4)]):
         assert_close_matmul(got, want, torch.float32)
-    for randomness in ("error", "different"):
-        with pytest.raises(RuntimeError, match="randomness"):
-            torch.func.vmap(lambda x_: sample_loss(backend, 0.5)(x_, *layer[1:], upstream[0]), randomness=randomness)(x)
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(lambda x_: sample_loss(backend, 0.5)(x_, *layer[1:], upstream[0]), randomness="error")(x)
+
+
+def test_dropout_under_vmap_with_different_randomness(backend):
+    """A mask per sample: samples with equal inputs get different outputs, and every backend draws the same masks
+    at one seed, so the per-sample gradients equal the reference backend's."""
+    device = device_of(backend)
+    _, weight, bias, lora_A, lora_B = make_layer(4, 8, 6, 2, torch.float32, device)
+    x = torch.randn(4, 8, device=device).expand(3, 4, 8)  # three equal samples
+    upstream = torch.randn(3, 4, 6, device=device)
+    results = {}
+    for b in (backend, "reference"):
+        grad = torch.func.grad(sample_loss(b, 0.5), argnums=(0, 3, 4), has_aux=True)
+        torch.manual_seed(3)
+        per_sample = torch.func.vmap(grad, in_dims=(0, None, None, None, None, 0), randomness="different")
+        results[b] = per_sample(x, weight, bias, lora_A, lora_B, upstream)
+    grads, y = results[backend]
+    assert not torch.equal(y[0], y[1]) and not torch.equal(y[1], y[2])
+    grads_ref, y_ref = results["reference"]
+    assert_close_matmul(y, y_ref, torch.float32)
+    for got, want in zip(grads, grads_ref):
+        assert_close_matmul(got, want, torch.float32)
 
 
 # in_dims of (x, weight, bias, lora_A, lora_B, keep) for the forward op and of (grad_y, x, weight, lora_A, lora_B,

