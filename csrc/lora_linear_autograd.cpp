@@ -13,13 +13,13 @@
 #include <torch/library.h>
 
 #include <array>
-#include <optional>
 #include <tuple>
+
+#include "lora_linear.h"  // OptionalTensor, Gradients
 
 namespace fastforget::lora {
 namespace {
 
-using OptionalTensor = std::optional<at::Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -33,8 +33,6 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Ten
                                  const at::Tensor&, const OptionalTensor&, double)>();
   return op.call(x, weight, bias, lora_A, lora_B, keep, scale);
 }
-
-using Gradients = std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor>;
 
 Gradients backward_op(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                       const at::Tensor& lora_A, const at::Tensor& lora_B, const OptionalTensor& keep,

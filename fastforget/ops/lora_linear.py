@@ -217,6 +217,22 @@ def _backward_vmap(op):
     return rule
 
 
+def _save_for_backward(ctx, inputs, output):
+    """What the op's autograd keeps (the op's inputs and its outputs (y, S)); csrc/lora_linear_autograd.cpp keeps the
+    same for the native flavour."""
+    x, weight, _, lora_A, lora_B, keep, ctx.scale = inputs
+    S = output[1]
+    ctx.mark_non_differentiable(S)  # an activation saved for backward, not a result
+    ctx.save_for_backward(x, weight, lora_A, lora_B, keep, S)
+
+
+def _gradients(ctx, backward_op, grad_y):
+    """(dx, dweight, dbias, dlora_A, dlora_B) from what _save_for_backward kept, each only where it is needed."""
+    x, weight, lora_A, lora_B, keep, S = ctx.saved_tensors
+    output_mask = list(ctx.needs_input_grad[:5])  # x, weight, bias, lora_A, lora_B
+    return backward_op(grad_y, x, weight, lora_A, lora_B, keep, S, ctx.scale, output_mask)
+
+
 class _TransformableLoRALinear(torch.autograd.Function):
     """The op's autograd in the form torch.func accepts, for ff.lora_linear under torch.func transforms.
 
@@ -235,18 +251,13 @@ class _TransformableLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, lora_A, lora_B, keep, ctx.scale, ctx.backend = inputs
-        S = output[1]
-        ctx.mark_non_differentiable(S)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, keep, S)
+        _save_for_backward(ctx, inputs[:7], output)
+        ctx.backend = inputs[7]
 
     @staticmethod
     def backward(ctx, grad_y, _grad_S):
-        x, weight, lora_A, lora_B, keep, S = ctx.saved_tensors
-        output_mask = list(ctx.needs_input_grad[:5])  # x, weight, bias, lora_A, lora_B
         backward_op = dispatch.native_op("lora_linear_backward", ctx.backend)
-        grads = backward_op(grad_y, x, weight, lora_A, lora_B, keep, S, ctx.scale, output_mask)
-        return *grads, None, None, None
+        return *_gradients(ctx, backward_op, grad_y), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------- registration
@@ -264,24 +275,16 @@ def _register(flavour):
         shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
         return tuple(x.new_empty(shape) if need else None for shape, need in zip(shapes, output_mask))
 
-    def setup_context(ctx, inputs, output):
-        x, weight, _, lora_A, lora_B, keep, ctx.scale = inputs
-        S = output[1]
-        ctx.mark_non_differentiable(S)  # an activation saved for backward, not a result
-        ctx.save_for_backward(x, weight, lora_A, lora_B, keep, S)
-
     backward_op = getattr(torch.ops.fastforget, backward.split("::")[1]).default
-
-    def backward_fn(ctx, grad_y, _grad_S):
-        x, weight, lora_A, lora_B, keep, S = ctx.saved_tensors
-        output_mask = list(ctx.needs_input_grad[:5])  # x, weight, bias, lora_A, lora_B
-        grads = backward_op(grad_y, x, weight, lora_A, lora_B, keep, S, ctx.scale, output_mask)
-        return *grads, None, None
 
     # The native flavour's autograd is C++ (csrc/lora_linear_autograd.cpp), so eager calls run no Python; that file
     # also gives both flavours' backward ops torch's not-implemented autograd, so a double backward raises.
     if flavour:
-        torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+        def backward_fn(ctx, grad_y, _grad_S):
+            return *_gradients(ctx, backward_op, grad_y), None, None
+
+        torch.library.register_autograd(forward, backward_fn, setup_context=_save_for_backward)
     forward_op = getattr(torch.ops.fastforget, forward.split("::")[1]).default
     torch.library.register_vmap(forward, _forward_vmap(forward_op))
     torch.library.register_vmap(backward, _backward_vmap(backward_op))
