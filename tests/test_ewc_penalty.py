@@ -371,10 +371,9 @@ def opcheck_samples(device):
 
 @pytest.mark.parametrize("op", ["ewc_penalty", "ewc_penalty_backward", "ewc_penalty_accumulate"])
 def test_opcheck(fused_backend, op):
-    flavour = "_triton" if fused_backend == "triton" else ""
     for name, args in opcheck_samples(device_of(fused_backend)):
         if name == op:
-            torch.library.opcheck(getattr(torch.ops.fastforget, op + flavour).default, args)
+            torch.library.opcheck(ff.dispatch.native_op(op, fused_backend), args)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])

@@ -156,12 +156,12 @@ def test_empty_list_is_a_no_op(backend):
 
 def test_opcheck(fused_backend):
     device = device_of(fused_backend)
-    op = torch.ops.fastforget.fisher_update_triton if fused_backend == "triton" else torch.ops.fastforget.fisher_update
+    op = ff.dispatch.native_op("fisher_update", fused_backend)
     for case in (
         make_case([(4, 3), (70,), (0,)], torch.float32, torch.float32, device),
         make_case([(9,)], torch.bfloat16, torch.float16, device),
     ):
-        torch.library.opcheck(op.default, (*case, DECAY, SCALE))
+        torch.library.opcheck(op, (*case, DECAY, SCALE))
 
 
 def test_torch_compile_fullgraph(fused_backend):

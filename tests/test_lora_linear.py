@@ -187,14 +187,14 @@ def test_cpu_op_reads_a_non_contiguous_keep_mask_by_its_strides():
     S = SCALE * x @ lora_A.t()
     grad_y = torch.randn(40, 21)
     op, backward = torch.ops.fastforget.lora_linear, torch.ops.fastforget.lora_linear_backward
-    for mask in (keep, keep_t):
+
+    def outputs(mask):  # y, S, dx, dA, dB
         y, S_ = op(x, weight, bias, lora_A, lora_B, mask, SCALE)
         dx, _, _, dA, dB = backward(grad_y, x, weight, lora_A, lora_B, mask, S, SCALE, [True, False, False, True, True])
-        if mask is keep:
-            expected = (y, S_, dx, dA, dB)
-        else:
-            for got, want in zip((y, S_, dx, dA, dB), expected):
-                assert_close_matmul(got, want, torch.float32)
+        return y, S_, dx, dA, dB
+
+    for got, want in zip(outputs(keep_t), outputs(keep)):
+        assert_close_matmul(got, want, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- dropout
@@ -289,10 +289,9 @@ def opcheck_samples(device):
 
 @pytest.mark.parametrize("op", ["lora_linear", "lora_linear_backward"])
 def test_opcheck(fused_backend, op):
-    flavour = "_triton" if fused_backend == "triton" else ""
     for name, args in opcheck_samples(device_of(fused_backend)):
         if name == op:
-            torch.library.opcheck(getattr(torch.ops.fastforget, op + flavour).default, args)
+            torch.library.opcheck(ff.dispatch.native_op(op, fused_backend), args)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -531,10 +530,7 @@ OP_IN_DIMS = [
 @pytest.mark.parametrize("forward_dims, backward_dims", OP_IN_DIMS, ids=str)
 def test_ops_under_vmap(fused_backend, forward_dims, backward_dims):
     # the ops' own vmap rules against a loop of the op over the samples, with the dropout mask and every output_mask
-    flavour = "_triton" if fused_backend == "triton" else ""
-    forward, backward = (
-        getattr(torch.ops.fastforget, op + flavour).default for op in ("lora_linear", "lora_linear_backward")
-    )
+    forward, backward = (ff.dispatch.native_op(op, fused_backend) for op in ("lora_linear", "lora_linear_backward"))
     device, samples, g = device_of(fused_backend), 3, torch.Generator().manual_seed(4)
     x, weight, bias, lora_A, lora_B = make_layer(5, 8, 6, 2, torch.float32, device)
     keep = dropout_keep_mask(x.shape, 0.3, device)

@@ -98,16 +98,18 @@ def test_inv_scale_undoes_a_grad_scaler():
             torch.testing.assert_close(q.grad / 1024.0, p.grad)
 
 
-def test_state_round_trip_continues_bitwise():
+def assert_state_round_trip_continues_bitwise(**options):
+    """9 steps, a state_dict through torch.save / torch.load into a fresh protector on equal parameters, then 11
+    more steps on both: the same importances and gradients, bitwise. Returns the first protector."""
     first, second = parameters(), parameters()
-    protector = ff.GradientProtector(first, window=6)
+    protector = ff.GradientProtector(first, window=6, **options)
     for step in range(9):
         set_gradients(first, step, torch.Generator().manual_seed(step))
         protector.protect_()
     buffer = io.BytesIO()
     torch.save(protector.state_dict(), buffer)
     buffer.seek(0)
-    restored = ff.GradientProtector(second, window=6)
+    restored = ff.GradientProtector(second, window=6, **options)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     for step in range(9, 20):
         set_gradients(first, step, torch.Generator().manual_seed(step))
@@ -116,6 +118,11 @@ def test_state_round_trip_continues_bitwise():
         assert all(
             (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad) for (_, p), (_, q) in zip(first, second)
         )
+    return protector
+
+
+def test_state_round_trip_continues_bitwise():
+    assert_state_round_trip_continues_bitwise()
 
 
 def test_state_is_o_window_scalars_per_tensor():
@@ -230,22 +237,6 @@ def test_element_mode_non_finite_step_and_state_size():
 
 
 def test_element_mode_state_round_trip_continues_bitwise():
-    first, second = parameters(), parameters()
-    protector = ff.GradientProtector(first, window=6, mode="element", normalize="max")
-    for step in range(9):
-        set_gradients(first, step, torch.Generator().manual_seed(step))
-        protector.protect_()
-    buffer = io.BytesIO()
-    torch.save(protector.state_dict(), buffer)
-    buffer.seek(0)
-    restored = ff.GradientProtector(second, window=6, mode="element", normalize="max")
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
-    for step in range(9, 20):
-        set_gradients(first, step, torch.Generator().manual_seed(step))
-        set_gradients(second, step, torch.Generator().manual_seed(step))
-        assert torch.equal(protector.protect_().nan_to_num(-1), restored.protect_().nan_to_num(-1))
-        assert all(
-            (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad) for (_, p), (_, q) in zip(first, second)
-        )
+    protector = assert_state_round_trip_continues_bitwise(mode="element", normalize="max")
     with pytest.raises(ValueError, match="the state is of mode 'element' but this protector 'tensor'"):
-        ff.GradientProtector(second, window=6).load_state_dict(protector.state_dict())
+        ff.GradientProtector(parameters(), window=6).load_state_dict(protector.state_dict())
