@@ -357,8 +357,18 @@ def bad_cases():
 def test_bad_input_is_rejected(backend, case):
     good, cases = bad_cases()
     changes, error, message = cases[case]
+    arguments = {**good, **changes}
+    before = {  # the dense tensors' values (a sparse or meta case has none to compare)
+        k: v.clone()
+        for k, v in arguments.items()
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided and v.device.type != "meta"
+    }
+    rng = torch.get_rng_state()
     with pytest.raises(error, match=message):
-        ff.lora_linear(**{**good, **changes}, backend=backend)
+        ff.lora_linear(**arguments, backend=backend)
+    # rejected before anything ran: the inputs are untouched and no dropout mask was drawn
+    assert all(torch.equal(arguments[k], v) for k, v in before.items())
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 # ---------------------------------------------------------------------------------------------------- torch.func
