@@ -41,7 +41,10 @@ $(DEPS_STAMP): Makefile  # a changed dependency list reinstalls
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "triton>=3.6" ninja setuptools wheel numpy pytest pytest-benchmark hypothesis ruff safetensors \
-		scikit-learn matplotlib tqdm
+		scikit-learn matplotlib tqdm pytest-timeout pytest-xdist
+	# Hugging Face stack: the integrations' tests and the LM demo (fastforget imports without it)
+	$(PIP) install -q "transformers==5.25.*" "peft==0.21.*" "bitsandbytes==0.50.*" "accelerate==1.16.*" \
+		tokenizers trl
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)

@@ -46,7 +46,25 @@ setup(
         "triton": ["triton>=3.6"],
         "peft": ["safetensors"],  # ff.load_peft_adapter of adapter_model.safetensors files
         "demo": ["scikit-learn", "matplotlib", "tqdm"],  # python -m fastforget demo
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "scikit-learn", "matplotlib", "tqdm"],
+        "hf": ["transformers>=5.25", "peft>=0.21", "accelerate>=1.16", "safetensors"],  # fastforget.transformers
+        "qlora": ["bitsandbytes>=0.50"],  # LoRA over 4-bit / 8-bit quantized bases
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "pytest-timeout",
+            "pytest-xdist",
+            "hypothesis",
+            "safetensors",
+            "scikit-learn",
+            "matplotlib",
+            "tqdm",
+            "transformers>=5.25",
+            "peft>=0.21",
+            "bitsandbytes>=0.50",
+            "accelerate>=1.16",
+            "tokenizers",
+            "trl",
+        ],
     },
     entry_points={"console_scripts": ["fastforget=fastforget.__main__:main"]},
     ext_modules=[native_extension()],
