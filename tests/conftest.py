@@ -1,5 +1,11 @@
-"""Test setup: Triton kernels run under the interpreter on CPU-only machines (must be set before import)."""
+"""Test setup: Triton kernels run under the interpreter on CPU-only machines (must be set before import).
 
+Every test parametrised by a backend (the ``backend`` / ``fused_backend`` fixtures, or ``parametrize("backend", ...)``)
+runs with torch's default device set to that backend's device, so a tensor made without ``device=`` lands where the
+backend runs; tests/test_device_hygiene.py checks that no such test pins a tensor to the CPU by hand.
+"""
+
+import contextlib
 import os
 
 import torch
@@ -8,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from torch.utils._device import DeviceContext, _device_constructors  # noqa: E402
 
 import fastforget  # noqa: E402
 
@@ -29,3 +36,66 @@ def fused_backend(request):
 
 def device_of(backend):
     return torch.device(BACKEND_DEVICE[backend])
+
+
+class BackendDevice(DeviceContext):
+    """``with torch.device(d)``, except that a factory call given a ``generator`` and no ``device`` creates its
+    tensor on the generator's device: seeded CPU generators (the same numbers on every machine) keep working."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _device_constructors() and kwargs.get("device") is None:
+            generator = kwargs.get("generator")
+            kwargs["device"] = generator.device if generator is not None else self.device
+        return func(*args, **kwargs)
+
+
+def backend_of(request):
+    """The backend a test is parametrised by (fixture or parametrize), or None."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    return params.get("backend", params.get("fused_backend"))
+
+
+@pytest.fixture(autouse=True)
+def _backend_default_device(request):
+    """Factory calls without ``device=`` in a backend's test create tensors on that backend's device."""
+    backend = backend_of(request)
+    if backend not in BACKEND_DEVICE:
+        yield
+        return
+    with BackendDevice(BACKEND_DEVICE[backend]):
+        yield
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def launch_variants(n):
+    """Launches of an n-tensor list that split the work differently, as (threads, order): the CPU kernels chunk by
+    thread count; on a GPU (and in Triton's interpreter) the thread count changes nothing, so the list also goes in
+    reversed and rotated, which gives every tensor other programs, launched in another order. An op whose result
+    must not depend on how it was launched gives every tensor the same bits under each (put back in list order)."""
+    identity = list(range(n))
+    return [(1, identity), (2, identity), (2, identity[::-1]), (1, identity[1:] + identity[:1])]
+
+
+def run_launch_variants(fn, lists):
+    """fn(*lists) -> per-tensor outputs (a list, in the order of its inputs), under every launch variant; returns
+    each variant's outputs in the original list order."""
+    n = len(lists[0])
+    results = []
+    for threads, order in launch_variants(n):
+        with num_threads(threads):
+            out = fn(*[[lst[i] for i in order] for lst in lists])
+        restored = [None] * n
+        for position, i in enumerate(order):
+            restored[i] = out[position]
+        results.append(restored)
+    return results

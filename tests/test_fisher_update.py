@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FUSED_BACKENDS, device_of
+from conftest import FUSED_BACKENDS, device_of, run_launch_variants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -77,18 +77,16 @@ def test_fp64(backend):
     check_against_reference(*make_case([(100,), (3, 3)], torch.float64, torch.float64, device_of(backend)), backend)
 
 
-def test_bitwise_across_thread_counts(fused_backend):
-    fisher, grads = make_case([(200_003,), (7,)], torch.float32, torch.bfloat16, device_of(fused_backend))
-    threads, results = torch.get_num_threads(), []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            out = [f.clone() for f in fisher]
-            ff.fisher_update_(out, grads, DECAY, SCALE, backend=fused_backend)
-            results.append(out)
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+def test_bitwise_across_launches(fused_backend):
+    fisher, grads = make_case([(200_003,), (7,), (4099,)], torch.float32, torch.bfloat16, device_of(fused_backend))
+
+    def launch(fisher, grads):
+        out = [f.clone() for f in fisher]
+        ff.fisher_update_(out, grads, DECAY, SCALE, backend=fused_backend)
+        return out
+
+    results = run_launch_variants(launch, (fisher, grads))
+    assert all(torch.equal(a, b) for out in results[1:] for a, b in zip(out, results[0]))
 
 
 BAD_INPUTS = {

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import FUSED_BACKENDS, device_of
+from conftest import FUSED_BACKENDS, device_of, run_launch_variants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,19 +89,18 @@ def test_non_finite_step_writes_nothing(backend, bad):
     torch.testing.assert_close(grads[1], before[1], rtol=0, atol=0, equal_nan=True)
 
 
-def test_bitwise_reproducible(fused_backend):
-    device = device_of(fused_backend)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 1):
-            torch.set_num_threads(n)
-            grads, mean, var = make([(300_000,), (77,)], device)
-            importance, _ = ff.grad_ema_protect_(grads, mean, var, 0.1, normalize="max", backend=fused_backend)
-            results.append([importance, *grads, *mean, *var])
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for r in results for a, b in zip(r, results[0]))
+def test_bitwise_across_launches(fused_backend):
+    """Per tensor (the importance normalised by its own max, the state, the gradients) nothing depends on how the
+    list was launched (conftest.launch_variants)."""
+    lists = make([(300_000,), (77,), (4097,)], device_of(fused_backend))
+
+    def launch(grads, mean, var):
+        grads, mean, var = ([t.clone() for t in ts] for ts in (grads, mean, var))
+        importance, _ = ff.grad_ema_protect_(grads, mean, var, 0.1, normalize="max", backend=fused_backend)
+        return list(zip(importance.unbind(), grads, mean, var))
+
+    results = run_launch_variants(launch, lists)
+    assert all(torch.equal(a, b) for r in results[1:] for ts, ts0 in zip(r, results[0]) for a, b in zip(ts, ts0))
 
 
 def test_bad_input_changes_nothing(backend):

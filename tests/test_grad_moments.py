@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FUSED_BACKENDS, device_of
+from conftest import FUSED_BACKENDS, device_of, run_launch_variants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -66,17 +66,11 @@ def test_non_finite_rows(backend):
     assert not got[0, 1:].isfinite().any() and got[1].isfinite().all() and not got[2, 1:].isfinite().all()
 
 
-def test_bitwise_reproducible(fused_backend):
-    grads = [torch.randn(300_000, device=device_of(fused_backend)), torch.randn(77, device=device_of(fused_backend))]
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 1):
-            torch.set_num_threads(n)
-            results.append(ff.grad_moments(grads, backend=fused_backend))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(r, results[0]) for r in results)
+def test_bitwise_across_launches(fused_backend):
+    device = device_of(fused_backend)
+    grads = [torch.randn(300_000, device=device), torch.randn(77, device=device), torch.randn(4097, device=device)]
+    results = run_launch_variants(lambda grads: ff.grad_moments(grads, backend=fused_backend).unbind(), (grads,))
+    assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(r, results[0]))
 
 
 def test_bad_input(backend):
