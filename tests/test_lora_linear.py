@@ -1,5 +1,9 @@
 """ff.lora_linear on every backend against the PEFT formula evaluated in fp64 (the truth for the same inputs)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import CUDA, FUSED_BACKENDS, device_of
@@ -270,6 +274,29 @@ def test_double_backward_raises(fused_backend):
 
     with pytest.raises((RuntimeError, NotImplementedError)):
         torch.func.grad(lambda x_: torch.func.grad(loss)(x_).sum())(x.detach())
+
+
+@pytest.mark.skipif("triton" not in FUSED_BACKENDS or CUDA, reason="the Triton flavour under the interpreter")
+def test_double_backward_raises_without_the_extension():
+    """The Triton flavour's guard is its own: in an interpreter where fastforget._C cannot load, a second
+    derivative through it still raises."""
+    code = (
+        "import sys; sys.modules['fastforget._C'] = None\n"
+        "import torch, fastforget as ff\n"
+        "assert not ff.available_backends()['cpu'].available\n"
+        "x, A = torch.randn(4, 5, requires_grad=True), torch.randn(2, 5, requires_grad=True)\n"
+        "W, B = torch.randn(3, 5), torch.randn(3, 2)\n"
+        "y = ff.lora_linear(x, W, None, A, B, 0.5, backend='triton')\n"
+        "gx, = torch.autograd.grad((y ** 2).sum(), (x,), create_graph=True)\n"
+        "try:\n"
+        "    torch.autograd.grad(gx.sum(), (A,))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'lora_linear_backward_triton has no derivative' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('a second derivative through the Triton flavour did not raise')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
 
 
 def opcheck_samples(device):

@@ -233,6 +233,29 @@ def _gradients(ctx, backward_op, grad_y):
     return backward_op(grad_y, x, weight, lora_A, lora_B, keep, S, ctx.scale, output_mask)
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes gradients of lora_linear through, linked to what they were computed from (grad_y and the saved
+    tensors), so that a derivative taken through them reaches this node and raises: the op has no second
+    derivative. The Triton flavour's guard; the native one is torch's not-implemented autograd (C++)."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "fastforget::lora_linear_backward_triton has no derivative: lora_linear has no double backward"
+        )
+
+    @staticmethod
+    def wrap(gradients, *sources):
+        present = [g for g in gradients if g is not None]
+        linked = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
+        passed = iter(_FirstOrderOnly.apply(len(present), *present, *linked) if linked else present)
+        return tuple(None if g is None else next(passed) for g in gradients)
+
+
 class _TransformableLoRALinear(torch.autograd.Function):
     """The op's autograd in the form torch.func accepts, for ff.lora_linear under torch.func transforms.
 
@@ -278,11 +301,16 @@ def _register(flavour):
     backward_op = getattr(torch.ops.fastforget, backward.split("::")[1]).default
 
     # The native flavour's autograd is C++ (csrc/lora_linear_autograd.cpp), so eager calls run no Python; that file
-    # also gives both flavours' backward ops torch's not-implemented autograd, so a double backward raises.
+    # also gives both flavours' backward ops torch's not-implemented autograd, so a double backward raises. The
+    # Triton flavour raises without the extension too (_FirstOrderOnly), not a silently wrong second derivative.
     if flavour:
 
         def backward_fn(ctx, grad_y, _grad_S):
-            return *_gradients(ctx, backward_op, grad_y), None, None
+            if not torch.is_grad_enabled():
+                return *_gradients(ctx, backward_op, grad_y), None, None
+            with torch.no_grad():  # create_graph=True: these gradients must not be differentiated
+                gradients = _gradients(ctx, backward_op, grad_y)
+            return *_FirstOrderOnly.wrap(gradients, grad_y, *ctx.saved_tensors), None, None
 
         torch.library.register_autograd(forward, backward_fn, setup_context=_save_for_backward)
     forward_op = getattr(torch.ops.fastforget, forward.split("::")[1]).default
