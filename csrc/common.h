@@ -32,6 +32,13 @@ inline void check_stacks(at::TensorList fisher, at::TensorList grads) {
   }
 }
 
+// A per-list tensor argument (one scalar, or one value per tensor of the list) has exactly `expected` elements: the
+// kernels index it by tensor, so a short one would be read out of bounds.
+inline void check_numel(const char* name, const at::Tensor& t, size_t expected) {
+  TORCH_CHECK(t.numel() == static_cast<int64_t>(expected), "fastforget: ", name, " has ", t.numel(),
+              " elements; expected ", expected);
+}
+
 // Lists holding fp64 tensors are computed in fp64 (so gradcheck is meaningful); everything else in fp32.
 inline at::ScalarType accumulate_type(at::TensorList tensors) {
   for (const auto& p : tensors) {

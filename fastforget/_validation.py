@@ -92,3 +92,35 @@ def check_no_overlap(name: str, tensors: list) -> None:
     for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
         if start < end:
             raise ValueError(f"{name}[{min(i, j)}] and {name}[{max(i, j)}] overlap in memory")
+
+
+# The Triton launchers' own checks (kernels/), like csrc/common.h's: a direct torch.ops call skips the checks above,
+# and a kernel must not read out of bounds. RuntimeError, as the C++ bindings raise.
+
+
+def check_numel(name: str, t: torch.Tensor, expected: int) -> None:
+    """A scalar or per-tensor argument has exactly `expected` elements (kernels index it by tensor)."""
+    if t.numel() != expected:
+        raise RuntimeError(f"fastforget: {name} has {t.numel()} elements; expected {expected}")
+
+
+def check_same_layout(name: str, tensors, like, like_name: str) -> None:
+    """tensors[i] has the shape of like[i], for every i."""
+    if len(tensors) != len(like):
+        raise RuntimeError(f"fastforget: {name} has {len(tensors)} tensors but {like_name} has {len(like)}")
+    for i, (t, p) in enumerate(zip(tensors, like)):
+        if t.shape != p.shape:
+            raise RuntimeError(
+                f"fastforget: {name}[{i}] has shape {tuple(t.shape)} but {like_name}[{i}] has shape {tuple(p.shape)}"
+            )
+
+
+def check_stacks(fisher, grads) -> None:
+    """grads[i] is shaped like fisher[i] or stacks k of them, (k, *fisher[i].shape)."""
+    if len(grads) != len(fisher):
+        raise RuntimeError(f"fastforget: grads has {len(grads)} tensors but fisher has {len(fisher)}")
+    for i, (f, g) in enumerate(zip(fisher, grads)):
+        if g.shape != f.shape and g.shape[1:] != f.shape:
+            raise RuntimeError(
+                f"fastforget: grads[{i}] has shape {tuple(g.shape)}; expected {tuple(f.shape)} or (k, ...)"
+            )

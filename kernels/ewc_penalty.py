@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastforget import _validation as check
 from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
@@ -96,12 +97,22 @@ def _launch(pass_, params, anchors, fisher, targets, lam, grad_out):
     return out
 
 
+def check_inputs(params, anchors, fisher, grads=None):
+    check.check_same_layout("anchors", anchors, params, "params")
+    check.check_same_layout("fisher", fisher, params, "params")
+    if grads is not None:
+        check.check_same_layout("grads", grads, params, "params")
+
+
 def ewc_penalty(params, anchors, fisher, lam):
+    check_inputs(params, anchors, fisher)
     params, anchors, fisher = contiguous(params), contiguous(anchors), contiguous(fisher)
     return _run(PENALTY, params, anchors, fisher, None, lam)
 
 
 def ewc_penalty_backward(params, anchors, fisher, lam, grad_out):
+    check_inputs(params, anchors, fisher)
+    check.check_numel("grad_out", grad_out, 1)
     params, anchors, fisher = contiguous(params), contiguous(anchors), contiguous(fisher)
     outs = [torch.empty_like(p) for p in params]
     _run(GRADIENT, params, anchors, fisher, outs, lam, grad_out.reshape(()))
@@ -109,6 +120,7 @@ def ewc_penalty_backward(params, anchors, fisher, lam, grad_out):
 
 
 def ewc_penalty_accumulate(params, anchors, fisher, grads, lam):
+    check_inputs(params, anchors, fisher, grads)
     params, anchors, fisher = contiguous(params), contiguous(anchors), contiguous(fisher)
     work = contiguous(grads)  # a non-contiguous gradient is updated through a copy, written back below
     penalty = _run(ACCUMULATE, params, anchors, fisher, work, lam)

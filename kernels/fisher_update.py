@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastforget import _validation as check
 from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
@@ -50,6 +51,7 @@ def _fisher_update_kernel(
 
 
 def fisher_update(fisher, grads, decay, scale):
+    check.check_stacks(fisher, grads)
     work = contiguous(fisher)  # a non-contiguous Fisher tensor is updated through a copy, written back below
     grads = contiguous(grads)
     acc = accumulate_dtype(fisher)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastforget import _validation as check
 from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
@@ -87,7 +88,15 @@ def _launch(kernel, groups, acc, *args, **constexprs):
             )  # fmt: skip
 
 
+def check_state(grads, mean, var, inv_scale, alpha):
+    check.check_same_layout("mean", mean, grads, "grads")
+    check.check_same_layout("var", var, grads, "grads")
+    check.check_numel("inv_scale", inv_scale, 1)
+    check.check_numel("alpha", alpha, len(grads))
+
+
 def grad_ema_stats(grads, mean, var, inv_scale, alpha):
+    check_state(grads, mean, var, inv_scale, alpha)
     grads = contiguous(grads)
     acc = accumulate_dtype(mean)  # the state's dtype
     device = grads[0].device
@@ -106,6 +115,9 @@ def grad_ema_stats(grads, mean, var, inv_scale, alpha):
 
 
 def grad_ema_protect(grads, mean, var, inv_scale, alpha, var_scale, skip, threshold):
+    check_state(grads, mean, var, inv_scale, alpha)
+    check.check_numel("var_scale", var_scale, len(grads))
+    check.check_numel("skip", skip, 1)
     work = contiguous(grads)  # a non-contiguous gradient is updated through a copy, written back below
     acc = accumulate_dtype(mean)  # the state's dtype
     device = grads[0].device

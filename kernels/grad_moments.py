@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastforget import _validation as check
 from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
@@ -83,6 +84,7 @@ def _merge_moments_kernel(partials, shifts, first_blocks, block_counts, out, ACC
 
 
 def grad_moments(grads, inv_scale):
+    check.check_numel("inv_scale", inv_scale, 1)
     grads = contiguous(grads)
     acc = accumulate_dtype(grads)
     device = grads[0].device

@@ -3,6 +3,7 @@
 import triton
 import triton.language as tl
 
+from fastforget import _validation as check
 from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
@@ -38,6 +39,7 @@ def _scale_kernel(
 
 
 def scale_grads(grads, factors):
+    check.check_numel("factors", factors, len(grads))
     work = contiguous(grads)  # a non-contiguous gradient is updated through a copy, written back below
     acc = accumulate_dtype(grads)
     device = grads[0].device if grads else None

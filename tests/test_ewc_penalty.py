@@ -398,3 +398,23 @@ def test_torch_compile_fullgraph(fused_backend, compiler):
         assert_close(out, expected, torch.float32)
         for g, w in zip(got, want):
             assert_close(g.grad, w.grad, torch.float32)
+
+
+def test_direct_backward_op_call_checks_grad_out(fused_backend):
+    op = ff.dispatch.native_op("ewc_penalty_backward", fused_backend)
+    params, anchors, fisher = make_case([(4,)], torch.float32, torch.float32, device_of(fused_backend))
+    with pytest.raises(RuntimeError, match="grad_out has 2 elements; expected 1"):
+        op(params, anchors, fisher, LAM, torch.ones(2))
+
+
+def test_direct_op_calls_check_shapes(fused_backend):
+    params, anchors, fisher = make_case([(4,), (3,)], torch.float32, torch.float32, device_of(fused_backend))
+    grads = [torch.zeros(4), torch.zeros(3)]
+    short = [fisher[0], fisher[1][:2]]
+    with pytest.raises(RuntimeError, match=r"fisher\[1\] has shape"):
+        ff.dispatch.native_op("ewc_penalty", fused_backend)(params, anchors, short, LAM)
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has shape"):
+        ff.dispatch.native_op("ewc_penalty_accumulate", fused_backend)(
+            params, anchors, fisher, [grads[0], grads[1][:2]], LAM
+        )
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)

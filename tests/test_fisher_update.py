@@ -190,3 +190,11 @@ def test_random_lists(sizes, dtypes, decay, scale, backend, seed):
     fisher = [f.to(d) for f, d in zip(fisher, dtypes)]
     grads = [g.to(d) for g, d in zip(grads, dtypes[6:])]
     check_against_reference(fisher, grads, backend, decay, scale)
+
+
+def test_direct_op_call_checks_shapes(fused_backend):
+    op = ff.dispatch.native_op("fisher_update", fused_backend)
+    fisher = [torch.ones(4), torch.ones(3)]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has shape"):
+        op(fisher, [torch.ones(4), torch.ones(2)], DECAY, SCALE)
+    assert all(torch.equal(f, torch.ones_like(f)) for f in fisher)

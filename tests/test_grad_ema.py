@@ -167,3 +167,25 @@ def test_random_lists(sizes, alpha, backend, seed):
     expected = float64_truth(grads, mean, var, alpha)
     ff.grad_ema_protect_(grads, mean, var, alpha, backend=backend)
     assert_matches((grads, mean, var), expected[:3], [torch.float32] * len(sizes))
+
+
+def test_direct_op_calls_check_element_counts(fused_backend):
+    """torch.ops calls skip the Python checks: a per-tensor argument of the wrong length must be refused by the
+    binding itself (a kernel would read it out of bounds), before anything is written."""
+    stats = ff.dispatch.native_op("grad_ema_stats", fused_backend)
+    protect = ff.dispatch.native_op("grad_ema_protect", fused_backend)
+    grads, mean, var = make([(5,), (3,)], device_of(fused_backend))
+    before = [t.clone() for t in grads + mean + var]
+    one, two = torch.ones(1), torch.full((2,), 0.5)
+    for name, inv_scale, alpha, var_scale, skip in [
+        ("inv_scale", torch.ones(2), two, two, torch.zeros(1, dtype=torch.bool)),
+        ("alpha", one, torch.full((1,), 0.5), two, torch.zeros(1, dtype=torch.bool)),
+        ("var_scale", one, two, torch.ones(1), torch.zeros(1, dtype=torch.bool)),
+        ("skip", one, two, two, torch.zeros(2, dtype=torch.bool)),
+    ]:
+        with pytest.raises(RuntimeError, match=f"{name} has . elements; expected"):
+            protect(grads, mean, var, inv_scale, alpha, var_scale, skip, 0.5)
+        if name in ("inv_scale", "alpha"):
+            with pytest.raises(RuntimeError, match=f"{name} has . elements; expected"):
+                stats(grads, mean, var, inv_scale, alpha)
+    assert all(torch.equal(a, b) for a, b in zip(grads + mean + var, before))

@@ -104,3 +104,9 @@ def test_random_lists(sizes, offset, backend, seed):
     g = torch.Generator().manual_seed(seed)
     grads = [(offset + torch.randn(s, generator=g)).to(device_of(backend)) for s in sizes]
     assert_moments(ff.grad_moments(grads, backend=backend), grads)
+
+
+def test_direct_op_call_checks_inv_scale(fused_backend):
+    op = ff.dispatch.native_op("grad_moments", fused_backend)
+    with pytest.raises(RuntimeError, match="inv_scale has 2 elements; expected 1"):
+        op([torch.ones(3)], torch.ones(2))

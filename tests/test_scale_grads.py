@@ -47,3 +47,11 @@ def test_opcheck(fused_backend):
     op = ff.dispatch.native_op("scale_grads", fused_backend)
     grads = [torch.randn(4, 3, device=device), torch.randn(9, device=device).half()]
     torch.library.opcheck(op, (grads, torch.tensor([0.5, 2.0], device=device)))
+
+
+def test_direct_op_call_checks_factors(fused_backend):
+    op = ff.dispatch.native_op("scale_grads", fused_backend)
+    grads = [torch.ones(3), torch.ones(2)]
+    with pytest.raises(RuntimeError, match="factors has 1"):
+        op(grads, torch.ones(1))
+    assert all(torch.equal(g, torch.ones_like(g)) for g in grads)

@@ -94,6 +94,7 @@ at::Tensor ewc_penalty(at::TensorList params_, at::TensorList anchors_, at::Tens
 std::vector<at::Tensor> ewc_penalty_backward(at::TensorList params_, at::TensorList anchors_,
                                              at::TensorList fisher_, double lam, const at::Tensor& grad_out) {
   check_inputs(params_, anchors_, fisher_);
+  check_numel("grad_out", grad_out, 1);
   const auto params = contiguous(params_), anchors = contiguous(anchors_), fisher = contiguous(fisher_);
   std::vector<at::Tensor> outs;
   outs.reserve(params.size());

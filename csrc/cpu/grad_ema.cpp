@@ -143,7 +143,10 @@ void protect(at::TensorList grads, at::TensorList mean, at::TensorList var, acc_
 }
 
 // mean and var all hold acc (float or double: the math's dtype), are contiguous and shaped like grads (the Python layer checks it).
-void check_state(at::TensorList grads, at::TensorList mean, at::TensorList var, at::ScalarType acc) {
+void check_state(at::TensorList grads, at::TensorList mean, at::TensorList var, at::ScalarType acc,
+                 const at::Tensor& inv_scale, const at::Tensor& alpha) {
+  check_numel("inv_scale", inv_scale, 1);
+  check_numel("alpha", alpha, grads.size());
   check_same_layout("mean", mean, grads);
   check_same_layout("var", var, grads);
   for (size_t t = 0; t < grads.size(); ++t) {
@@ -158,7 +161,7 @@ at::Tensor grad_ema_stats(at::TensorList grads_, at::TensorList mean, at::Tensor
                           const at::Tensor& alpha_) {
   const auto grads = contiguous(grads_);
   const auto acc = accumulate_type(mean);  // the state's dtype
-  check_state(grads, mean, var, acc);
+  check_state(grads, mean, var, acc, inv_scale, alpha_);
   const at::Tensor alpha = alpha_.to(acc).contiguous();
   at::Tensor out = at::empty({static_cast<int64_t>(grads.size())}, at::TensorOptions().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "grad_ema_stats", [&] {
@@ -171,10 +174,12 @@ at::Tensor grad_ema_stats(at::TensorList grads_, at::TensorList mean, at::Tensor
 void grad_ema_protect(at::TensorList grads_, at::TensorList mean, at::TensorList var, const at::Tensor& inv_scale,
                       const at::Tensor& alpha_, const at::Tensor& var_scale_, const at::Tensor& skip,
                       double threshold) {
+  check_numel("skip", skip, 1);
+  check_numel("var_scale", var_scale_, grads_.size());
   if (skip.item<bool>()) return;
   const auto grads = contiguous(grads_);  // a non-contiguous one is updated through a copy, written back below
   const auto acc = accumulate_type(mean);  // the state's dtype
-  check_state(grads, mean, var, acc);
+  check_state(grads, mean, var, acc, inv_scale, alpha_);
   const at::Tensor alpha = alpha_.to(acc).contiguous(), var_scale = var_scale_.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "grad_ema_protect", [&] {
     protect<scalar_t>(grads, mean, var, inv_scale.item<scalar_t>(), alpha.const_data_ptr<scalar_t>(),

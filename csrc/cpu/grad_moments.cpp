@@ -100,6 +100,7 @@ void run(at::TensorList grads, acc_t scale, at::Tensor& out) {
 }
 
 at::Tensor grad_moments(at::TensorList grads_, const at::Tensor& inv_scale) {
+  check_numel("inv_scale", inv_scale, 1);
   const auto grads = contiguous(grads_);
   const auto acc = accumulate_type(grads);
   at::Tensor out = at::empty({static_cast<int64_t>(grads.size()), 3}, at::TensorOptions().dtype(acc));

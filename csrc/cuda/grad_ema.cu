@@ -18,8 +18,10 @@ namespace {
 static_assert(gpu::kEmaGrad == 0, "pack_meta takes the tensor count, sizes and device from role 0");
 
 // The records of (grads, mean, var), with each tensor's list index and first block. mean and var must be
-// contiguous acc_t tensors shaped like the grads (the Python layer checks it; here only what memory safety needs).
-DeviceMeta pack_ema_meta(const std::vector<at::Tensor>& grads, at::TensorList mean, at::TensorList var) {
+// contiguous acc_t tensors shaped like the grads, alpha one value per tensor (the Python layer checks it; here only
+// what memory safety needs).
+DeviceMeta pack_ema_meta(const std::vector<at::Tensor>& grads, at::TensorList mean, at::TensorList var,
+                         const at::Tensor& inv_scale, const at::Tensor& alpha) {
   check_same_layout("mean", mean, grads);
   check_same_layout("var", var, grads);
   const auto acc = accumulate_type(mean);  // the state's dtype, that of the math
@@ -29,6 +31,8 @@ DeviceMeta pack_ema_meta(const std::vector<at::Tensor>& grads, at::TensorList me
                 "fastforget: mean[", t, "] and var[", t, "] must be contiguous ", acc, " tensors");
   }
   check_one_device("grads", grads);
+  check_numel("inv_scale", inv_scale, 1);
+  check_numel("alpha", alpha, grads.size());
   int64_t next_block = 0;
   return pack_meta<gpu::GradEmaMeta>({grads, mean, var}, [&](int64_t i, gpu::GradEmaMeta& m) {
     m.index = i;
@@ -42,7 +46,7 @@ at::Tensor grad_ema_stats_cuda(at::TensorList grads_, at::TensorList mean, at::T
   TORCH_CHECK(!grads_.empty(), "fastforget: grads must not be empty");
   const c10::cuda::CUDAGuard guard(grads_[0].device());
   const auto grads = contiguous(grads_);
-  const DeviceMeta meta = pack_ema_meta(grads, mean, var);
+  const DeviceMeta meta = pack_ema_meta(grads, mean, var, inv_scale, alpha);
   const auto num_tensors = static_cast<int64_t>(grads.size());
   const auto options = grads[0].options().dtype(accumulate_type(mean));
   at::Tensor partials = at::empty({meta.num_blocks}, options);
@@ -61,11 +65,13 @@ at::Tensor grad_ema_stats_cuda(at::TensorList grads_, at::TensorList mean, at::T
 void grad_ema_protect_cuda(at::TensorList grads_, at::TensorList mean, at::TensorList var,
                            const at::Tensor& inv_scale, const at::Tensor& alpha, const at::Tensor& var_scale,
                            const at::Tensor& skip, double threshold) {
+  check_numel("var_scale", var_scale, grads_.size());
+  check_numel("skip", skip, 1);
   if (grads_.empty()) return;
   const c10::cuda::CUDAGuard guard(grads_[0].device());
   // A contiguous grads[t] is its own .contiguous() and is updated in place; the others go through a copy.
   const auto grads = contiguous(grads_);
-  const DeviceMeta meta = pack_ema_meta(grads, mean, var);
+  const DeviceMeta meta = pack_ema_meta(grads, mean, var, inv_scale, alpha);
   const auto options = grads[0].options().dtype(accumulate_type(mean));
   const at::Tensor scale = inv_scale.to(options), alphas = alpha.to(options).contiguous();
   const at::Tensor var_scales = var_scale.to(options).contiguous();
