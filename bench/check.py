@@ -31,10 +31,12 @@ from bench import (  # noqa: E402
     bench_scale_grads,
     harness,
 )
+from fastforget.ops.grad_ema import _var_scale  # noqa: E402
 from fastforget.ops.lora_linear import dropout_keep_mask  # noqa: E402
 from fastforget.testing import assert_close, assert_close_matmul  # noqa: E402
 
 LAM = 0.4
+THRESHOLD, THRESHOLD_ULPS = 0.6, 8  # grad_ema_protect_'s threshold; importances this close to it are not compared
 # small under the Triton interpreter, which runs kernels in numpy
 VERIFY_SCALE = {"cpu": 0.1, "cuda": 0.5, "triton": 0.5 if torch.cuda.is_available() else 0.02}
 
@@ -94,10 +96,20 @@ def verify_protection_ops(backend, device, grad_dtype, factor_dtype):
     mean, var = ([torch.rand(g.shape, device=device) for g in grads] for _ in range(2))
     want_mean, want_var = [m.clone() for m in mean], [v.clone() for v in var]
     expected, got = [g.clone() for g in grads], [g.clone() for g in grads]  # the same inputs for both
-    ff.grad_ema_protect_(got, mean, var, 0.3, normalize="max", threshold=0.6, backend=backend)
-    ff.grad_ema_protect_(expected, want_mean, want_var, 0.3, normalize="max", threshold=0.6, backend="reference")
-    for g, e in zip(got + mean + var, expected + want_mean + want_var):
-        assert_close(g, e)
+    ff.grad_ema_protect_(got, mean, var, 0.3, normalize="max", threshold=THRESHOLD, backend=backend)
+    ff.grad_ema_protect_(expected, want_mean, want_var, 0.3, normalize="max", threshold=THRESHOLD, backend="reference")
+    for m, v, e_m, e_v in zip(mean, var, want_mean, want_var):
+        assert_close(m, e_m)
+        assert_close(v, e_v)
+    # A gradient element is scaled by (1 - importance) or kept, by importance > threshold: where the importance lies
+    # within a few ulp of the threshold, backends may round to either side. Those elements are not compared.
+    near = 0
+    for g, e, v in zip(got, expected, want_var):
+        importance = torch.sigmoid(v.double() * _var_scale(v.double().max().reshape(1), "max", 1.0))
+        decided = (importance - THRESHOLD).abs() > THRESHOLD_ULPS * torch.finfo(torch.float32).eps
+        near += int((~decided).sum())
+        assert_close(g[decided], e[decided])
+    print(f"    ({near} gradient element(s) within {THRESHOLD_ULPS} ulp of the threshold not compared)")
     return sum(g.numel() for g in grads)
 
 
@@ -156,12 +168,12 @@ def main():
                     except AssertionError as error:
                         failures += 1
                         print(f"  {label} FAIL\n{error}")
-    if failures:
-        sys.exit(f"{failures} verification(s) failed")
     benchmarks = (bench_ewc_penalty, bench_fisher_update, bench_grad_moments, bench_scale_grads, bench_grad_ema)
-    for benchmark in (*benchmarks, bench_protect, bench_lora_linear):
+    for benchmark in (*benchmarks, bench_protect, bench_lora_linear):  # every table, even after a failed check
         print()
         benchmark.main()
+    if failures:
+        sys.exit(f"{failures} verification(s) failed (see FAIL above)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 //   d = x - m,  m' = m + alpha d,  v' = (1 - alpha)(v + alpha d^2)       (Welford-style EMA, Finch 2009)
 //
 //  * grad_ema_max_kernel (one block per chunk, metadata layout: multi_tensor.cuh) writes its chunk's max v',
-//    a NaN counting as +inf; grad_ema_merge_kernel (one thread per tensor) takes the max of a tensor's chunk
+//    a NaN counting as +inf; grad_ema_merge_kernel (one block per tensor) takes the max of a tensor's chunk
 //    maxima. A max is exact, so the result does not depend on the order: deterministic without atomics.
 //  * grad_ema_protect_kernel, unless *skip: m <- m', v <- v', g <- (1 - s) g where
 //    s = sigmoid(v' var_scale[t]) > threshold. m and v hold acc_t; g any float dtype, rounded once.
@@ -63,16 +63,18 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = best;
 }
 
-// Thread t: out[index of tensor t] = max of its chunks' maxima (0 for an empty tensor).
+// Block k: out[index of tensor k] = max of its chunks' maxima (0 for an empty tensor). Each thread takes a strided
+// share of the chunks (GPT-2's embedding has 9,424), then the block reduces; a max is exact, so order is free.
 template <typename acc_t>
-__global__ void grad_ema_merge_kernel(const int64_t* meta_words, int64_t num_tensors, const acc_t* partials,
-                                      acc_t* out) {
-  const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (k >= num_tensors) return;
-  const GradEmaMeta t = reinterpret_cast<const GradEmaMeta*>(meta_words)[k];
+__global__ void __launch_bounds__(kBlockThreads)
+    grad_ema_merge_kernel(const int64_t* meta_words, const acc_t* partials, acc_t* out) {
+  const GradEmaMeta t = reinterpret_cast<const GradEmaMeta*>(meta_words)[blockIdx.x];
   acc_t best = 0;
-  for (int64_t c = 0; c < num_chunks(t.numel); ++c) best = max(best, partials[t.first_block + c]);
-  out[t.index] = best;
+  for (int64_t c = threadIdx.x; c < num_chunks(t.numel); c += kBlockThreads) {
+    best = max(best, partials[t.first_block + c]);
+  }
+  best = block_reduce_max(best);
+  if (threadIdx.x == 0) out[t.index] = best;
 }
 
 template <typename acc_t>
@@ -104,8 +106,9 @@ cudaError_t launch_grad_ema_stats(const int64_t* meta_words, int64_t num_tensors
   const cudaError_t err = launch_blocks(grad_ema_max_kernel<acc_t>, num_blocks, stream, meta_words, num_tensors,
                                         inv_scale, alphas, partials);
   if (err != cudaSuccess || num_tensors == 0) return err;
-  const auto grid = static_cast<unsigned>((num_tensors + kBlockThreads - 1) / kBlockThreads);
-  grad_ema_merge_kernel<acc_t><<<grid, kBlockThreads, 0, stream>>>(meta_words, num_tensors, partials, out);
+  if (num_tensors > kMaxBlocks) return cudaErrorInvalidConfiguration;
+  grad_ema_merge_kernel<acc_t>
+      <<<static_cast<unsigned>(num_tensors), kBlockThreads, 0, stream>>>(meta_words, partials, out);
   return cudaGetLastError();
 }
 

@@ -10,10 +10,12 @@
 //  * grad_moments_chunk_kernel (one block per chunk, metadata layout: multi_tensor.cuh) keeps its y in
 //    registers and writes the chunk's (mean, M2) from two fixed-order block reductions: the mean, then
 //    sum (y - mean)^2;
-//  * grad_moments_merge_kernel (one single-thread block per tensor) merges the tensor's chunks in block order
-//    with the pairwise update of Chan, Golub & LeVeque ("Updating formulae and a pairwise algorithm for computing
-//    sample variances", 1979): for sets a and b, n = na + nb, delta = mean_b - mean_a,
+//  * grad_moments_merge_kernel (one block per tensor) merges the tensor's chunks with the pairwise update of
+//    Chan, Golub & LeVeque ("Updating formulae and a pairwise algorithm for computing sample variances", 1979):
+//    for sets a and b, n = na + nb, delta = mean_b - mean_a,
 //      mean = mean_a + delta * nb / n,   M2 = M2_a + M2_b + delta^2 * na * nb / n.
+//    Thread j merges a contiguous run of chunks in order, then the threads' results merge in a fixed binary tree
+//    in shared memory (GPT-2's embedding has 9,424 chunks: one thread alone took longer than the data pass).
 //
 // No atomics: the result is bitwise reproducible. NaN and Inf propagate into mean and M2.
 #pragma once
@@ -73,33 +75,47 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// Block t writes out[3t .. 3t + 2] = (n, mean, M2) of tensor t's x, merging its chunks' partials in order.
 template <typename acc_t>
-__global__ void __launch_bounds__(1)
+struct Moments {
+  acc_t n, mean, m2;
+};
+
+// Chan et al.'s merge of two disjoint sets; an empty side returns the other unchanged (a merge into an empty set
+// would compute delta^2 * 0, NaN for an infinite delta).
+template <typename acc_t>
+__device__ __forceinline__ Moments<acc_t> merge_moments(const Moments<acc_t>& a, const Moments<acc_t>& b) {
+  if (b.n == 0) return a;
+  if (a.n == 0) return b;
+  const acc_t n = a.n + b.n, wb = b.n / n, delta = b.mean - a.mean;
+  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * (a.n * wb)};
+}
+
+// Block t writes out[3t .. 3t + 2] = (n, mean, M2) of tensor t's x from its chunks' partials: thread j merges
+// chunks [j * per, (j + 1) * per) in order, then a fixed tree over the threads (bitwise reproducible).
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads)
     grad_moments_merge_kernel(const int64_t* meta_words, const acc_t* inv_scale, const acc_t* partials,
                               acc_t* out) {
+  __shared__ Moments<acc_t> merged[kBlockThreads];
   const GradMomentsMeta t = reinterpret_cast<const GradMomentsMeta*>(meta_words)[blockIdx.x];
+  const int64_t chunks = num_chunks(t.numel), per = (chunks + kBlockThreads - 1) / kBlockThreads;
+  Moments<acc_t> own{0, 0, 0};
+  for (int64_t c = threadIdx.x * per; c < chunks && c < (threadIdx.x + 1) * per; ++c) {
+    const int64_t size = t.numel - c * kChunkSize < kChunkSize ? t.numel - c * kChunkSize : kChunkSize;
+    const acc_t* chunk = partials + 2 * (t.first_block + c);
+    own = merge_moments(own, Moments<acc_t>{static_cast<acc_t>(size), chunk[0], chunk[1]});
+  }
+  merged[threadIdx.x] = own;
+  __syncthreads();
+  for (int stride = kBlockThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) merged[threadIdx.x] = merge_moments(merged[threadIdx.x], merged[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  if (threadIdx.x != 0) return;
   acc_t* row = out + 3 * static_cast<int64_t>(blockIdx.x);
   row[0] = static_cast<acc_t>(t.numel);
-  if (t.numel == 0) {
-    row[1] = row[2] = 0;
-    return;
-  }
-  // Chunk 0 starts the running moments (a merge into an empty set would compute delta^2 * 0, NaN for an
-  // infinite delta). Before chunk c, the running set holds na = begin = c * kChunkSize elements.
-  const acc_t* chunk = partials + 2 * t.first_block;
-  acc_t mean = chunk[0], m2 = chunk[1];
-  for (int64_t begin = kChunkSize; begin < t.numel; begin += kChunkSize) {
-    chunk += 2;
-    const int64_t size = t.numel - begin < kChunkSize ? t.numel - begin : kChunkSize;
-    const acc_t na = static_cast<acc_t>(begin), nb = static_cast<acc_t>(size);
-    const acc_t wb = nb / (na + nb);  // nb / n
-    const acc_t delta = chunk[0] - mean;
-    mean += delta * wb;
-    m2 += chunk[1] + delta * delta * (na * wb);
-  }
-  row[1] = moments_shift(t, *inv_scale) + mean;
-  row[2] = m2;
+  row[1] = t.numel == 0 ? acc_t(0) : moments_shift(t, *inv_scale) + merged[0].mean;
+  row[2] = merged[0].m2;
 }
 
 // meta_words: device copy of a buffer of GradMomentsMeta records with num_blocks planned blocks; num_tensors
@@ -114,7 +130,7 @@ cudaError_t launch_grad_moments(const int64_t* meta_words, int64_t num_tensors, 
                     partials);
   if (err != cudaSuccess) return err;
   grad_moments_merge_kernel<acc_t>
-      <<<static_cast<unsigned>(num_tensors), 1, 0, stream>>>(meta_words, inv_scale, partials, out);
+      <<<static_cast<unsigned>(num_tensors), kBlockThreads, 0, stream>>>(meta_words, inv_scale, partials, out);
   return cudaGetLastError();
 }
 
