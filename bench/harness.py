@@ -10,7 +10,8 @@ Environment:
 Bytes moved are the op's minimum memory traffic (each tensor it must read or write counted once), not the
 traffic a given implementation happens to cause; GB/s = bytes_moved / median seconds, and the fraction is that
 over the GB/s of ``torch.add(b, c, alpha=s, out=a)`` (read b and c, write a: 12 B/element in fp32) measured in
-the same run over the same element count.
+the same run over the same element count. The CLI tables also give the fraction of ``b.copy_(a)``'s GB/s (read a,
+write b: 8 B/element), measured in the same run.
 """
 
 import argparse
@@ -30,6 +31,9 @@ import fastforget as ff
 SMOKE_SCALE = 0.02
 FP32_BYTES = 4
 ADD_BYTES_PER_ELEMENT = 3 * FP32_BYTES
+COPY_BYTES_PER_ELEMENT = 2 * FP32_BYTES
+# Set to a list to collect every table print_table prints, as {"headers", "rows"} (bench/gpu_tables.py does).
+RECORDED_TABLES: list[dict] | None = None
 # the backends that make sense on each device type; `ff.available_backends()` says which of them are built
 DEVICE_BACKENDS = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
@@ -186,6 +190,13 @@ def add_baseline(numel: int, device: torch.device) -> Variant:
     )
 
 
+def copy_baseline(numel: int, device: torch.device) -> Variant:
+    """``b.copy_(a)`` over ``numel`` fp32 elements: the other reachable-bandwidth yardstick."""
+    a = torch.rand(numel, device=device)
+    b = torch.empty_like(a)
+    return Variant("copy_baseline", "copy_", lambda: b.copy_(a), COPY_BYTES_PER_ELEMENT * numel)
+
+
 def add_bandwidth_gbps(numel: int, device: torch.device, repeats: int | None = None) -> float:
     """GB/s of the add baseline over ``numel`` elements (median of ``repeats``, default default_repeats())."""
     baseline = add_baseline(numel, device)
@@ -279,6 +290,8 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    if RECORDED_TABLES is not None:
+        RECORDED_TABLES.append({"headers": list(headers), "rows": [[str(cell) for cell in row] for row in rows]})
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
     for line in [headers, ["-" * width for width in widths], *rows]:
         print("  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)))
@@ -295,8 +308,10 @@ def run_table(
     """Time the baseline and every variant (interleaved), then print ms, GB/s, fraction of add-bandwidth, speed-up,
     and why each backend in ``skipped`` (name -> reason, from usable_backends) was left out. Where some variant has
     ``state_bytes``, also print them and their percentage of the reference's. Returns the variants' median ms."""
-    baseline_ms, *variant_ms = time_interleaved([baseline.fn] + [v.fn for v in variants], repeats, warmup)
-    baseline_gbps = gbps(baseline.bytes_moved, baseline_ms)
+    copy = copy_baseline(baseline.bytes_moved // ADD_BYTES_PER_ELEMENT, bench_device())
+    fns = [baseline.fn, copy.fn] + [v.fn for v in variants]
+    baseline_ms, copy_ms, *variant_ms = time_interleaved(fns, repeats, warmup)
+    baseline_gbps, copy_gbps = gbps(baseline.bytes_moved, baseline_ms), gbps(copy.bytes_moved, copy_ms)
     timings = list(zip(variants, variant_ms))
     reference_ms = next((ms for variant, ms in timings if variant.name == reference), math.nan)
     with_state = any(variant.state_bytes is not None for variant in variants)
@@ -319,17 +334,21 @@ def run_table(
             f"{ms:.3f}",
             f"{achieved:.1f}",
             f"{achieved / baseline_gbps:.2f}",
+            f"{achieved / copy_gbps:.2f}",
             speedup,
             compile_ms,
             *state_cells(variant),
         ]
 
     rows = [row(variant, ms, f"{reference_ms / ms:.2f}x") for variant, ms in timings]
-    rows.append(row(baseline, baseline_ms, "-"))
+    rows += [row(baseline, baseline_ms, "-"), row(copy, copy_ms, "-")]
     state_headers = ["state_bytes", f"state_vs_{reference}"] if with_state else []
-    print_table(["variant", "backend", "ms", "GB/s", "frac_add", "speedup", "compile_ms", *state_headers], rows)
+    print_table(
+        ["variant", "backend", "ms", "GB/s", "frac_add", "frac_copy", "speedup", "compile_ms", *state_headers], rows
+    )
     legend = (
-        f"ms: median of {repeats}; frac_add: GB/s over the torch.add baseline's; speedup: vs {reference}; "
+        f"ms: median of {repeats}; frac_add, frac_copy: GB/s over the torch.add and copy_ baselines' (same run); "
+        f"speedup: vs {reference}; "
         "compile_ms: first call of a compiled variant"
     )
     if with_state:

@@ -1,6 +1,7 @@
 """bench/check.py (`make check`): the grad_ema_protect_ check skips only elements at the threshold, and every
 benchmark table is printed even after a failed verification."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -30,3 +31,17 @@ def test_a_failed_check_still_prints_every_table(monkeypatch, capsys):
     with pytest.raises(SystemExit, match="verification"):
         check.main()
     assert len(ran) == 7 and "FAIL" in capsys.readouterr().out
+
+
+def test_each_device_check_part_is_bounded_by_its_own_timeouts():
+    """bench/gpu_check.sh: every part (build included) finishes within 420 s by its timeouts, writes under $OUT,
+    and never stops at the first failing test."""
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
+    build = script[script.index("build() {") : script.index("\n}\n")]
+    parts = re.findall(r"\n  (\w+)\)\n(.*?);;", script, flags=re.S)
+    assert [name for name, _ in parts] == ["tests", "tables"]
+    for name, body in parts:
+        assert "build" in body
+        seconds = sum(int(s) for s in re.findall(r"timeout (\d+)", build + body))
+        assert seconds <= 420, f"part {name}: timeouts add up to {seconds} s"
+        assert "$OUT" in body and not re.search(r"pytest[^\n]* -x", body)
