@@ -73,20 +73,23 @@ def test_misaligned_lora_linear(backend):
 @needs_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_non_default_stream(backend):
-    """Results are right on a side stream, and the work is queued on it (the default stream stays idle)."""
+    """The kernels go on the current (side) stream: there the inputs are written after a long sleep kernel, so a
+    kernel queued on any other stream would read the zeros they held before, and give other results."""
     torch.manual_seed(0)
-    grads = [torch.randn(1 << 20, device="cuda"), torch.randn(4097, device="cuda")]
-    want = ff.grad_moments_ref(grads)
+    source = [torch.randn(1 << 20, device="cuda"), torch.randn(4097, device="cuda")]
+    grads, fisher = [torch.zeros_like(g) for g in source], [torch.zeros_like(g) for g in source]
+    want = ff.grad_moments(source, backend=backend)
+    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of spinning on this stream only
+        for g, s in zip(grads, source):
+            g.copy_(s)
         got = ff.grad_moments(grads, backend=backend)
-        fisher = [torch.zeros_like(g) for g in grads]
         ff.fisher_update_(fisher, grads, 1.0, 1.0, backend=backend)
-    torch.cuda.current_stream().synchronize()  # the default stream has nothing of it
     stream.synchronize()
-    assert_close(got, want.to(got.dtype), torch.float32)
-    assert all(torch.equal(f, g * g) for f, g in zip(fisher, grads))
+    assert torch.equal(got, want)
+    assert all(torch.equal(f, s * s) for f, s in zip(fisher, source))
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
