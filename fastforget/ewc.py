@@ -130,11 +130,16 @@ class EWC:
 
     # ------------------------------------------------------------------------------------------- consolidation
 
-    def consolidate(self, loader, loss_fn, *, estimator="empirical", max_batches=None, model=None, progress=True, **kw):
+    def consolidate(
+        self, loader, loss_fn=None, *, batch_loss=None, estimator="empirical", max_batches=None, model=None,
+        progress=True, **kw,
+    ):  # fmt: skip
         """Estimate the Fisher at the current parameters over `loader` and add the task (see the module doc).
 
-        `model` is needed only when this EWC was built from a (name, param) list. Other keywords go to
-        ``ff.fisher.estimate_fisher`` (chunk_size, exact_classes, generator).
+        Batches are (inputs, targets) pairs with ``loss_fn(outputs, targets)``, or any structure (a Hugging Face
+        dict of token ids, ...) with ``batch_loss(model, batch)``. `model` is needed only when this EWC was built
+        from a (name, param) list. Other keywords go to ``ff.fisher.estimate_fisher`` (chunk_size, exact_classes,
+        samples, generator).
         """
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
@@ -145,6 +150,7 @@ class EWC:
             model,
             loader,
             loss_fn,
+            batch_loss=batch_loss,
             estimator=estimator,
             params=list(zip(self.names, self.params)),
             max_batches=max_batches,

@@ -13,10 +13,26 @@ classification, cross-entropy = -log p_theta(y | x)), with g(x, y) = d l(model(x
   sum_c p_theta(c | x_i) g(x_i, c)^2; otherwise one label per sample is drawn from p_theta(. | x_i). Assumes the
   model outputs class logits in its last dimension.
 
+Batches: ``(inputs, targets)`` pairs with ``loss_fn(outputs, targets)``, or any structure -- a Hugging Face dict
+``{"input_ids", "attention_mask", "labels"}``, a tokenizer's ``BatchEncoding`` -- with ``batch_loss(model, batch) ->
+scalar loss`` (e.g. ``lambda m, b: m(**b).loss``). A per-sample batch is the batch sliced along dim 0: one sequence
+is one sample, and its loss is what ``batch_loss`` computes on it -- for a HF causal LM the mean over the
+sequence's counted tokens (labels != -100, after the model's shift), so every sequence weighs the same in F
+whatever its length, and F is the Fisher of the per-token mean loss (not of the sum: that would scale F by
+about the squared token count). A sequence with no counted token has no loss and is not a sample.
+
+For language models (``(batch, seq, vocab)`` logits; dict batches with ``labels``), ``true`` draws ``samples``
+labels per position from p_theta(. | x_<t) at every position the labels count (a label at t is predicted by the
+logits at t - 1, as HF shifts them) and averages g^2 over the draws; a classifier with at most ``exact_classes``
+classes keeps the exact expectation.
+
 Per-sample gradients use ``torch.func`` (functional_call + vmap + grad) in chunks of ``chunk_size`` samples, so
 memory is bounded by chunk_size x the trainable parameters (by default as many samples, at most 32, as fit in
 ``CHUNK_ELEMENTS`` = 2^28 gradient elements: 1 GiB in fp32; a GPT-2-small chunk is 2 samples). Each chunk's stack
-of squared gradients is accumulated by one call of the fused ``ff.fisher_update_``. The model runs in eval mode
+of squared gradients is accumulated by one call of the fused ``ff.fisher_update_``. ``chunk_size=1`` computes them
+in a loop instead, one backward per sample, for models that torch.func cannot vmap (the error says so). A Hugging
+Face model reads its ``attention_mask``'s values in Python, which vmap cannot: a chunk whose mask is all ones goes
+through vmap without it (the same model output), a padded chunk through the loop. The model runs in eval mode
 during estimation (its mode is restored afterwards).
 
 Distributed (pass the wrapped model): the ``batch`` estimator runs ``loss.backward()`` (the parameters' ``.grad``
@@ -32,6 +48,7 @@ parameters.
 
 import contextlib
 import sys
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -39,11 +56,13 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.parallel import DistributedDataParallel
 
 from fastforget import distributed as dist_util
+from fastforget._batch import add_example_dim, batch_size, example_dims, map_examples, to_device
 from fastforget._validation import check_distinct
 from fastforget.ops.fisher_update import fisher_update_
 
 ESTIMATORS = ("empirical", "batch", "true")
 CHUNK_ELEMENTS = 1 << 28
+IGNORE_INDEX = -100  # labels that count for no loss (Hugging Face's convention)
 
 
 def trainable_parameters(model_or_named):
@@ -92,14 +111,39 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _batches(loader, max_batches, device):
+def batch_loss_of(loss_fn, batch_loss):
+    """(batch_loss(model, batch), whether batches are (inputs, targets) pairs) from exactly one of the two."""
+    if (loss_fn is None) == (batch_loss is None):
+        raise ValueError(
+            "pass exactly one of loss_fn(outputs, targets), for (inputs, targets) batches, and batch_loss(model, "
+            "batch), for any other batch structure (e.g. lambda model, batch: model(**batch).loss)"
+        )
+    if batch_loss is not None:
+        if not callable(batch_loss):
+            raise TypeError(f"batch_loss must be callable, not {type(batch_loss).__name__}")
+        return batch_loss, False
+    return (lambda model, batch: loss_fn(model(batch[0]), batch[1])), True
+
+
+def _batches(loader, max_batches, device, pairs):
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             return
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(f"batch {index} is not an (inputs, targets) pair")
-        inputs, targets = batch
-        yield inputs.to(device), targets.to(device)
+        if pairs and not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(
+                f"batch {index} is not an (inputs, targets) pair; for other batch structures (e.g. a dict of "
+                "token ids) pass batch_loss(model, batch) instead of loss_fn"
+            )
+        yield index, to_device(tuple(batch) if pairs else batch, device)
+
+
+def counted_examples(batch):
+    """The examples of a dict batch with token labels (dim >= 2) that have a counted label after the causal shift,
+    as a bool mask; None where every example counts."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2:
+        return None
+    return (labels[:, 1:] != IGNORE_INDEX).flatten(1).any(1)
 
 
 def _length(loader, max_batches):
@@ -113,19 +157,26 @@ def _length(loader, max_batches):
 def estimate_fisher(
     model,
     loader,
-    loss_fn,
+    loss_fn=None,
     *,
+    batch_loss=None,
     estimator="empirical",
     params=None,
     max_batches=None,
     chunk_size=None,
     exact_classes=10,
+    samples=1,
     generator=None,
     progress=False,
     backend="auto",
 ):
     """The diagonal Fisher of `model`'s trainable parameters (or `params`: a list of (name, param) of `model`),
-    as fp32 tensors shaped like them, estimated over `loader`'s (inputs, targets) batches. See the module doc."""
+    as fp32 tensors shaped like them, estimated over `loader`'s batches: (inputs, targets) pairs with `loss_fn`,
+    or any batch structure with `batch_loss(model, batch)`. `samples`: labels drawn per position by the ``true``
+    Fisher of a language model. See the module doc."""
+    batch_loss, pairs = batch_loss_of(loss_fn, batch_loss)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
     if max_batches is not None and max_batches < 1:
@@ -146,23 +197,35 @@ def estimate_fisher(
     fisher = [torch.zeros(s.shape, dtype=torch.float32, device=device) for s in shards]
     report = _Progress(f"fisher [{estimator}]", _length(loader, max_batches), progress)
     if estimator == "batch":
-        accumulate = _batch_accumulator(model, tensors, fisher, loss_fn, backend)
+        accumulate = _batch_accumulator(model, tensors, fisher, batch_loss, backend)
     else:
         accumulate = _sample_accumulator(
-            model, names, tensors, fisher, loss_fn, estimator, chunk_size, exact_classes, generator, backend
+            model,
+            tensors,
+            fisher,
+            batch_loss,
+            pairs,
+            estimator,
+            chunk_size,
+            exact_classes,
+            samples,
+            generator,
+            backend,
         )
-    batches = samples = 0
+    batches = count = 0
     with _eval_mode(model):
-        for inputs, targets in _batches(loader, max_batches, device):
-            accumulate(inputs, targets)
-            batches, samples = batches + 1, samples + len(inputs)
-            report.update(batches, samples)
+        for index, batch in _batches(loader, max_batches, device, pairs):
+            count += accumulate(index, batch)
+            batches += 1
+            report.update(batches, count)
     report.close()
     if isinstance(model, DistributedDataParallel) and estimator != "batch":
-        samples = _sum_over_ranks(fisher, samples, model.process_group)
-    if (batches if estimator == "batch" else samples) == 0:
+        count = _sum_over_ranks(fisher, count, model.process_group)
+    if batches == 0:
         raise ValueError("the loader yielded no batches: nothing to estimate the Fisher from")
-    torch._foreach_mul_(fisher, 1.0 / (batches if estimator == "batch" else samples))
+    if count == 0:
+        raise ValueError("no sample of the loader had a counted label (labels are all -100): no Fisher to estimate")
+    torch._foreach_mul_(fisher, 1.0 / (batches if estimator == "batch" else count))
     return [dist_util.like(f, p) for f, p in zip(fisher, tensors)]
 
 
@@ -177,19 +240,31 @@ def _sum_over_ranks(fisher, samples, group):
     return int(count)
 
 
-def _batch_accumulator(model, tensors, fisher, loss_fn, backend):
+def scalar_loss(loss, index):
+    """`loss`, checked to be what a mean-reduced loss is: a 0-dim floating-point tensor."""
+    if loss is None:
+        raise ValueError(
+            f"batch {index}: the loss is None (a Hugging Face model computes no loss without 'labels' in the batch)"
+        )
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"batch {index}: the loss must be a 0-dim floating-point tensor (a mean), got {got}")
+    return loss
+
+
+def _batch_accumulator(model, tensors, fisher, batch_loss, backend):
     """F += g_b^2 with g_b the batch's gradient from loss.backward() (so DDP and FSDP2 reduce it over the ranks).
 
-    Every parameter's .grad is stashed first and restored afterwards."""
+    Every parameter's .grad is stashed first and restored afterwards. Returns the batch's example count."""
     module_params = list(model.parameters())
 
-    def accumulate(inputs, targets):
+    def accumulate(index, batch):
         stashed = [p.grad for p in module_params]
         try:
             for p in module_params:
                 p.grad = None
             with torch.enable_grad():
-                loss_fn(model(inputs), targets).backward()
+                scalar_loss(batch_loss(model, batch), index).backward()
             grads = [
                 torch.zeros_like(f) if p.grad is None else dist_util.local(p.grad) for p, f in zip(tensors, fisher)
             ]
@@ -197,8 +272,20 @@ def _batch_accumulator(model, tensors, fisher, loss_fn, backend):
         finally:
             for p, g in zip(module_params, stashed):
                 p.grad = g
+        return 1
 
     return accumulate
+
+
+class _BatchLoss(torch.nn.Module):
+    """batch_loss(model, batch) as a module, so that torch.func.functional_call can swap the model's weights."""
+
+    def __init__(self, model, batch_loss):
+        super().__init__()
+        self.model, self.batch_loss = model, batch_loss
+
+    def forward(self, batch):
+        return self.batch_loss(self.model, batch)
 
 
 def _module_names(model, tensors):
@@ -210,48 +297,120 @@ def _module_names(model, tensors):
     return [names[id(p)] for p in tensors]
 
 
+def _take(batch, rows):
+    """The examples `rows` (a slice or a bool mask) of a batch."""
+    return map_examples(batch, lambda t: t[rows])
+
+
+def _model_logits(model, batch, pairs):
+    """The model's output logits on a batch, without labels (no loss computed)."""
+    if pairs:
+        return model(batch[0])
+    output = model(**{k: v for k, v in batch.items() if k != "labels"})
+    return output.logits if hasattr(output, "logits") else output
+
+
 def _sample_accumulator(
-    model, names, tensors, fisher, loss_fn, estimator, chunk_size, exact_classes, generator, backend
+    model, tensors, fisher, batch_loss, pairs, estimator, chunk_size, exact_classes, samples, generator, backend
 ):
     if isinstance(model, DistributedDataParallel):  # each rank's own samples, no DDP hooks; summed afterwards
         model = model.module
     names = _module_names(model, tensors)
-    trainable = dict(zip(names, (p.detach() for p in tensors)))
+    trainable = {f"model.{n}": p.detach() for n, p in zip(names, tensors)}
     protected = {id(p) for p in tensors}
-    rest = {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers()) if id(t) not in protected}
+    rest = {
+        f"model.{n}": t.detach()
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+        if id(t) not in protected
+    }
+    wrapper = _BatchLoss(model, batch_loss)
 
-    def sample_loss(weights, x, y):
-        output = functional_call(model, (weights, rest), (x.unsqueeze(0),), strict=True)
-        return loss_fn(output, y.unsqueeze(0))
+    def looped_grads(batch, index):
+        """One autograd backward per sample, for models or batches that torch.func cannot vmap."""
+        stacks = [[] for _ in tensors]
+        for i in range(batch_size(batch)):
+            with torch.enable_grad():
+                loss = scalar_loss(batch_loss(model, _take(batch, slice(i, i + 1))), index)
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            for stack, p, g in zip(stacks, tensors, grads):
+                stack.append(torch.zeros_like(p) if g is None else g)
+        return {f"model.{n}": torch.stack(stack) for n, stack in zip(names, stacks)}
 
-    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    def per_sample_grads(batch, index):
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if isinstance(mask, torch.Tensor) and bool(mask.all()):  # all ones: the same as none (HF reads it in Python)
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        elif chunk_size == 1 or isinstance(mask, torch.Tensor):  # padding: one backward per sequence
+            return looped_grads(batch, index)
+        dims = example_dims(batch)
 
-    def add_squares(x, y, weights=None):
-        """F += sum_i w_i g(x_i, y_i)^2 over the chunk (w_i = 1 without weights): one fused call per chunk."""
-        grads = per_sample_grads(trainable, x, y)
-        stacks = [grads[n] for n in names]
+        def sample_loss(weights, sample):
+            loss = functional_call(wrapper, (weights, rest), (add_example_dim(sample, dims),), strict=True)
+            return scalar_loss(loss, index)
+
+        try:
+            return vmap(grad(sample_loss), in_dims=(None, dims))(trainable, batch)
+        except RuntimeError as error:  # not ValueError: scalar_loss's own errors pass unchanged
+            raise RuntimeError(
+                f"per-sample gradients through torch.func (vmap) failed for this model ({error}); pass chunk_size=1 "
+                "to compute them in a loop, one backward per sample, or use estimator='batch', which needs only "
+                "loss.backward()"
+            ) from error
+
+    def add_squares(batch, index, weights=None):
+        """F += sum_i w_i g_i^2 over the chunk (w_i = 1 without weights): one fused call per chunk."""
+        grads = per_sample_grads(batch, index)
+        stacks = [grads[f"model.{n}"] for n in names]
         if weights is not None:  # (sqrt(w) g)^2 = w g^2
             roots = weights.sqrt()
             stacks = [g * roots.view(-1, *([1] * (g.dim() - 1))) for g in stacks]
         fisher_update_(fisher, stacks, backend=backend)
 
-    def accumulate(inputs, targets):
-        for x, y in zip(inputs.split(chunk_size), targets.split(chunk_size)):
-            if estimator == "empirical":
-                add_squares(x, y)
-                continue
-            with torch.no_grad():
-                logits = model(x)
-            if logits.dim() != 2:
-                raise ValueError(
-                    f"the true Fisher needs (batch, classes) logits; the model returned {tuple(logits.shape)}"
-                )
+    def add_true(batch, index):
+        """E_{y ~ p_theta} g(x, y)^2: exact over a classifier's classes, else drawn labels."""
+        with torch.no_grad():
+            logits = _model_logits(model, batch, pairs)
+        labels = batch[1] if pairs else batch.get("labels") if isinstance(batch, Mapping) else None
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError("the true Fisher needs a batch with labels (targets, or a 'labels' entry) to replace")
+        with_labels = (lambda y: (batch[0], y)) if pairs else (lambda y: {**batch, "labels": y})
+        if logits.dim() == 2:  # a classifier
             probs = torch.softmax(logits.float(), dim=-1)
             classes = probs.shape[-1]
             if classes <= exact_classes:  # E_y g^2 = sum_c p(c|x) g(x, c)^2, exactly
                 for c in range(classes):
-                    add_squares(x, torch.full_like(y, c), probs[:, c])
-            else:  # one label per sample drawn from the model
-                add_squares(x, torch.multinomial(probs, 1, generator=generator).squeeze(1).to(y.dtype))
+                    add_squares(with_labels(torch.full_like(labels, c)), index, probs[:, c])
+                return
+            for _ in range(samples):  # labels drawn from the model
+                drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(labels.dtype)
+                add_squares(with_labels(drawn), index, torch.full((len(drawn),), 1 / samples, device=drawn.device))
+            return
+        if logits.dim() != 3 or pairs or labels.shape != logits.shape[:2]:
+            raise ValueError(
+                f"the true Fisher needs (batch, classes) logits, or (batch, seq, vocab) logits with a dict batch "
+                f"whose 'labels' are (batch, seq); got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+            )
+        # a language model: the label at t is predicted by the logits at t - 1 (HF's shift)
+        probs = torch.softmax(logits[:, :-1].float(), dim=-1)
+        counted = labels[:, 1:] != IGNORE_INDEX
+        for _ in range(samples):
+            drawn = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(counted.shape)
+            sampled = torch.full_like(labels, IGNORE_INDEX)
+            sampled[:, 1:] = torch.where(counted, drawn.to(labels.dtype), IGNORE_INDEX)
+            add_squares(with_labels(sampled), index, torch.full((len(labels),), 1 / samples, device=labels.device))
+
+    def accumulate(index, batch):
+        """Adds the batch's samples (those with a counted label); returns how many."""
+        counted = counted_examples(batch)
+        if counted is not None and not counted.all():
+            batch = _take(batch, counted)
+        size = batch_size(batch)
+        for start in range(0, size, chunk_size):
+            chunk = _take(batch, slice(start, start + chunk_size))
+            if estimator == "empirical":
+                add_squares(chunk, index)
+            else:
+                add_true(chunk, index)
+        return size
 
     return accumulate

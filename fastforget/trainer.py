@@ -23,27 +23,10 @@ changes nothing but the gradients, which the next ``zero_grad`` discards.
 
 import contextlib
 import time
-from collections.abc import Mapping
 
 import torch
 
-
-def _to_device(batch, device):
-    """The batch with every tensor moved to `device` (tuples, lists and dicts are rebuilt, other values kept)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(part, device) for part in batch)
-    if isinstance(batch, Mapping):
-        return {key: _to_device(part, device) for key, part in batch.items()}
-    return batch
-
-
-def _batch_size(batch):
-    """Examples in a batch: the length of its first part (a tensor's first dimension, or a ragged list's length)."""
-    if isinstance(batch, Mapping):
-        return len(next(iter(batch.values())))
-    return len(batch[0] if isinstance(batch, (tuple, list)) else batch)
+from fastforget._batch import batch_size, to_device
 
 
 def _as_buffer_batch(batch):
@@ -77,9 +60,8 @@ class ProtectedTrainer:
         module's trainable parameters: for a LoRA-wrapped model, the adapters).
     loss_fn(outputs, targets): a mean-reduced loss; batches are ``(inputs, targets)``. The same loss estimates the
         EWC's Fisher in ``end_task``.
-    batch_loss(model, batch) -> loss: for other batch structures (a dict of token ids, ...); replaces
-        ``loss_fn(model(inputs), targets)`` in ``step`` (``end_task`` still needs ``(inputs, targets)`` batches
-        when there is an EWC).
+    batch_loss(model, batch) -> loss: for other batch structures (a Hugging Face dict of token ids, ...);
+        replaces ``loss_fn(model(inputs), targets)`` in ``step``, and estimates the EWC's Fisher in ``end_task``.
     ewc, replay, protector: an ``ff.EWC``, ``ff.ReplayBuffer``, ``ff.GradientProtector`` or None. Each carries
         its own backend (``backend="reference"`` runs it on the pure-torch path).
     replay_weight: the weight of the rehearsal loss; replay_batch_size: examples replayed per step (default: as
@@ -94,8 +76,6 @@ class ProtectedTrainer:
     ):  # fmt: skip
         if loss_fn is None and batch_loss is None:
             raise ValueError("pass loss_fn(outputs, targets) or batch_loss(model, batch)")
-        if ewc is not None and loss_fn is None:
-            raise ValueError("an EWC needs loss_fn(outputs, targets) to estimate the Fisher in end_task")
         if replay_weight < 0:
             raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
         if replay_batch_size is not None and replay_batch_size < 1:
@@ -130,7 +110,7 @@ class ProtectedTrainer:
         timer = _Timer(self.device)
         with timer("step"):
             self.optimizer.zero_grad()
-            batch = _to_device(batch, self.device)
+            batch = to_device(batch, self.device)
             with self._forward_context():
                 loss = self.batch_loss(self.model, batch)
             total, replay_loss = loss, None
@@ -138,8 +118,8 @@ class ProtectedTrainer:
                 # rehearsal: a separate forward pass on stored examples (the seed's form); its backward is part
                 # of the one backward below, so "replay" times the sampling and the forward pass
                 with timer("replay"):
-                    k = min(self.replay_batch_size or _batch_size(batch), len(self.replay))
-                    replayed = _to_device(self.replay.sample(k), self.device)
+                    k = min(self.replay_batch_size or batch_size(batch), len(self.replay))
+                    replayed = to_device(self.replay.sample(k), self.device)
                     with self._forward_context():
                         replay_loss = self.batch_loss(self.model, replayed)
                 total = loss + self.replay_weight * replay_loss
@@ -184,8 +164,8 @@ class ProtectedTrainer:
         if self.ewc is not None:
             with timer("consolidate"):
                 self.ewc.consolidate(
-                    loader, self.loss_fn, estimator=estimator, max_batches=max_batches, progress=progress,
-                    model=self.model,
+                    loader, self.loss_fn, batch_loss=None if self.loss_fn else self.batch_loss, estimator=estimator,
+                    max_batches=max_batches, progress=progress, model=self.model,
                 )  # fmt: skip
         if self.replay is not None:
             with timer("fill"):

@@ -235,8 +235,6 @@ def test_bad_arguments():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="loss_fn"):
         ff.ProtectedTrainer(model, opt)
-    with pytest.raises(ValueError, match="EWC needs loss_fn"):
-        ff.ProtectedTrainer(model, opt, ewc=ff.EWC(model), batch_loss=lambda m, b: m(b).sum())
     with pytest.raises(ValueError, match="replay_weight"):
         ff.ProtectedTrainer(model, opt, F.cross_entropy, replay_weight=-1.0)
     with pytest.raises(ValueError, match="replay_batch_size"):
