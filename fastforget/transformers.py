@@ -1,0 +1,202 @@
+"""The forgetting defences inside Hugging Face's ``transformers.Trainer``: ``ProtectionMixin`` and
+``ProtectedHFTrainer`` (= ``ProtectionMixin`` + ``transformers.Trainer``; the mixin goes in front of any Trainer
+subclass, e.g. TRL's ``SFTTrainer``).
+
+Per optimizer step, in ``ff.ProtectedTrainer``'s order:
+
+* every micro-batch: the Trainer's loss, plus ``replay_weight`` x the loss of ``replay_batch_size`` stored examples
+  (default: the micro-batch's size), padded by the Trainer's own data collator, scaled for gradient accumulation
+  exactly as the Trainer scales its own loss; one backward (the Trainer's);
+* the micro-batch that completes the accumulation (``accelerator.sync_gradients``): ``ewc.apply_()`` adds
+  ``2 lam F (theta - theta*)`` to the gradients once -- what ``lam * penalty`` as part of the loss would add, since
+  the accumulated micro-batch losses sum to one step's loss -- then ``protector.protect_()``; then the Trainer
+  clips (``max_grad_norm`` clips the total gradient, the EWC term included) and steps the optimizer.
+
+The Trainer's logs gain ``ewc_penalty`` and ``replay_loss`` (means since the last log); ``protection_time_ms`` holds
+the last step's EWC and protection times. ``end_task(dataset=None)`` consolidates the EWC over a dataset (default:
+the train dataset) through the Trainer's evaluation dataloader and collator, then offers its examples to the replay
+buffer. The EWC, protector and replay states are saved in every checkpoint (``fastforget_state.pt``) and restored by
+``train(resume_from_checkpoint=...)``.
+
+Mixed precision: bf16 (autocast, no loss scaling) works as is; fp16 training (a GradScaler, whose scaled gradients
+the EWC term would have to be scaled into) is refused.
+"""
+
+import os
+import time
+
+import torch
+
+from fastforget._batch import to_device
+from fastforget.fisher import scalar_loss
+
+try:
+    import transformers
+except ImportError as error:  # fastforget itself imports without it; this module needs it
+    raise ImportError(
+        "fastforget.transformers needs Hugging Face transformers: pip install 'transformers>=5' (or fastforget[hf])"
+    ) from error
+
+STATE_FILE = "fastforget_state.pt"
+
+
+def hf_batch_loss(model, batch):
+    """The loss a Hugging Face model computes from a batch with ``labels``: the mean over its counted tokens."""
+    return model(**batch).loss
+
+
+class ProtectionMixin:
+    """EWC, replay and gradient protection for a ``transformers.Trainer`` subclass (see the module doc).
+
+    ``ewc``, ``replay``, ``protector``: an ``ff.EWC``, ``ff.ReplayBuffer``, ``ff.GradientProtector`` or None.
+    ``ewc_estimator``, ``ewc_max_batches``: how ``end_task`` estimates the Fisher (``ff.EWC.consolidate``).
+    """
+
+    def __init__(
+        self, *args, ewc=None, replay=None, protector=None, replay_weight=1.0, replay_batch_size=None,
+        ewc_estimator="empirical", ewc_max_batches=None, **kwargs,
+    ):  # fmt: skip
+        if replay_weight < 0:
+            raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
+        if replay_batch_size is not None and replay_batch_size < 1:
+            raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
+        super().__init__(*args, **kwargs)
+        if self.args.fp16 and (ewc is not None or protector is not None):
+            raise ValueError(
+                "fp16 training (a GradScaler: the gradients are scaled when EWC and protection would run) is not "
+                "supported with an EWC or a protector; use bf16=True"
+            )
+        self.ewc, self.replay, self.protector = ewc, replay, protector
+        self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
+        self.ewc_estimator, self.ewc_max_batches = ewc_estimator, ewc_max_batches
+        self.protection_time_ms = {}
+        self._protection_logs = {"ewc_penalty": [], "replay_loss": []}
+
+    # -------------------------------------------------------------------------------------------- training
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if self.replay is None or not len(self.replay) or not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        replay_loss = self._replay_loss(model, len(next(iter(inputs.values()))))
+        self._protection_logs["replay_loss"].append(replay_loss.detach())
+        # The Trainer divides a per-batch mean loss by the accumulation steps, not one it normalised over the
+        # accumulated batch (num_items_in_batch): the replay loss, a mean, must end up divided once either way.
+        scaled_for_ga = self.loss_is_scaled_for_ga
+        if scaled_for_ga is None:
+            scaled_for_ga = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        weight = self.replay_weight / (self.current_gradient_accumulation_steps if scaled_for_ga else 1)
+        loss = loss + weight * replay_loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _replay_loss(self, model, batch_size):
+        k = min(self.replay_batch_size or batch_size, len(self.replay))
+        stored = self.replay.sample(k)
+        if not isinstance(stored, dict):
+            raise TypeError(
+                f"the replay buffer holds {type(stored).__name__} batches; ProtectionMixin replays examples stored "
+                "as dicts of per-example token sequences (what end_task offers), padded by the data collator"
+            )
+        examples = [{key: part[i] for key, part in stored.items()} for i in range(k)]
+        batch = to_device(self.data_collator(examples), self.args.device)
+        return scalar_loss(hf_batch_loss(model, batch), "replayed")
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # the last micro-batch of the step: its gradients are complete
+            self._protect_gradients()
+        return loss
+
+    def _protect_gradients(self):
+        self.protection_time_ms = {}
+        if self.ewc is not None:
+            start = time.perf_counter()
+            self._protection_logs["ewc_penalty"].append(self.ewc.apply_().detach())
+            self.protection_time_ms["ewc"] = (time.perf_counter() - start) * 1e3
+        if self.protector is not None:
+            start = time.perf_counter()
+            self.protector.protect_()
+            self.protection_time_ms["protect"] = (time.perf_counter() - start) * 1e3
+
+    def log(self, logs, start_time=None):
+        for key, values in self._protection_logs.items():
+            if values:
+                logs[key] = float(torch.stack(values).float().mean())
+                values.clear()
+        return super().log(logs, start_time)
+
+    # ---------------------------------------------------------------------------------------- between tasks
+
+    def end_task(self, dataset=None):
+        """Consolidate the EWC at the current parameters over `dataset` (default: the train dataset), batched by the
+        Trainer's evaluation dataloader and data collator, then offer every example of it to the replay buffer."""
+        dataset = self.train_dataset if dataset is None else dataset
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("end_task needs a non-empty dataset (the Trainer has no train_dataset)")
+        timings = {}
+        if self.ewc is not None:
+            start = time.perf_counter()
+            loader = self.get_eval_dataloader(dataset)
+            model = self.accelerator.unwrap_model(self.model)
+            self.ewc.consolidate(
+                loader, batch_loss=hf_batch_loss, estimator=self.ewc_estimator, max_batches=self.ewc_max_batches,
+                model=model, progress=False,
+            )  # fmt: skip
+            timings["consolidate"] = (time.perf_counter() - start) * 1e3
+        if self.replay is not None:
+            start = time.perf_counter()
+            for first in range(0, len(dataset), 256):
+                self.replay.add(_example_parts([dataset[i] for i in range(first, min(first + 256, len(dataset)))]))
+            timings["fill"] = (time.perf_counter() - start) * 1e3
+        return {"time_ms": timings}
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+
+    def protection_state_dict(self):
+        return {
+            name: part.state_dict()
+            for name, part in (("ewc", self.ewc), ("protector", self.protector), ("replay", self.replay))
+            if part is not None
+        }
+
+    def load_protection_state_dict(self, state):
+        for name, part in (("ewc", self.ewc), ("protector", self.protector), ("replay", self.replay)):
+            if (part is None) != (name not in state):
+                raise ValueError(f"the checkpoint's protection state {'lacks' if part else 'has'} a {name!r} part")
+            if part is not None:
+                part.load_state_dict(state[name])
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            torch.save(self.protection_state_dict(), os.path.join(folder, STATE_FILE))
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            path = os.path.join(checkpoint, STATE_FILE)
+            if not os.path.exists(path):
+                raise ValueError(f"{checkpoint} has no {STATE_FILE}: it was not saved by a ProtectionMixin trainer")
+            self.load_protection_state_dict(torch.load(path, weights_only=True))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _example_parts(examples):
+    """Dataset examples (dicts of token sequences) as one buffer batch: a dict of per-example tensors (ragged)."""
+    keys = list(examples[0])
+    for i, example in enumerate(examples):
+        if list(example) != keys:
+            raise ValueError(f"example {i} has keys {list(example)}; expected {keys} like the first")
+    return {key: [torch.as_tensor(example[key]) for example in examples] for key in keys}
+
+
+class ProtectedHFTrainer(ProtectionMixin, transformers.Trainer):
+    """``transformers.Trainer`` with EWC, replay and gradient protection (``ProtectionMixin``)."""

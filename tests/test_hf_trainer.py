@@ -1,0 +1,196 @@
+"""fastforget.transformers: ProtectedHFTrainer against a hand-written loop over the same batches the Trainer saw,
+end_task, logs, checkpoint resume, and bad input. A tiny LLaMA built from a config; CPU."""
+
+import copy
+
+import pytest
+import torch
+
+import fastforget as ff
+
+transformers = pytest.importorskip("transformers")
+from fastforget.transformers import ProtectedHFTrainer  # noqa: E402
+
+VOCAB, LENGTH = 53, 12
+LR, ACCUMULATION, BATCH = 1e-3, 2, 2
+
+
+def llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+def dataset(n, seed, lengths=None):
+    """Examples as a tokenizer would give them: dicts of lists of token ids (equal lengths unless `lengths`)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or [LENGTH] * n
+    return [{"input_ids": torch.randint(1, VOCAB, (t,), generator=g).tolist()} for t in lengths]
+
+
+def collate(examples):
+    """Right-pads with token 0; labels are the ids, -100 on the padding."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.as_tensor(e["input_ids"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def arguments(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
+        max_grad_norm=1.0, learning_rate=LR, lr_scheduler_type="constant", optim="adamw_torch", max_steps=3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    return transformers.TrainingArguments(**(settings | overrides))
+
+
+def defences(model, which, old_task):
+    """The defences in `which`, set up as after an earlier task (EWC consolidated on it, buffer holding it)."""
+    ewc = replay = protector = None
+    if "ewc" in which:
+        ewc = ff.EWC(model, lam=50.0)
+        ewc.consolidate([collate(old_task[i : i + 2]) for i in range(0, 6, 2)], batch_loss=hf_loss, progress=False)
+        with torch.no_grad():  # move away from the anchor, so that the penalty pulls
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    if "replay" in which:
+        replay = ff.ReplayBuffer(16, generator=torch.Generator().manual_seed(3))
+        replay.add({"input_ids": [torch.as_tensor(e["input_ids"]) for e in old_task]})
+    if "protect" in which:
+        protector = ff.GradientProtector(model, mode="element")
+    return ewc, replay, protector
+
+
+def hf_loss(model, batch):
+    return model(**batch).loss
+
+
+def record_batches(trainer):
+    """The micro-batches the Trainer trained on and the replayed examples it drew, in order."""
+    seen, replayed = [], []
+    compute_loss, sample = trainer.compute_loss, trainer.replay.sample if trainer.replay else None
+
+    def recording_compute_loss(model, inputs, **kwargs):
+        seen.append({k: v.clone() for k, v in inputs.items()})
+        return compute_loss(model, inputs, **kwargs)
+
+    def recording_sample(k, **kwargs):
+        out = sample(k, **kwargs)
+        replayed.append(out)
+        return out
+
+    trainer.compute_loss = recording_compute_loss
+    if sample is not None:
+        trainer.replay.sample = recording_sample
+    return seen, replayed
+
+
+def hand_loop(model, seen, replayed, ewc, protector, replay_weight):
+    """What the Trainer must have done: per step, per micro-batch (loss + w * replay loss) / ACCUMULATION backward,
+    then EWC, protection, clipping to 1.0 and AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    model.train()
+    for step in range(len(seen) // ACCUMULATION):
+        opt.zero_grad()
+        for micro in range(ACCUMULATION):
+            i = step * ACCUMULATION + micro
+            loss = hf_loss(model, seen[i])
+            if replayed:
+                examples = [{"input_ids": ids.tolist()} for ids in replayed[i]["input_ids"]]
+                loss = loss + replay_weight * hf_loss(model, collate(examples))
+            (loss / ACCUMULATION).backward()
+        if ewc is not None:
+            ewc.apply_()
+        if protector is not None:
+            protector.protect_()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("which", [("ewc",), ("replay",), ("protect",), ("ewc", "replay", "protect")])
+def test_each_defence_and_all_together_equal_the_hand_loop(tmp_path, which):
+    old_task, new_task = dataset(6, seed=1), dataset(12, seed=2)
+    model = llama()
+    ewc, replay, protector = defences(model, which, old_task)
+    start = copy.deepcopy((model, ewc, protector))  # one memo: the copies' EWC and protector hold the copied model
+    trainer = ProtectedHFTrainer(
+        model=model, args=arguments(tmp_path), train_dataset=new_task, data_collator=collate,
+        ewc=ewc, replay=replay, protector=protector, replay_weight=0.5,
+    )  # fmt: skip
+    seen, replayed = record_batches(trainer)
+    trainer.train()
+    assert len(seen) == 3 * ACCUMULATION and len(replayed) == (len(seen) if replay else 0)
+    model0, ewc0, protector0 = start
+    expected = hand_loop(model0, seen, replayed, ewc0, protector0, replay_weight=0.5)
+    for (name, got), want in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)
+    logged = trainer.state.log_history[0]
+    assert ("ewc_penalty" in logged) == ("ewc" in which) and ("replay_loss" in logged) == ("replay" in which)
+
+
+def test_end_task_consolidates_over_the_dataset_and_fills_the_buffer(tmp_path):
+    model, data = llama(), dataset(7, seed=4, lengths=[5, 9, 12, 7, 12, 3, 8])
+    ewc, replay = ff.EWC(model, lam=1.0), ff.ReplayBuffer(32)
+    trainer = ProtectedHFTrainer(
+        model=model, args=arguments(tmp_path, per_device_eval_batch_size=3), train_dataset=data,
+        data_collator=collate, ewc=ewc, replay=replay,
+    )  # fmt: skip
+    times = trainer.end_task()["time_ms"]
+    assert set(times) == {"consolidate", "fill"} and len(replay) == 7 and ewc.tasks == 1
+    want = ff.estimate_fisher(model, [collate(data[i : i + 3]) for i in range(0, 7, 3)], batch_loss=hf_loss)
+    for got, w in zip(ewc.state_dict()["fisher"], want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-9)
+    stored = replay.sample(7)["input_ids"]
+    assert sorted(len(s) for s in stored) == [3, 5, 7, 8, 9, 12, 12]  # variable lengths kept
+
+
+def test_resume_from_checkpoint_continues_bitwise(tmp_path):
+    old_task, new_task = dataset(6, seed=1), dataset(16, seed=2)
+
+    def run(folder, steps, resume=None):
+        model = llama()
+        ewc, replay, protector = defences(model, ("ewc", "replay", "protect"), old_task)
+        trainer = ProtectedHFTrainer(
+            model=model, args=arguments(folder, max_steps=4, save_strategy="steps", save_steps=2),
+            train_dataset=new_task, data_collator=collate, ewc=ewc, replay=replay, protector=protector,
+        )  # fmt: skip
+        if steps < 4:
+            trainer.args.max_steps = steps
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    full, _ = run(tmp_path / "full", 4)
+    run(tmp_path / "cut", 2)
+    resumed, trainer = run(tmp_path / "cut", 4, resume=str(tmp_path / "cut" / "checkpoint-2"))
+    assert (tmp_path / "cut" / "checkpoint-2" / "fastforget_state.pt").exists()
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bad_input(tmp_path):
+    model, data = llama(), dataset(4, seed=5)
+    with pytest.raises(ValueError, match="fp16 training .* use bf16=True"):
+        ProtectedHFTrainer(model=model, args=arguments(tmp_path, fp16=True), ewc=ff.EWC(model), data_collator=collate)
+    trainer = ProtectedHFTrainer(
+        model=model, args=arguments(tmp_path), train_dataset=data, data_collator=collate, ewc=ff.EWC(model)
+    )
+    with pytest.raises(ValueError, match="non-empty dataset"):
+        trainer.end_task([])
+    assert trainer.ewc.tasks == 0
+    pairs = ff.ReplayBuffer(4)
+    pairs.add((torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
+    trainer = ProtectedHFTrainer(model=model, args=arguments(tmp_path), train_dataset=data, data_collator=collate,
+                                 replay=pairs)  # fmt: skip
+    with pytest.raises(TypeError, match="holds tuple batches"):
+        trainer.train()
+    with pytest.raises(ValueError, match="replay_weight"):
+        ProtectedHFTrainer(model=model, args=arguments(tmp_path), replay_weight=-1.0)
