@@ -194,3 +194,56 @@ def test_bad_input(tmp_path):
         trainer.train()
     with pytest.raises(ValueError, match="replay_weight"):
         ProtectedHFTrainer(model=model, args=arguments(tmp_path), replay_weight=-1.0)
+
+
+def test_the_mixin_in_trl_sft_trainer_equals_the_penalty_in_its_loss(tmp_path):
+    """ProtectionMixin in front of TRL's SFTTrainer: the EWC gradient it adds equals lam * penalty in the loss."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    tokenizers = pytest.importorskip("tokenizers")
+    from fastforget.transformers import ProtectionMixin
+
+    vocab = {f"t{i}": i for i in range(50)} | {"<pad>": 50, "<unk>": 51, "<eos>": 52}
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"t{int(i)}" for i in torch.randint(0, 50, (10,), generator=g)) for _ in range(8)]
+    data = datasets.Dataset.from_list([{"text": t} for t in texts])
+
+    def run(trainer_class, extra):
+        model = llama()
+        ewc = ff.EWC(model, lam=5.0)
+        ewc.load_importance(
+            [p.detach() + 0.05 for p in model.parameters()], [torch.ones_like(p) for p in model.parameters()]
+        )
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, report_to=[], use_cpu=True,
+            save_strategy="no", disable_tqdm=True, max_length=32, learning_rate=1e-3,
+        )  # fmt: skip
+        trainer = trainer_class(model=model, args=args, train_dataset=data, processing_class=tokenizer, **extra(ewc))
+        trainer.train()
+        return model
+
+    class Protected(ProtectionMixin, trl.SFTTrainer):
+        pass
+
+    class PenaltyInLoss(trl.SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return loss + self.penalty.penalty()
+
+    def with_penalty(trainer_class):
+        class Bound(trainer_class):
+            def __init__(self, ewc, **kwargs):
+                super().__init__(**kwargs)
+                self.penalty = ewc
+
+        return Bound
+
+    protected = run(Protected, extra=lambda ewc: {"ewc": ewc})
+    expected = run(with_penalty(PenaltyInLoss), extra=lambda ewc: {"ewc": ewc})
+    for a, b in zip(protected.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
