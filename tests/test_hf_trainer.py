@@ -2,9 +2,14 @@
 end_task, logs, checkpoint resume, and bad input. A tiny LLaMA built from a config; CPU."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from distributed_utils import free_port
 
 import fastforget as ff
 
@@ -247,3 +252,15 @@ def test_the_mixin_in_trl_sft_trainer_equals_the_penalty_in_its_loss(tmp_path):
     expected = run(with_penalty(PenaltyInLoss), extra=lambda ewc: {"ewc": ewc})
     for a, b in zip(protected.parameters(), expected.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_under_the_trainers_ddp_equals_one_process(tmp_path):
+    """torchrun, 2 gloo processes with batch 1 each, against one process with batch 2: the same parameters."""
+    script = Path(__file__).with_name("hf_trainer_ddp.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], check=True, env=env, timeout=240)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}"]
+    subprocess.run([*torchrun, str(script), str(tmp_path / "two.pt")], check=True, env=env, timeout=240)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
