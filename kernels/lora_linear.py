@@ -143,12 +143,14 @@ def _split_k(tiles, K, block_k, device):
 
 def _blocks(n, element_size):
     """Tile sizes: 16 under the interpreter (numpy, tiny tests); on GPUs 128 x 128 output tiles, or as narrow as
-    the output for the rank-r products (n = r), and K steps of 128 bytes."""
+    the output for the rank-r products (n = r), and K steps of 128 bytes, in 3 pipeline stages (2 for fp32, whose
+    tiles take twice the registers: 3 spill, tests/test_ptx.py)."""
     if INTERPRETED:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
     block_n = 128 if n > 64 else max(16, triton.next_power_of_2(n))
     block_k = 128 // element_size
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n == 128 else 4, num_stages=3)
+    stages = 2 if element_size == 4 else 3
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n == 128 else 4, num_stages=stages)
 
 
 def _gemm(a, b, out, alpha, *, keep_a=None, rank=None, keep_c=None, bias=None):

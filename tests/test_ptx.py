@@ -20,6 +20,8 @@ import tempfile
 import pytest
 
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")  # spill-free required; fp64 is compiled and reported
+# the lists' dtypes compiled: fp32 and bf16 (the suite's 60 s); FF_PTX_ALL=1 adds fp16 and fp64 (the table's)
+LIST_DTYPES = ("fp32", "bf16", "fp16", "fp64") if os.environ.get("FF_PTX_ALL") == "1" else ("fp32", "bf16")
 MULTI_TENSOR_KERNELS = (
     "_ewc_kernel",
     "_fisher_update_kernel",
@@ -29,7 +31,7 @@ MULTI_TENSOR_KERNELS = (
     "_scale_kernel",
 )
 EXACT_MATH_KERNELS = ("_protect_kernel", "_block_moments_kernel", "_merge_moments_kernel")
-SHOWN_CONSTEXPRS = ("PASS", "ALIGNED", "KEEP_A", "RANK", "KEEP_C", "BIAS", "BLOCK_N", "SPLIT_K")
+SHOWN_CONSTEXPRS = ("PASS", "ALIGNED", "KEEP_A", "RANK", "KEEP_C", "BIAS", "BLOCK_N", "SPLIT")
 APPROXIMATE = re.compile(r"\b(?:ex2\.approx|lg2\.approx|div\.full|div\.approx|rcp\.approx|sqrt\.approx)[\w.]*")
 
 
@@ -101,7 +103,8 @@ def _workloads():
     from fastforget.kernels import ewc_penalty, fisher_update, grad_ema, grad_moments, lora_linear, scale_grads
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-    for label, dtype in dtypes.items():
+    for label in LIST_DTYPES:
+        dtype = dtypes[label]
         state = torch.float64 if dtype == torch.float64 else torch.float32
 
         def tensors(dt=dtype):
@@ -119,7 +122,11 @@ def _workloads():
         yield label, grad_ema.grad_ema_protect, protect_args
         yield label, grad_moments.grad_moments, (tensors(), one)
         yield label, scale_grads.scale_grads, (tensors(), alpha)
-    for label in ("fp32", "bf16", "fp16"):
+    lora_runs = [("fp32", 0), ("bf16", 0), ("bf16", 132)]  # split-K below 132 tiles (an H200's SMs) or never
+    if "fp64" in LIST_DTYPES:  # FF_PTX_ALL
+        lora_runs.append(("fp32", 132))
+    for label, split_below in lora_runs:
+        lora_linear.SPLIT_K_BELOW = split_below  # on CPU tensors, None would mean "never split"
         x = torch.zeros(256, 512, dtype=dtypes[label])
         weight, bias = torch.zeros(384, 512, dtype=x.dtype), torch.zeros(384, dtype=x.dtype)
         lora_A, lora_B = torch.zeros(16, 512, dtype=x.dtype), torch.zeros(384, 16, dtype=x.dtype)
@@ -134,8 +141,9 @@ def _describe(value):
     return getattr(value, "name", None) or repr(value)
 
 
-def compile_all():
-    """Every distinct kernel specialisation the launchers compile, with its PTX facts and resource usage."""
+def compile_all(part=0, parts=1):
+    """Every distinct kernel specialisation the launchers compile (those of workloads part, part + parts, ...), with
+    its PTX facts and resource usage."""
     compile_launch, ptxas, cuobjdump = _compiler()
     from triton.runtime.jit import JITFunction
 
@@ -151,6 +159,8 @@ def compile_all():
         records.append(
             dict(
                 kernel=fn.__name__,
+                hash=kernel.hash,
+                order=(workload[0], len(records)),
                 dtype=label[0],
                 constexprs={fn.arg_names[path[0]]: _describe(v) for path, v in constexprs.items()},
                 num_warps=kernel.metadata.num_warps,
@@ -162,14 +172,16 @@ def compile_all():
         return kernel
 
     JITFunction.run = run
-    for label[0], launcher, args in _workloads():
-        launcher(*args)
+    workload = [0]
+    for workload[0], (label[0], launcher, args) in enumerate(_workloads()):
+        if workload[0] % parts == part:
+            launcher(*args)
     return records
 
 
-def main(path):
+def main(path, part=0, parts=1):
     try:
-        result = dict(records=compile_all())
+        result = dict(records=compile_all(part, parts))
     except Skip as reason:
         result = dict(skip=str(reason))
     with open(path, "w") as f:
@@ -180,18 +192,29 @@ def main(path):
 
 
 @functools.cache
-def compiled():
+def compiled(parts=2):
+    """The records of every workload, compiled by `parts` processes at once (each a share of the workloads)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "kernels.json")
-        run = subprocess.run([sys.executable, __file__, path], capture_output=True, text=True, env=env, timeout=600)
-        if run.returncode:
-            pytest.fail(f"compiling the kernels for sm_90 failed:\n{run.stderr[-6000:]}")
-        with open(path) as f:
-            result = json.load(f)
-    if "skip" in result:
-        pytest.skip(result["skip"])
-    return result["records"]
+        paths = [os.path.join(folder, f"part{i}.json") for i in range(parts)]
+        runs = [
+            subprocess.Popen(
+                [sys.executable, __file__, path, str(i), str(parts)], stderr=subprocess.PIPE, text=True, env=env
+            )
+            for i, path in enumerate(paths)
+        ]
+        errors = [(run.communicate(timeout=600)[1], run.returncode) for run in runs]
+        errors = [log for log, returncode in errors if returncode]
+        if any(errors):
+            pytest.fail(f"compiling the kernels for sm_90 failed:\n{''.join(errors)[-6000:]}")
+        results = []
+        for path in paths:
+            with open(path) as f:
+                results.append(json.load(f))
+    if "skip" in results[0]:
+        pytest.skip(results[0]["skip"])
+    unique = {(r["kernel"], r["hash"]): r for result in results for r in result["records"]}
+    return sorted(unique.values(), key=lambda r: r["order"])
 
 
 def _name(record):
@@ -244,10 +267,10 @@ def print_table(path):
     print(result.get("skip", ""))
 
 
-if __name__ == "__main__":  # python tests/test_ptx.py OUT.json [--table]
+if __name__ == "__main__":  # python tests/test_ptx.py OUT.json [PART PARTS | --table]
     if "TRITON_INTERPRET" in os.environ:
         sys.exit("run without TRITON_INTERPRET")
-    if sys.argv[2:] != ["--table"]:
-        main(sys.argv[1])
-    else:
+    if sys.argv[2:] == ["--table"]:
         print_table(sys.argv[1])
+    else:
+        main(sys.argv[1], *map(int, sys.argv[2:]))
