@@ -126,6 +126,9 @@ class TableCache:
     def __len__(self):
         return len(self._items)
 
+    def __contains__(self, key):
+        return key in self._items
+
     def get(self, key):
         with self._lock:
             item = self._items.get(key)
