@@ -141,11 +141,9 @@ def grad_ema_stats(grads, mean, var, inv_scale, alpha):
             _max_var_kernel, groups, acc, inv_scale.to(device, acc), alpha.to(device, acc).contiguous(),
             lambda group: partials[group.first_block :],
         )  # fmt: skip
-        owner = torch.cat(
-            [torch.tensor(g.members).repeat_interleave(torch.tensor(g.blocks_per_tensor)) for g in groups]
-        )
+        owner = torch.cat([g.blocks[2] for g in groups])  # each partial's tensor in the list
         out = torch.zeros(len(grads), dtype=acc, device=device)
-        return out.scatter_reduce_(0, owner.to(device), partials[:total_blocks], "amax")
+        return out.scatter_reduce_(0, owner, partials[:total_blocks], "amax")
 
 
 def grad_ema_protect(grads, mean, var, inv_scale, alpha, var_scale, skip, threshold):

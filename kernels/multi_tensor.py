@@ -10,6 +10,7 @@ one launch. Within a group:
     tables[roles + r, t]  numel of tensor t in role r
     tables[2 * roles, t]  index of tensor t in the caller's list (for per-tensor inputs and outputs)
     blocks[0, b], blocks[1, b]  tensor index and first element of program b (programs cover BLOCK elements each)
+    blocks[2, b]          index of program b's tensor in the caller's list (whose partial it writes)
 
 All offsets are int64, zero-size tensors get no program, and each program writes one reduction partial, so
 partials have a fixed order and sums of them are reproducible. The tables of a call are cached (LRU, keyed on
@@ -107,7 +108,7 @@ class LaunchGroup:
     dtypes: tuple  # Triton element type of each role
     aligned: bool  # every data pointer of the group is ALIGNMENT-aligned (and any caller condition holds)
     tables: torch.Tensor  # (2 * roles + 1, num_tensors) int64
-    blocks: torch.Tensor  # (2, num_blocks) int64
+    blocks: torch.Tensor  # (3, num_blocks) int64
     num_tensors: int
     num_blocks: int
     first_block: int  # offset of this group's programs in the call's partials
@@ -190,7 +191,7 @@ def _build(roles, block_size, aligned, device):
         tensor_of_block = torch.repeat_interleave(torch.arange(len(members)), counts)
         first_of_tensor = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         start_of_block = (torch.arange(len(tensor_of_block)) - first_of_tensor) * block_size
-        blocks = torch.stack([tensor_of_block, start_of_block])
+        blocks = torch.stack([tensor_of_block, start_of_block, torch.tensor(members)[tensor_of_block]])
         num_blocks = blocks.shape[1]
         groups.append(
             LaunchGroup(

@@ -21,7 +21,8 @@ def test_tables_encode_pointers_sizes_members_and_blocks():
     assert [g.members for g in groups] == [[0, 1, 3], [2]] and total == 3 + 0 + 1 + 1
     fp32 = groups[0]
     assert torch.equal(fp32.tables.cpu(), expected_tables((params, grads), [0, 1, 3]))
-    assert fp32.blocks.tolist() == [[0, 0, 0, 2], [0, BLOCK, 2 * BLOCK, 0]] and fp32.blocks_per_tensor == [3, 0, 1]
+    assert fp32.blocks.tolist() == [[0, 0, 0, 2], [0, BLOCK, 2 * BLOCK, 0], [0, 0, 0, 3]]
+    assert fp32.blocks_per_tensor == [3, 0, 1]
     assert groups[1].first_block == 4 and groups[1].aligned
 
 
