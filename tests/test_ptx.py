@@ -127,12 +127,13 @@ def _workloads():
         lora_runs.append(("fp32", 132))
     for label, split_below in lora_runs:
         lora_linear.SPLIT_K_BELOW = split_below  # on CPU tensors, None would mean "never split"
-        x = torch.zeros(256, 512, dtype=dtypes[label])
-        weight, bias = torch.zeros(384, 512, dtype=x.dtype), torch.zeros(384, dtype=x.dtype)
-        lora_A, lora_B = torch.zeros(16, 512, dtype=x.dtype), torch.zeros(384, 16, dtype=x.dtype)
-        keep = torch.ones(256, 512, dtype=torch.bool)
+        # M = 1024 and out = 640: K long enough for split-K in every rank-r product (and dW)
+        x = torch.zeros(1024, 512, dtype=dtypes[label])
+        weight, bias = torch.zeros(640, 512, dtype=x.dtype), torch.zeros(640, dtype=x.dtype)
+        lora_A, lora_B = torch.zeros(16, 512, dtype=x.dtype), torch.zeros(640, 16, dtype=x.dtype)
+        keep = torch.ones(1024, 512, dtype=torch.bool)
         yield label, lora_linear.lora_linear, (x, weight, bias, lora_A, lora_B, keep, 2.0)
-        S, grad_y = torch.zeros(256, 16, dtype=x.dtype), torch.zeros(256, 384, dtype=x.dtype)
+        S, grad_y = torch.zeros(1024, 16, dtype=x.dtype), torch.zeros(1024, 640, dtype=x.dtype)
         backward_args = (grad_y, x, weight, lora_A, lora_B, keep, S, 2.0, [True] * 5)
         yield label, lora_linear.lora_linear_backward, backward_args
 
