@@ -16,7 +16,6 @@ from fastforget.kernels.multi_tensor import (
     contiguous,
     copy_back,
     launch_groups,
-    load,
     narrows_through_fp32,
     on_device,
     program_block,
@@ -36,9 +35,9 @@ def _ewc_block(
     G_VIA_FP32: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr,
 ):  # fmt: skip
     offs, mask = block_offsets(count, BLOCK, FULL)
-    p = load(role_pointer(tables, num_tensors, t, 0, start, P, ALIGNED) + offs, mask).to(ACC)
-    a = load(role_pointer(tables, num_tensors, t, 1, start, A, ALIGNED) + offs, mask).to(ACC)
-    f = load(role_pointer(tables, num_tensors, t, 2, start, F, ALIGNED) + offs, mask).to(ACC)
+    p = tl.load(role_pointer(tables, num_tensors, t, 0, start, P, ALIGNED) + offs).to(ACC)
+    a = tl.load(role_pointer(tables, num_tensors, t, 1, start, A, ALIGNED) + offs).to(ACC)
+    f = tl.load(role_pointer(tables, num_tensors, t, 2, start, F, ALIGNED) + offs).to(ACC)
     d = p - a
     fd = f * d
     c = tl.load(coef_ptr)  # 2 lam (ACCUMULATE) or 2 lam grad_out (GRADIENT), in ACC
@@ -47,12 +46,15 @@ def _ewc_block(
         if PASS == 1:  # GRADIENT: out = (2 lam grad_out) F d
             out = c * fd
         else:  # ACCUMULATE: grad += 2 lam F d
-            out = load(g_ptr, mask).to(ACC) + c * fd
+            out = tl.load(g_ptr).to(ACC) + c * fd
         if G_VIA_FP32:  # fp64 math into a 16-bit gradient: narrow through fp32
             out = out.to(tl.float32)
         tl.store(g_ptr, out.to(G), mask=mask)
     if PASS != 1:
-        tl.store(partials + tl.program_id(0), tl.sum(fd * d, axis=0))
+        terms = fd * d
+        if not FULL:  # past the end: the last element again (block_offsets)
+            terms = tl.where(mask, terms, 0)
+        tl.store(partials + tl.program_id(0), tl.sum(terms, axis=0))
 
 
 @triton.jit

@@ -18,7 +18,6 @@ from fastforget.kernels.multi_tensor import (
     contiguous,
     copy_back,
     launch_groups,
-    load,
     narrows_through_fp32,
     on_device,
     program_block,
@@ -37,13 +36,13 @@ def _fisher_block(
     BLOCK: tl.constexpr, FULL: tl.constexpr,
 ):  # fmt: skip
     offs, mask = block_offsets(count, BLOCK, FULL)
-    acc = tl.load(coefs) * load(f_ptr + offs, mask).to(ACC)
+    acc = tl.load(coefs) * tl.load(f_ptr + offs).to(ACC)
     scale = tl.load(coefs + 1)
     for s in range(0, samples):
         g_s = g_ptr + s * n  # in an aligned group the host checked that every sample starts aligned
         if ALIGNED:
             g_s = tl.multiple_of(g_s, ALIGNMENT)
-        g = load(g_s + offs, mask).to(ACC)
+        g = tl.load(g_s + offs).to(ACC)
         acc += scale * g * g
     if F_VIA_FP32:  # fp64 math into a 16-bit Fisher: narrow through fp32
         acc = acc.to(tl.float32)

@@ -18,7 +18,6 @@ from fastforget.kernels.multi_tensor import (
     contiguous,
     copy_back,
     launch_groups,
-    load,
     narrows_through_fp32,
     on_device,
     program_block,
@@ -42,20 +41,21 @@ def _pointers(tables, num_tensors, t, start, G: tl.constexpr, ACC: tl.constexpr,
 
 
 @triton.jit
-def _updated_var(g_ptr, m_ptr, v_ptr, offs, mask, scale, alpha, ACC: tl.constexpr):
-    """g, m, d = x - m and v' = (1 - alpha)(v + alpha d^2) of a block (0 past a tensor's end)."""
-    g = load(g_ptr + offs, mask).to(ACC)
-    m = load(m_ptr + offs, mask)
+def _updated_var(g_ptr, m_ptr, v_ptr, offs, scale, alpha, ACC: tl.constexpr):
+    """g, m, d = x - m and v' = (1 - alpha)(v + alpha d^2) at offs."""
+    g = tl.load(g_ptr + offs).to(ACC)
+    m = tl.load(m_ptr + offs)
     d = scale * g - m
-    return g, m, d, (1 - alpha) * (load(v_ptr + offs, mask) + alpha * d * d)
+    return g, m, d, (1 - alpha) * (tl.load(v_ptr + offs) + alpha * d * d)
 
 
 @triton.jit
 def _max_var_block(
     g_ptr, m_ptr, v_ptr, count, scale, alpha, partials, ACC: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr
 ):  # fmt: skip
-    offs, mask = block_offsets(count, BLOCK, FULL)
-    v_new = _updated_var(g_ptr, m_ptr, v_ptr, offs, mask, scale, alpha, ACC)[3]  # 0 past the end: max v' >= 0
+    offs, _ = block_offsets(count, BLOCK, FULL)
+    # past the end: the last element's v' again (block_offsets), which leaves the max as it is
+    v_new = _updated_var(g_ptr, m_ptr, v_ptr, offs, scale, alpha, ACC)[3]
     v_new = tl.where(v_new == v_new, v_new, float("inf"))  # NaN -> +inf, which a max keeps
     tl.store(partials + tl.program_id(0), tl.max(v_new, axis=0))
 
@@ -89,7 +89,7 @@ def _protect_block(
     ACC: tl.constexpr, G: tl.constexpr, G_VIA_FP32: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr,
 ):  # fmt: skip
     offs, mask = block_offsets(count, BLOCK, FULL)
-    g, m, d, v_new = _updated_var(g_ptr, m_ptr, v_ptr, offs, mask, scale, alpha, ACC)
+    g, m, d, v_new = _updated_var(g_ptr, m_ptr, v_ptr, offs, scale, alpha, ACC)
     importance = _sigmoid(v_new * var_scale, ACC)
     out = tl.where(importance > threshold, (1 - importance) * g, g)
     if G_VIA_FP32:

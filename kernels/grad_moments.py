@@ -19,7 +19,6 @@ from fastforget.kernels.multi_tensor import (
     block_offsets,
     contiguous,
     launch_groups,
-    load,
     on_device,
     program_block,
     register,
@@ -45,7 +44,7 @@ def _block_moments(g_ptr, count, scale, k, partials, ACC: tl.constexpr, BLOCK: t
     """(count, mean, M2) of the block's y = x - k, written to partials[pid]: M2 = sum d^2 - (sum d)^2 / count with
     d = y - sum y / count (the corrected two-pass algorithm)."""
     offs, mask = block_offsets(count, BLOCK, FULL)
-    y = scale * load(g_ptr + offs, mask).to(ACC) - k
+    y = scale * tl.load(g_ptr + offs).to(ACC) - k
     if not FULL:
         y = tl.where(mask, y, 0)
     n = tl.minimum(count, BLOCK).to(ACC)

@@ -83,24 +83,16 @@ def role_pointer(tables, num_tensors, t, role, start, TYPE: tl.constexpr, ALIGNE
 
 @triton.jit
 def block_offsets(count, BLOCK: tl.constexpr, FULL: tl.constexpr):
-    """(offsets, mask) of a block of `count` elements: mask None when the block is full. A partial block's offsets
-    are clamped to its last element, so its loads need no predicates: with masked loads, ptxas spills the
-    predicates of a thread's 8 elements to local memory. Its stores take the mask."""
+    """(offsets, mask) of a block of `count` elements; mask None when the block is full, whose loads are then
+    unmasked (so vectorisable). A partial block's offsets are clamped to its last element, so its loads need no
+    mask either (with masked loads ptxas spills the predicates of a thread's 8 elements): past the end they read
+    the last element again. Stores take the mask; a sum must zero those lanes, a max may keep them."""
     offs = tl.arange(0, BLOCK)
     if FULL:
         return offs, None
     else:
         last = count.to(tl.int32) - 1  # count < BLOCK here
         return tl.minimum(offs, last), offs <= last
-
-
-@triton.jit
-def load(ptrs, mask):
-    """tl.load at block_offsets: of a full block, unmasked (so vectorisable); else 0 past the tensor's end."""
-    if mask is None:
-        return tl.load(ptrs)
-    else:
-        return tl.where(mask, tl.load(ptrs), 0)
 
 
 @dataclass

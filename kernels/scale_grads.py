@@ -11,7 +11,6 @@ from fastforget.kernels.multi_tensor import (
     contiguous,
     copy_back,
     launch_groups,
-    load,
     narrows_through_fp32,
     on_device,
     program_block,
@@ -29,7 +28,7 @@ def _scale_block(
     FULL: tl.constexpr,
 ):  # fmt: skip
     offs, mask = block_offsets(count, BLOCK, FULL)
-    out = factor * load(g_ptr + offs, mask).to(ACC)
+    out = factor * tl.load(g_ptr + offs).to(ACC)
     if G_VIA_FP32:
         out = out.to(tl.float32)
     tl.store(g_ptr + offs, out.to(G), mask=mask)
