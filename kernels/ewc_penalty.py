@@ -13,47 +13,69 @@ from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
     ACCUMULATE_TYPES,
+    block_offsets,
     contiguous,
     copy_back,
     launch_groups,
     narrows_through_fp32,
     on_device,
+    program_block,
     register,
+    role_pointer,
 )
 
 BLOCK = 4096
+NUM_WARPS = 16  # 8 elements per thread: no spills with fp32 or 16-bit lists (tests/test_ptx.py)
 PENALTY, GRADIENT, ACCUMULATE = 0, 1, 2
+
+
+@triton.jit
+def _ewc_block(
+    tables, num_tensors, t, start, count, partials, coef_ptr,
+    PASS: tl.constexpr, ACC: tl.constexpr, P: tl.constexpr, A: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
+    G_VIA_FP32: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr,
+):  # fmt: skip
+    offs, mask = block_offsets(count, BLOCK, FULL)
+    p = tl.load(role_pointer(tables, num_tensors, t, 0, start, P, ALIGNED) + offs).to(ACC)
+    a = tl.load(role_pointer(tables, num_tensors, t, 1, start, A, ALIGNED) + offs).to(ACC)
+    f = tl.load(role_pointer(tables, num_tensors, t, 2, start, F, ALIGNED) + offs).to(ACC)
+    d = p - a
+    fd = f * d
+    c = tl.load(coef_ptr)  # 2 lam (ACCUMULATE) or 2 lam grad_out (GRADIENT), in ACC
+    g_ptr = role_pointer(tables, num_tensors, t, 3, start, G, ALIGNED) + offs
+    if PASS != 0:
+        if PASS == 1:  # GRADIENT: out = (2 lam grad_out) F d
+            out = c * fd
+        else:  # ACCUMULATE: grad += 2 lam F d
+            out = tl.load(g_ptr).to(ACC) + c * fd
+        if G_VIA_FP32:  # fp64 math into a 16-bit gradient: narrow through fp32
+            out = out.to(tl.float32)
+        tl.store(g_ptr, out.to(G), mask=mask)
+    if PASS != 1:
+        terms = fd * d
+        if not FULL:  # past the end: the last element again (block_offsets)
+            terms = tl.where(mask, terms, 0)
+        tl.store(partials + tl.program_id(0), tl.sum(terms, axis=0))
 
 
 @triton.jit
 def _ewc_kernel(
     tables, blocks, num_tensors, num_blocks, partials, coef_ptr,
     PASS: tl.constexpr, ACC: tl.constexpr, P: tl.constexpr, A: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
-    G_VIA_FP32: tl.constexpr, BLOCK: tl.constexpr,
+    G_VIA_FP32: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    t = tl.load(blocks + pid)
-    start = tl.load(blocks + num_blocks + pid)
-    n = tl.load(tables + 4 * num_tensors + t)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
-    p = tl.load(tl.load(tables + t).to(tl.pointer_type(P)) + offs, mask=mask, other=0).to(ACC)
-    a = tl.load(tl.load(tables + num_tensors + t).to(tl.pointer_type(A)) + offs, mask=mask, other=0).to(ACC)
-    f = tl.load(tl.load(tables + 2 * num_tensors + t).to(tl.pointer_type(F)) + offs, mask=mask, other=0).to(ACC)
-    d = p - a
-    fd = f * d
-    c = tl.load(coef_ptr)  # 2 lam (ACCUMULATE) or 2 lam grad_out (GRADIENT), in ACC
-    g_ptr = tl.load(tables + 3 * num_tensors + t).to(tl.pointer_type(G)) + offs
-    if PASS != 0:
-        if PASS == 1:  # GRADIENT: out = (2 lam grad_out) F d
-            out = c * fd
-        else:  # ACCUMULATE: grad += 2 lam F d
-            out = tl.load(g_ptr, mask=mask, other=0).to(ACC) + c * fd
-        if G_VIA_FP32:  # fp64 math into a 16-bit gradient: narrow through fp32
-            out = out.to(tl.float32)
-        tl.store(g_ptr, out.to(G), mask=mask)
-    if PASS != 1:
-        tl.store(partials + pid, tl.sum(fd * d, axis=0))
+    t, start = program_block(blocks, num_blocks, BLOCK)
+    count = tl.load(tables + 4 * num_tensors + t) - start
+    if count >= BLOCK:  # a full block: no mask
+        _ewc_block(
+            tables, num_tensors, t, start, count, partials, coef_ptr,
+            PASS, ACC, P, A, F, G, G_VIA_FP32, ALIGNED, BLOCK, True,
+        )  # fmt: skip
+    else:
+        _ewc_block(
+            tables, num_tensors, t, start, count, partials, coef_ptr,
+            PASS, ACC, P, A, F, G, G_VIA_FP32, ALIGNED, BLOCK, False,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -88,7 +110,8 @@ def _launch(pass_, params, anchors, fisher, targets, lam, grad_out):
                 group.tables, group.blocks, group.num_tensors, group.num_blocks,
                 partials if pass_ == GRADIENT else partials[group.first_block :], coef,
                 PASS=pass_, ACC=ACCUMULATE_TYPES[acc], P=group.dtypes[0], A=group.dtypes[1], F=group.dtypes[2],
-                G=group.dtypes[3], G_VIA_FP32=narrows_through_fp32(acc, group.dtypes[3]), BLOCK=BLOCK,
+                G=group.dtypes[3], G_VIA_FP32=narrows_through_fp32(acc, group.dtypes[3]), ALIGNED=group.aligned,
+                BLOCK=BLOCK, num_warps=NUM_WARPS,
             )  # fmt: skip
     if pass_ == GRADIENT:
         return None

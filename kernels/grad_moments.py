@@ -17,41 +17,66 @@ from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
     ACCUMULATE_TYPES,
+    block_offsets,
     contiguous,
     launch_groups,
     on_device,
+    program_block,
     register,
+    role_pointer,
 )
 
 BLOCK = 4096
+NUM_WARPS = 16  # 8 elements per thread: no spills with fp32 or 16-bit lists (tests/test_ptx.py)
 MERGE_BATCH = 1024
+
+
+@triton.jit
+def _div(a, b, ACC: tl.constexpr):
+    """a / b correctly rounded: Triton's fp32 `/` is approximate (div.full); fp64's is exact."""
+    if ACC == tl.float32:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def _block_moments(g_ptr, count, scale, k, partials, ACC: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """(count, mean, M2) of the block's y = x - k, written to partials[pid]: M2 = sum d^2 - (sum d)^2 / count with
+    d = y - sum y / count (the corrected two-pass algorithm)."""
+    offs, mask = block_offsets(count, BLOCK, FULL)
+    y = scale * tl.load(g_ptr + offs).to(ACC) - k
+    if not FULL:
+        y = tl.where(mask, y, 0)
+    n = tl.minimum(count, BLOCK).to(ACC)
+    m = _div(tl.sum(y, axis=0), n, ACC)
+    d = y - m
+    if not FULL:
+        d = tl.where(mask, d, 0)
+    s1 = tl.sum(d, axis=0)
+    s2 = tl.sum(d * d, axis=0)
+    pid = tl.program_id(0)
+    tl.store(partials + 3 * pid, n)
+    tl.store(partials + 3 * pid + 1, m + _div(s1, n, ACC))
+    tl.store(partials + 3 * pid + 2, s2 - _div(s1 * s1, n, ACC))
 
 
 @triton.jit
 def _block_moments_kernel(
     tables, blocks, num_tensors, num_blocks, partials, shifts, scale_ptr,
-    ACC: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    t = tl.load(blocks + pid)
-    start = tl.load(blocks + num_blocks + pid)
-    n = tl.load(tables + num_tensors + t)
-    g_ptr = tl.load(tables + t).to(tl.pointer_type(G))
+    t, start = program_block(blocks, num_blocks, BLOCK)
+    count = tl.load(tables + num_tensors + t) - start
     scale = tl.load(scale_ptr).to(ACC)
-    k = scale * tl.load(g_ptr).to(ACC)
+    k = scale * tl.load(role_pointer(tables, num_tensors, t, 0, 0, G, False)).to(ACC)  # the tensor's first x
     if start == 0:
         tl.store(shifts + tl.load(tables + 2 * num_tensors + t), k)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
-    y = tl.where(mask, scale * tl.load(g_ptr + offs, mask=mask, other=0).to(ACC) - k, 0)
-    count = tl.minimum(n - start, BLOCK).to(ACC)
-    m = tl.sum(y, axis=0) / count
-    d = tl.where(mask, y - m, 0)
-    s1 = tl.sum(d, axis=0)
-    s2 = tl.sum(d * d, axis=0)
-    tl.store(partials + 3 * pid, count)
-    tl.store(partials + 3 * pid + 1, m + s1 / count)
-    tl.store(partials + 3 * pid + 2, s2 - s1 * s1 / count)
+    g_ptr = role_pointer(tables, num_tensors, t, 0, start, G, ALIGNED)
+    if count >= BLOCK:  # a full block: no mask
+        _block_moments(g_ptr, count, scale, k, partials, ACC, BLOCK, True)
+    else:
+        _block_moments(g_ptr, count, scale, k, partials, ACC, BLOCK, False)
 
 
 @triton.jit
@@ -70,13 +95,13 @@ def _merge_moments_kernel(partials, shifts, first_blocks, block_counts, out, ACC
         mean_i = tl.load(row + 1, mask=valid, other=0)
         m2_i = tl.load(row + 2, mask=valid, other=0)
         n_b = tl.sum(n_i, axis=0)
-        mean_b = tl.sum(n_i * mean_i, axis=0) / n_b
+        mean_b = _div(tl.sum(n_i * mean_i, axis=0), n_b, ACC)
         dev = tl.where(valid, mean_i - mean_b, 0)
         m2_b = tl.sum(m2_i, axis=0) + tl.sum(n_i * dev * dev, axis=0)
         total = count + n_b
         delta = mean_b - mean
-        mean += delta * (n_b / total)
-        m2 += m2_b + delta * delta * (count * n_b / total)
+        mean += delta * _div(n_b, total, ACC)
+        m2 += m2_b + delta * delta * _div(count * n_b, total, ACC)
         count = total
     tl.store(out + 3 * t, count)
     tl.store(out + 3 * t + 1, tl.where(blocks > 0, tl.load(shifts + t) + mean, 0))
@@ -102,7 +127,8 @@ def grad_moments(grads, inv_scale):
             if group.num_blocks:
                 _block_moments_kernel[(group.num_blocks,)](
                     group.tables, group.blocks, group.num_tensors, group.num_blocks, partials[group.first_block :],
-                    shifts, scale, ACC=ACCUMULATE_TYPES[acc], G=group.dtypes[0], BLOCK=BLOCK,
+                    shifts, scale, ACC=ACCUMULATE_TYPES[acc], G=group.dtypes[0], ALIGNED=group.aligned, BLOCK=BLOCK,
+                    num_warps=NUM_WARPS,
                 )  # fmt: skip
         out = torch.empty(len(grads), 3, dtype=acc, device=device)
         table = torch.tensor([first_blocks, block_counts], dtype=torch.int64).to(device)

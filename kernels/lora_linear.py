@@ -15,6 +15,11 @@ keep-mask, scale s (the dropout's 1 / (1 - p) folded in) and S the scaled LoRA a
 The rank-r term (K = r) is accumulated into the output tile's fp32 accumulator itself; only when the dropout mask
 applies to it (dx) does it go through a second accumulator, masked before the sum. No M x out temporary exists
 besides the output.
+
+Split-K: a product with few output tiles but a long K (S, dS: N = r; dA, dB: N = r and K = the batch's rows) would
+occupy a few of the GPU's SMs. Where its tiles would be fewer than SPLIT_K_BELOW (default: the device's SM count),
+each tile's K range is cut into SPLIT_K consecutive pieces, each program writes its piece's fp32 sum to a
+workspace, and _sum_splits_kernel adds the pieces in order 0, 1, ...: deterministic, no atomics.
 """
 
 import torch
@@ -26,6 +31,9 @@ from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import ACCUMULATE_TYPES, on_device, register
 
 INTERPRETED = dispatch.triton_interpreted()
+SPLIT_K_BELOW = None  # split K where a product has fewer output tiles than this; None: the device's SM count
+MIN_K_BLOCKS_PER_SPLIT = 4  # each piece streams at least 4 K steps
+SUM_BLOCK = 1024
 # torch.set_float32_matmul_precision, honoured for fp32 operands as torch's own fp32 GEMMs honour it
 _FP32_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 
@@ -40,13 +48,15 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _gemm_kernel(
-    a, b, s, f, keep, bias, c, alpha_ptr, M, N, K, R,
+    a, b, s, f, keep, bias, c, alpha_ptr, M, N, K, R, K_PER_SPLIT,
     stride_am, stride_ak, stride_bk, stride_bn, stride_sm, stride_sr, stride_fr, stride_fn,
     stride_keep_row, stride_keep_col, stride_cm, stride_cn,
     KEEP_A: tl.constexpr, RANK: tl.constexpr, KEEP_C: tl.constexpr, BIAS: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
+    """SPLIT: program (tile, piece) sums K in [piece K_PER_SPLIT, (piece + 1) K_PER_SPLIT) into c[piece], a
+    (pieces, M, N) workspace in ACC (no RANK, KEEP_C or BIAS; _sum_splits_kernel applies alpha)."""
     # grouped tile order: GROUP_M row-tiles share their b columns while they are in L2
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -60,9 +70,11 @@ def _gemm_kernel(
     in_m = offs_m < M
     in_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
+    k_begin = tl.program_id(1) * K_PER_SPLIT  # 0 without a split, with K_PER_SPLIT = K
+    k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        in_k = offs_k < K
+        in_k = offs_k < k_end
         a_in = in_m[:, None] & in_k[None, :]
         a_tile = tl.load(a + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_in, other=0)
         if KEEP_A:
@@ -91,21 +103,54 @@ def _gemm_kernel(
         else:
             acc = low
 
-    acc = acc * tl.load(alpha_ptr)
+    if SPLIT:  # this piece's sum, into the workspace
+        c += tl.program_id(1).to(tl.int64) * M * N
+    else:
+        acc = acc * tl.load(alpha_ptr)
     if BIAS:
         acc += tl.load(bias + offs_n, mask=in_n, other=0).to(ACC)[None, :]
     c_ptrs = c + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
+@triton.jit
+def _sum_splits_kernel(workspace, c, alpha_ptr, M, N, pieces, stride_cm, stride_cn, BLOCK: tl.constexpr):
+    """c = alpha * (workspace[0] + workspace[1] + ...), in this order; workspace (pieces, M, N) contiguous."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    size = M.to(tl.int64) * N
+    inside = offs < size
+    acc = tl.load(workspace + offs, mask=inside, other=0)
+    for piece in range(1, pieces):
+        acc += tl.load(workspace + piece * size + offs, mask=inside, other=0)
+    acc = acc * tl.load(alpha_ptr)
+    c_ptrs = c + (offs // N) * stride_cm + (offs % N) * stride_cn
+    tl.store(c_ptrs, acc.to(c.dtype.element_ty), mask=inside)
+
+
+def _split_k(tiles, K, block_k, device):
+    """How many pieces to cut K into: enough for SPLIT_K_BELOW programs (default: the device's SM count), with at
+    least MIN_K_BLOCKS_PER_SPLIT K steps each, and no empty piece. Returns (pieces, K elements per piece)."""
+    below = SPLIT_K_BELOW
+    if below is None:
+        below = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    k_blocks = triton.cdiv(K, block_k)
+    if tiles >= below or k_blocks < 2 * MIN_K_BLOCKS_PER_SPLIT:
+        return 1, K
+    pieces = max(1, min(triton.cdiv(below, tiles), k_blocks // MIN_K_BLOCKS_PER_SPLIT))
+    per_piece = triton.cdiv(k_blocks, pieces) * block_k
+    return triton.cdiv(K, per_piece), per_piece
+
+
 def _blocks(n, element_size):
     """Tile sizes: 16 under the interpreter (numpy, tiny tests); on GPUs 128 x 128 output tiles, or as narrow as
-    the output for the rank-r products (n = r), and K steps of 128 bytes."""
+    the output for the rank-r products (n = r), and K steps of 128 bytes, in 3 pipeline stages (2 for fp32, whose
+    tiles take twice the registers: 3 spill, tests/test_ptx.py)."""
     if INTERPRETED:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
     block_n = 128 if n > 64 else max(16, triton.next_power_of_2(n))
     block_k = 128 // element_size
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n == 128 else 4, num_stages=3)
+    stages = 2 if element_size == 4 else 3
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n == 128 else 4, num_stages=stages)
 
 
 def _gemm(a, b, out, alpha, *, keep_a=None, rank=None, keep_c=None, bias=None):
@@ -122,15 +167,24 @@ def _gemm(a, b, out, alpha, *, keep_a=None, rank=None, keep_c=None, bias=None):
     precision = _FP32_PRECISION[torch.get_float32_matmul_precision()] if a.dtype == torch.float32 else "ieee"
     blocks = _blocks(N, a.element_size())
     block_r = 16 if INTERPRETED else max(16, min(64, triton.next_power_of_2(R)))
-    grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
-    _gemm_kernel[grid](
-        a, b, s, f, keep.view(torch.uint8) if keep is not None else a, bias if bias is not None else a, out, alpha,
-        M, N, K, R, *a.stride(), *b.stride(), *s.stride(), *f.stride(),
-        *(keep.stride() if keep is not None else (0, 0)), *out.stride(),
+    tiles = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"])
+    pieces, per_piece = (
+        (1, K) if rank is not None or bias is not None else _split_k(tiles, K, blocks["BLOCK_K"], a.device)
+    )
+    # split: the pieces' sums go to an fp32 (fp64) workspace, summed into out below
+    target = out if pieces == 1 else torch.empty(pieces, M, N, dtype=alpha.dtype, device=out.device)
+    _gemm_kernel[(tiles, pieces)](
+        a, b, s, f, keep.view(torch.uint8) if keep is not None else a, bias if bias is not None else a, target, alpha,
+        M, N, K, R, per_piece, *a.stride(), *b.stride(), *s.stride(), *f.stride(),
+        *(keep.stride() if keep is not None else (0, 0)), *(out.stride() if pieces == 1 else (N, 1)),
         KEEP_A=keep_a is not None, RANK=rank is not None, KEEP_C=keep_c is not None, BIAS=bias is not None,
         ACC=acc, PRECISION=precision, UPCAST=INTERPRETED and a.dtype == torch.bfloat16, BLOCK_R=block_r,
-        GROUP_M=8, **blocks,
+        GROUP_M=8, SPLIT=pieces > 1, **blocks,
     )  # fmt: skip
+    if pieces > 1:
+        _sum_splits_kernel[(triton.cdiv(M * N, SUM_BLOCK),)](
+            target, out, alpha, M, N, pieces, *out.stride(), BLOCK=SUM_BLOCK
+        )
     return out
 
 

@@ -8,34 +8,46 @@ from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import qualname
 from fastforget.kernels.multi_tensor import (
     ACCUMULATE_TYPES,
+    block_offsets,
     contiguous,
     copy_back,
     launch_groups,
     narrows_through_fp32,
     on_device,
+    program_block,
     register,
+    role_pointer,
 )
 
 BLOCK = 4096
+NUM_WARPS = 16  # 8 elements per thread: no spills with fp32 or 16-bit lists (tests/test_ptx.py)
+
+
+@triton.jit
+def _scale_block(
+    g_ptr, count, factor, ACC: tl.constexpr, G: tl.constexpr, G_VIA_FP32: tl.constexpr, BLOCK: tl.constexpr,
+    FULL: tl.constexpr,
+):  # fmt: skip
+    offs, mask = block_offsets(count, BLOCK, FULL)
+    out = factor * tl.load(g_ptr + offs).to(ACC)
+    if G_VIA_FP32:
+        out = out.to(tl.float32)
+    tl.store(g_ptr + offs, out.to(G), mask=mask)
 
 
 @triton.jit
 def _scale_kernel(
     tables, blocks, num_tensors, num_blocks, factors,
-    ACC: tl.constexpr, G: tl.constexpr, G_VIA_FP32: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, G: tl.constexpr, G_VIA_FP32: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    t = tl.load(blocks + pid)
-    start = tl.load(blocks + num_blocks + pid)
-    n = tl.load(tables + num_tensors + t)
+    t, start = program_block(blocks, num_blocks, BLOCK)
+    count = tl.load(tables + num_tensors + t) - start
     factor = tl.load(factors + tl.load(tables + 2 * num_tensors + t))
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
-    g_ptr = tl.load(tables + t).to(tl.pointer_type(G)) + offs
-    out = factor * tl.load(g_ptr, mask=mask, other=0).to(ACC)
-    if G_VIA_FP32:
-        out = out.to(tl.float32)
-    tl.store(g_ptr, out.to(G), mask=mask)
+    g_ptr = role_pointer(tables, num_tensors, t, 0, start, G, ALIGNED)
+    if count >= BLOCK:  # a full block: no mask
+        _scale_block(g_ptr, count, factor, ACC, G, G_VIA_FP32, BLOCK, True)
+    else:
+        _scale_block(g_ptr, count, factor, ACC, G, G_VIA_FP32, BLOCK, False)
 
 
 def scale_grads(grads, factors):
@@ -51,7 +63,8 @@ def scale_grads(grads, factors):
                 _scale_kernel[(group.num_blocks,)](
                     group.tables, group.blocks, group.num_tensors, group.num_blocks, factors,
                     ACC=ACCUMULATE_TYPES[acc], G=group.dtypes[0],
-                    G_VIA_FP32=narrows_through_fp32(acc, group.dtypes[0]), BLOCK=BLOCK,
+                    G_VIA_FP32=narrows_through_fp32(acc, group.dtypes[0]), ALIGNED=group.aligned, BLOCK=BLOCK,
+                    num_warps=NUM_WARPS,
                 )  # fmt: skip
     copy_back(grads, work)
 

@@ -55,3 +55,21 @@ def test_direct_op_call_checks_factors(fused_backend):
     with pytest.raises(RuntimeError, match="factors has 1"):
         op(grads, torch.ones(1))
     assert all(torch.equal(g, torch.ones_like(g)) for g in grads)
+
+
+def misaligned(t):
+    """A contiguous copy of t whose data start one element into their storage: not 16-byte aligned."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_misaligned_views_match_aligned(fused_backend, dtype):
+    # Triton's vector path needs 16-byte aligned data; other tensors (here every other one) take the scalar path
+    grads = [torch.randn(s).to(dtype) for s in [(2 * 4096 + 37,), (5, 3), (4100,)]]
+    factors = torch.tensor([0.5, -3.0, 1.25])
+    aligned = [g.clone() for g in grads]
+    mixed = [misaligned(g) if i % 2 == 0 else g.clone() for i, g in enumerate(grads)]
+    assert mixed[0].storage_offset() == 1
+    ff.scale_grads_(aligned, factors, backend=fused_backend)
+    ff.scale_grads_(mixed, factors, backend=fused_backend)
+    assert mixed[0].storage_offset() == 1 and all(torch.equal(a, m) for a, m in zip(aligned, mixed))
