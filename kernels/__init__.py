@@ -1,6 +1,6 @@
 """Triton kernels (installed as fastforget.kernels). Importing registers them on the fastforget::*_triton ops."""
 
-from fastforget.kernels import (
+from fastforget.kernels import (  # noqa: F401
     anchored_lm_loss,
     ewc_penalty,
     fisher_update,
@@ -8,4 +8,4 @@ from fastforget.kernels import (
     grad_moments,
     lora_linear,
     scale_grads,
-)  # noqa: F401
+)
