@@ -66,10 +66,10 @@ def _rows_kernel(
     lse_z = m_z + tl.log(s_z)
     ce = lse_z - tl.load(z_row + label).to(ACC)
     loss = c_ce * ce
-    lse_q = m_q + tl.log(s_q)
-    lse_r = m_r + tl.log(s_r)
-    kl = zero
+    lse_q, lse_r, kl = zero, zero, zero
     if ANCHORED:
+        lse_q = m_q + tl.log(s_q)
+        lse_r = m_r + tl.log(s_r)
         if REVERSE:
             kl = cross / s_q + (lse_r - lse_q)
         else:
@@ -112,7 +112,8 @@ def anchored_lm_loss_rows(logits, ref_logits, labels, token_weights, scale, kl_w
     grad = torch.empty_like(logits)
     if rows == 0:
         return loss, grad
-    block = 16 if INTERPRETED else min(4096, triton.next_power_of_2(vocab))
+    # the interpreter runs numpy per block: 16 for small vocabularies (many blocks), 1024 for large ones
+    block = (16 if vocab <= 256 else 1024) if INTERPRETED else min(4096, triton.next_power_of_2(vocab))
     with on_device(logits.device):
         _rows_kernel[(rows,)](
             logits, ref, labels, token_weights if token_weights is not None else logits, scale.to(acc), loss, grad,
