@@ -165,9 +165,10 @@ def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, kl_weigh
 
 def default_chunk_size(tokens, width, vocab):
     """Rows per chunk: about as many logits per chunk as hidden states in all (as Liger-Kernel picks), a power of 2
-    between 32 and 1024, so the chunk's logits stay a small part of the memory and the GEMMs stay efficient."""
+    between 256 and 1024: the chunk's logits stay a small part of the memory, and the GEMMs efficient (on a 2-core
+    CPU, GEMMs of 32 rows against a 32,000 x 1,024 head ran at a third of the rate of 256-row ones)."""
     rows = math.ceil(tokens / max(1, math.ceil(vocab / width)))
-    return min(1024, max(32, 1 << max(0, rows - 1).bit_length()))
+    return min(1024, max(256, 1 << max(0, rows - 1).bit_length()))
 
 
 # ---------------------------------------------------------------------------------------------------- public API
@@ -226,6 +227,13 @@ def anchored_lm_loss(
 # ---------------------------------------------------------------------------------------------------- the chunk loop
 
 
+def _same_tensor(a, b):
+    """Whether a and b are the same elements (e.g. a detached view of a shared head), or both None."""
+    if a is None or b is None:
+        return a is b
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 def _chunked(rows_op):
     """The fused op's kernel for one flavour: the chunk loop around that flavour's row op (any device)."""
 
@@ -234,6 +242,7 @@ def _chunked(rows_op):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         need_hidden, need_weight, need_bias = output_mask
         n = hidden.shape[0]
+        shared = ref_hidden is not None and _same_tensor(ref_weight, weight) and _same_tensor(ref_bias, bias)
         scale = 1 / (labels != ignore_index).sum().clamp(min=1).to(acc).reshape(1)  # on the device: no sync
         d_hidden = hidden.new_empty(hidden.shape) if need_hidden else None
         d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
@@ -242,8 +251,13 @@ def _chunked(rows_op):
         for start in range(0, n, chunk_size):
             rows = slice(start, min(n, start + chunk_size))
             h = hidden[rows]
-            logits = F.linear(h, weight, bias)
-            ref_logits = F.linear(ref_hidden[rows], ref_weight, ref_bias) if ref_hidden is not None else None
+            if ref_hidden is not None and shared:  # one GEMM of twice the rows for both models' logits
+                both = F.linear(torch.cat([h, ref_hidden[rows]]), weight, bias)
+                logits, ref_logits = both[: h.shape[0]], both[h.shape[0] :]
+                del both
+            else:
+                logits = F.linear(h, weight, bias)
+                ref_logits = F.linear(ref_hidden[rows], ref_weight, ref_bias) if ref_hidden is not None else None
             weights = token_weights[rows] if token_weights is not None else None
             loss_rows, d_logits = rows_op(
                 logits, ref_logits, labels[rows], weights, scale, kl_weight, temperature, reverse, ignore_index
