@@ -258,3 +258,60 @@ def test_native_binding_checks_sizes(fused_backend):
         op(logits, logits[:5], x["labels"], None, scale, 0.5, 1.0, False, -100)
     with pytest.raises((RuntimeError, ValueError), match="token_weights"):
         op(logits, None, x["labels"], x["token_weights"][:5], scale, 0.0, 1.0, False, -100)
+
+
+# ---------------------------------------------------------------------------------------------------- ProtectedTrainer
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab=29, width=8):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.body = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+
+
+def lm_batch_loss(model, batch):
+    (tokens,) = batch
+    return ff.trainer.LMHeadInputs(torch.tanh(model.body(model.embed(tokens))), model.head.weight, tokens)
+
+
+def test_trainer_kl_to_base():
+    import copy
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    base = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # the model has moved away from the base: the KL is not 0
+        model.body.weight.add_(0.3 * torch.randn_like(model.body.weight))
+    tokens = torch.randint(0, 29, (3, 7))
+    out, ref = lm_batch_loss(model, (tokens,)), lm_batch_loss(base, (tokens,))
+    want = ff.anchored_lm_loss_ref(
+        out.hidden, out.weight, tokens, ref_hidden=ref.hidden, ref_weight=ref.weight, kl_weight=0.5, shift=True
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = ff.ProtectedTrainer(model, optimizer, batch_loss=lm_batch_loss, kl_to_base=0.5, base_model=base)
+    before = model.body.weight.detach().clone()
+    stats = trainer.step((tokens,))
+    assert stats["loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert not torch.equal(model.body.weight, before) and base.head.weight.grad is None
+    # without the anchor, the same batch_loss gives the plain shifted cross-entropy
+    out = lm_batch_loss(model, (tokens,))
+    logits = out.hidden[:, :-1] @ out.weight.t()
+    want = F.cross_entropy(logits.reshape(-1, 29), tokens[:, 1:].reshape(-1))
+    plain = ff.ProtectedTrainer(model, optimizer, batch_loss=lm_batch_loss).step((tokens,))["loss"]
+    assert plain == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_trainer_kl_to_base_needs_hidden_states():
+    model = TinyLM()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="kl_to_base needs"):
+        ff.ProtectedTrainer(model, optimizer, batch_loss=lm_batch_loss, kl_to_base=0.5)
+    with pytest.raises(ValueError, match="kl_to_base must be"):
+        ff.ProtectedTrainer(model, optimizer, batch_loss=lm_batch_loss, kl_to_base=-1, base_model=model)
+    trainer = ff.ProtectedTrainer(
+        model, optimizer, batch_loss=lambda m, b: m.head.weight.sum(), kl_to_base=0.5, base_model=model
+    )
+    with pytest.raises(TypeError, match="LMHeadInputs"):
+        trainer.step((torch.zeros(2, 3, dtype=torch.long),))
