@@ -16,8 +16,9 @@ and its gradient with respect to the logits (s = 1 / max(1, sum_t c_t), p_t = so
     g_tj = q_tj (log q_tj - log r_tj - KL_t)               (reverse)
 
 The fused backends never hold more than chunk_size x V logits: per chunk of rows the logits come from one GEMM,
-the row kernel (fastforget::anchored_lm_loss_rows, one pass over the vocabulary per row for the softmax sums and
-one to write the gradient) gives the rows' losses and d loss / d z, and then dh = dz W and dW += dz^T h. The
+the row kernel (fastforget::anchored_lm_loss_rows: per row, the softmax sums over the vocabulary -- online in one
+sweep on Triton -- then a sweep that writes the gradient) gives the rows' losses and d loss / d z, and then
+dh = dz W and dW += dz^T h. The
 gradients are computed in the forward (as Liger-Kernel does); backward only scales them by the upstream gradient.
 """
 
@@ -248,11 +249,13 @@ def _chunked(rows_op):
         d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
         partials = []
+        stacked = hidden.new_empty(2 * min(n, chunk_size), hidden.shape[1]) if shared else None  # reused per chunk
         for start in range(0, n, chunk_size):
             rows = slice(start, min(n, start + chunk_size))
             h = hidden[rows]
-            if ref_hidden is not None and shared:  # one GEMM of twice the rows for both models' logits
-                both = F.linear(torch.cat([h, ref_hidden[rows]]), weight, bias)
+            if shared:  # one GEMM of twice the rows for both models' logits
+                pair = torch.cat([h, ref_hidden[rows]], out=stacked[: 2 * h.shape[0]])
+                both = F.linear(pair, weight, bias)
                 logits, ref_logits = both[: h.shape[0]], both[h.shape[0] :]
                 del both
             else:
