@@ -154,6 +154,24 @@ def test_separate_reference_head(fused_backend):
     check_matches_reference(fused_backend, x, torch.float32, kl_weight=0.9, kl="reverse", chunk_size=4)
 
 
+def test_frozen_head_and_no_grad(fused_backend):
+    """A LoRA model's head is frozen: only d hidden is computed (and nothing under no_grad)."""
+    x = make_inputs(9, 8, 37, torch.float32, device_of(fused_backend))
+    hidden = x["hidden"].clone().requires_grad_()
+    common = dict(ref_hidden=x["ref_hidden"], kl_weight=0.5, token_weights=x["token_weights"])
+    loss = ff.anchored_lm_loss(hidden, x["weight"], x["labels"], chunk_size=4, backend=fused_backend, **common)
+    (grad,) = torch.autograd.grad(loss, [hidden])
+    want_hidden = x["hidden"].clone().requires_grad_()
+    want = ff.anchored_lm_loss_ref(want_hidden, x["weight"], x["labels"], **common)
+    (want_grad,) = torch.autograd.grad(want, [want_hidden])
+    assert_close_matmul(loss, want, torch.float32)
+    assert_close_matmul(grad, want_grad, torch.float32)
+    with torch.no_grad():
+        quiet = ff.anchored_lm_loss(hidden, x["weight"], x["labels"], backend=fused_backend, **common)
+    assert not quiet.requires_grad
+    assert_close_matmul(quiet, want, torch.float32)
+
+
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
 def test_gradcheck_float64(kl):
     x = make_inputs(5, 4, 13, torch.float64, "cpu")
