@@ -197,13 +197,13 @@ def anchored_lm_loss(
     )  # fmt: skip
     if kl_weight == 0:
         ref_hidden = ref_weight = None
+    labels = labels.long()  # any integer dtype in; F.cross_entropy and the kernels index with int64
     backend = dispatch.resolve(backend, hidden.device, "anchored_lm_loss")
     if backend == "reference":
         return anchored_lm_loss_ref(
             hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, kl_weight=kl_weight,
             temperature=temperature, kl=kl, ignore_index=ignore_index, token_weights=token_weights, shift=shift,
         )  # fmt: skip
-    labels = labels.long()
     if shift:
         labels, token_weights = _shifted(labels, token_weights, ignore_index)
     width = hidden.shape[-1]
