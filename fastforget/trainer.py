@@ -22,14 +22,12 @@ changes nothing but the gradients, which the next ``zero_grad`` discards.
 """
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
-
-from fastforget.ops.anchored_lm_loss import anchored_lm_loss
 
 
 def _to_device(batch, device):
@@ -55,7 +53,7 @@ def _as_buffer_batch(batch):
     return tuple(batch) if isinstance(batch, list) else batch
 
 
-@dataclass
+@dataclasses.dataclass
 class LMHeadInputs:
     """What a ``batch_loss`` may return instead of a loss: a language model's final hidden states, its LM head and
     the labels. The trainer then computes ``ff.anchored_lm_loss`` on them (with ``kl_to_base``: the KL to the base
@@ -115,6 +113,12 @@ class ProtectedTrainer:
     ):  # fmt: skip
         if loss_fn is None and batch_loss is None:
             raise ValueError("pass loss_fn(outputs, targets) or batch_loss(model, batch)")
+        if ewc is not None and loss_fn is None:
+            raise ValueError("an EWC needs loss_fn(outputs, targets) to estimate the Fisher in end_task")
+        if replay_weight < 0:
+            raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
+        if replay_batch_size is not None and replay_batch_size < 1:
+            raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
         if kl_to_base is not None:
             if isinstance(kl_to_base, bool) or not isinstance(kl_to_base, (int, float)) or not kl_to_base >= 0:
                 raise ValueError(f"kl_to_base must be a number >= 0, got {kl_to_base!r}")
@@ -122,12 +126,6 @@ class ProtectedTrainer:
                 raise ValueError(f"kl_to_base must be finite, got {kl_to_base}")
             if batch_loss is None or base_model is None:
                 raise ValueError("kl_to_base needs batch_loss(model, batch) returning LMHeadInputs and a base_model")
-        if ewc is not None and loss_fn is None:
-            raise ValueError("an EWC needs loss_fn(outputs, targets) to estimate the Fisher in end_task")
-        if replay_weight < 0:
-            raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
-        if replay_batch_size is not None and replay_batch_size < 1:
-            raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.ewc, self.replay, self.protector = ewc, replay, protector
         self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
@@ -151,6 +149,8 @@ class ProtectedTrainer:
             if self.kl_to_base is not None:
                 raise TypeError(f"kl_to_base needs batch_loss to return LMHeadInputs, not {type(out).__name__}")
             return out
+        from fastforget.ops.anchored_lm_loss import anchored_lm_loss  # on use: only LMHeadInputs batches need it
+
         ref_hidden = ref_weight = None
         if self.kl_to_base:
             with torch.no_grad():
