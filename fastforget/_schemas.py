@@ -52,6 +52,21 @@ SCHEMAS = {
         "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? keep, Tensor S, "
         "float scale, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)"
     ),
+    # anchored LM loss, one chunk of rows (logits (C, V), ref_logits (C, V) or None, labels (C,) int64,
+    # token_weights (C,) fp32 or None, scale a 1-element fp32 tensor): per row, scale * c * (w CE + kl_weight T^2 KL)
+    # (fp32; fp64 for fp64) and its gradient d/dlogits (logits' dtype), c = labels != ignore_index; reverse picks
+    # KL(p_theta || p_ref) over KL(p_ref || p_theta); the KL is on logits / T
+    "anchored_lm_loss_rows": (
+        "(Tensor logits, Tensor? ref_logits, Tensor labels, Tensor? token_weights, Tensor scale, float kl_weight, "
+        "float temperature, bool reverse, int ignore_index) -> (Tensor, Tensor)"
+    ),
+    # the whole loss, chunk_size rows at a time (GEMMs + anchored_lm_loss_rows): returns the loss (0-dim) and its
+    # gradients d hidden, d weight, d bias (None where output_mask says not needed), all computed in the forward
+    "anchored_lm_loss": (
+        "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_hidden, Tensor? ref_weight, "
+        "Tensor? ref_bias, Tensor? token_weights, float kl_weight, float temperature, bool reverse, "
+        "int ignore_index, int chunk_size, bool[3] output_mask) -> (Tensor, Tensor?, Tensor?, Tensor?)"
+    ),
 }
 
 FLAVOURS = ("", "_triton")

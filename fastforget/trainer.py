@@ -22,6 +22,8 @@ changes nothing but the gradients, which the next ``zero_grad`` discards.
 """
 
 import contextlib
+import dataclasses
+import math
 import time
 
 import torch
@@ -32,6 +34,19 @@ from fastforget._batch import batch_size, to_device
 def _as_buffer_batch(batch):
     """A DataLoader yields [x, y] lists; the replay buffer takes tuples (a list part would be a ragged part)."""
     return tuple(batch) if isinstance(batch, list) else batch
+
+
+@dataclasses.dataclass
+class LMHeadInputs:
+    """What a ``batch_loss`` may return instead of a loss: a language model's final hidden states, its LM head and
+    the labels. The trainer then computes ``ff.anchored_lm_loss`` on them (with ``kl_to_base``: the KL to the base
+    model's distribution too) without materialising the logits."""
+
+    hidden: torch.Tensor  # (B, T, H) or (N, H)
+    weight: torch.Tensor  # the LM head (V, H)
+    labels: torch.Tensor  # hidden's leading dims; -100 is not counted
+    bias: torch.Tensor | None = None
+    shift: bool = True  # the causal-LM shift: position t predicts labels[..., t + 1]
 
 
 class _Timer:
@@ -68,11 +83,15 @@ class ProtectedTrainer:
         many as the batch has, at most what the buffer holds).
     scaler: a ``torch.amp.GradScaler`` (mixed precision); autocast_dtype: run the forward passes under
         ``torch.autocast`` with this dtype on the parameters' device type.
+    kl_to_base, base_model: a KL anchor to the base model (``ff.anchored_lm_loss``'s ``kl_weight``): with a
+        ``batch_loss`` that returns ``LMHeadInputs``, every loss becomes mean CE + kl_to_base T^2 KL(p_base || p),
+        the base's hidden states coming from ``batch_loss(base_model, batch)`` in a no-grad forward (a frozen
+        copy of the model before the new task; a base head that is the model's own head is shared, bias too).
     """
 
     def __init__(
         self, model, optimizer, loss_fn=None, *, ewc=None, replay=None, protector=None, replay_weight=1.0,
-        replay_batch_size=None, scaler=None, autocast_dtype=None, batch_loss=None,
+        replay_batch_size=None, scaler=None, autocast_dtype=None, batch_loss=None, kl_to_base=None, base_model=None,
     ):  # fmt: skip
         if loss_fn is None and batch_loss is None:
             raise ValueError("pass loss_fn(outputs, targets) or batch_loss(model, batch)")
@@ -80,11 +99,19 @@ class ProtectedTrainer:
             raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
         if replay_batch_size is not None and replay_batch_size < 1:
             raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
+        if kl_to_base is not None:
+            if isinstance(kl_to_base, bool) or not isinstance(kl_to_base, (int, float)) or not kl_to_base >= 0:
+                raise ValueError(f"kl_to_base must be a number >= 0, got {kl_to_base!r}")
+            if not math.isfinite(kl_to_base):
+                raise ValueError(f"kl_to_base must be finite, got {kl_to_base}")
+            if batch_loss is None or base_model is None:
+                raise ValueError("kl_to_base needs batch_loss(model, batch) returning LMHeadInputs and a base_model")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.ewc, self.replay, self.protector = ewc, replay, protector
         self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
         self.scaler, self.autocast_dtype = scaler, autocast_dtype
         self.batch_loss = batch_loss if batch_loss is not None else self._pair_loss
+        self.kl_to_base, self.base_model = kl_to_base, base_model
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
@@ -94,6 +121,26 @@ class ProtectedTrainer:
     def _pair_loss(self, model, batch):
         inputs, targets = batch
         return self.loss_fn(model(inputs), targets)
+
+    def _loss(self, batch):
+        """batch_loss's loss; for LMHeadInputs, ff.anchored_lm_loss on them (and the base model's, with kl_to_base)."""
+        out = self.batch_loss(self.model, batch)
+        if not isinstance(out, LMHeadInputs):
+            if self.kl_to_base is not None:
+                raise TypeError(f"kl_to_base needs batch_loss to return LMHeadInputs, not {type(out).__name__}")
+            return out
+        from fastforget.ops.anchored_lm_loss import anchored_lm_loss  # on use: only LMHeadInputs batches need it
+
+        ref_hidden = ref_weight = None
+        if self.kl_to_base:
+            with torch.no_grad():
+                base = self.batch_loss(self.base_model, batch)
+            ref_hidden = base.hidden
+            ref_weight = None if base.weight is out.weight else base.weight
+        return anchored_lm_loss(
+            out.hidden, out.weight, out.labels, bias=out.bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+            kl_weight=self.kl_to_base or 0.0, shift=out.shift,
+        )  # fmt: skip
 
     def _forward_context(self):
         if self.autocast_dtype is None:
@@ -112,7 +159,7 @@ class ProtectedTrainer:
             self.optimizer.zero_grad()
             batch = to_device(batch, self.device)
             with self._forward_context():
-                loss = self.batch_loss(self.model, batch)
+                loss = self._loss(batch)
             total, replay_loss = loss, None
             if self.replay is not None and len(self.replay):
                 # rehearsal: a separate forward pass on stored examples (the seed's form); its backward is part
@@ -121,7 +168,7 @@ class ProtectedTrainer:
                     k = min(self.replay_batch_size or batch_size(batch), len(self.replay))
                     replayed = to_device(self.replay.sample(k), self.device)
                     with self._forward_context():
-                        replay_loss = self.batch_loss(self.model, replayed)
+                        replay_loss = self._loss(replayed)
                 total = loss + self.replay_weight * replay_loss
             if self.scaler is not None:
                 self.scaler.scale(total).backward()

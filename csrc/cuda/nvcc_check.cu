@@ -3,6 +3,7 @@
 //
 //   nvcc -c -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 //     csrc/cuda/nvcc_check.cu -o /tmp/nvcc_check.o
+#include "anchored_lm_loss.cuh"
 #include "ewc_penalty.cuh"
 #include "fisher_update.cuh"
 #include "grad_ema.cuh"
@@ -49,5 +50,23 @@ template cudaError_t launch_grad_moments<double>(const int64_t*, int64_t, int64_
                                                  cudaStream_t);
 template cudaError_t launch_scale_grads<float>(const int64_t*, int64_t, int64_t, const float*, cudaStream_t);
 template cudaError_t launch_scale_grads<double>(const int64_t*, int64_t, int64_t, const double*, cudaStream_t);
+
+template cudaError_t launch_anchored_lm_loss_rows<float, float>(const float*, const float*, const int64_t*,
+                                                                 const float*, const float*, float*, float*, int64_t,
+                                                                 int64_t, double, double, bool, bool, int64_t,
+                                                                 cudaStream_t);
+template cudaError_t launch_anchored_lm_loss_rows<double, double>(const double*, const double*, const int64_t*,
+                                                                   const double*, const double*, double*, double*,
+                                                                   int64_t, int64_t, double, double, bool, bool,
+                                                                   int64_t, cudaStream_t);
+template cudaError_t launch_anchored_lm_loss_rows<__nv_bfloat16, float>(const __nv_bfloat16*, const __nv_bfloat16*,
+                                                                         const int64_t*, const float*, const float*,
+                                                                         float*, __nv_bfloat16*, int64_t, int64_t,
+                                                                         double, double, bool, bool, int64_t,
+                                                                         cudaStream_t);
+template cudaError_t launch_anchored_lm_loss_rows<__half, float>(const __half*, const __half*, const int64_t*,
+                                                                  const float*, const float*, float*, __half*,
+                                                                  int64_t, int64_t, double, double, bool, bool,
+                                                                  int64_t, cudaStream_t);
 
 }  // namespace fastforget::gpu

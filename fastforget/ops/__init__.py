@@ -1,3 +1,4 @@
+from fastforget.ops.anchored_lm_loss import anchored_lm_loss, anchored_lm_loss_ref
 from fastforget.ops.ewc_penalty import ewc_penalty, ewc_penalty_, ewc_penalty_accumulate_ref, ewc_penalty_ref
 from fastforget.ops.fisher_update import fisher_update_, fisher_update_ref
 from fastforget.ops.grad_ema import grad_ema_protect_, grad_ema_protect_ref, grad_ema_stats_ref
@@ -6,6 +7,8 @@ from fastforget.ops.lora_linear import lora_linear, lora_linear_ref
 from fastforget.ops.scale_grads import scale_grads_, scale_grads_ref
 
 __all__ = [
+    "anchored_lm_loss",
+    "anchored_lm_loss_ref",
     "ewc_penalty",
     "ewc_penalty_",
     "ewc_penalty_accumulate_ref",
