@@ -233,7 +233,8 @@ def apply_lora(model, target_modules=("q_proj", "v_proj"), r=8, alpha=16, dropou
         raise ValueError(f"apply_lora: no submodule of the model matches target_modules {target_modules!r}")
     model.requires_grad_(False)
     for name, module in chosen:
-        _replace(model, name, LoRALinear(module, r, alpha, dropout, use_rslora, backend))
+        adapter = LoRALinear(module, r, alpha, dropout, use_rslora, backend)
+        _replace(model, name, adapter.train(module.training))  # an adapter in an eval() model starts in eval
     return model
 
 

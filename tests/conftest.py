@@ -29,3 +29,8 @@ def fused_backend(request):
 
 def device_of(backend):
     return torch.device(BACKEND_DEVICE[backend])
+
+
+from fastforget.testing import import_installed_kernels_package  # noqa: E402
+
+import_installed_kernels_package()  # before any test imports transformers
