@@ -114,10 +114,12 @@ def batches(sizes: Sizes, count=4):
     return [torch.randint(0, sizes.vocab, shape, generator=g).to(harness.bench_device()) for _ in range(count)]
 
 
-def train_step(model, data) -> Callable[[], None]:
-    """One step per call on the next batch: forward with the LM loss, backward, AdamW."""
+def train_step(model, data, fused_adamw=False) -> Callable[[], None]:
+    """One step per call on the next batch: forward with the LM loss, backward, AdamW (torch's default for-each
+    loop on the CPU, or its fused kernel)."""
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused_adamw or None)
     turn = iter(range(sys.maxsize))
 
     def step():
@@ -147,7 +149,7 @@ def saved_bytes(model, batch) -> int:
     return sum(storages.values())
 
 
-def variants(sizes: Sizes, qlora=False) -> dict[str, tuple[Callable[[], None], object]]:
+def variants(sizes: Sizes, qlora=False, fused_adamw=False) -> dict[str, tuple[Callable[[], None], object]]:
     """{name: (step function, model)} for the three plain variants, or the two QLoRA ones."""
     data = batches(sizes)
     base = base_model(sizes, quantized=qlora)
@@ -156,7 +158,7 @@ def variants(sizes: Sizes, qlora=False) -> dict[str, tuple[Callable[[], None], o
     models = {"fastforget": ours, "peft": theirs} if qlora else {
         "fastforget": ours, "peft": theirs, "lower_bound": lower_bound_model(base)}  # fmt: skip
     prefix = "qlora_" if qlora else ""
-    return {prefix + name: (train_step(model, data), model) for name, model in models.items()}
+    return {prefix + name: (train_step(model, data, fused_adamw), model) for name, model in models.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- pytest
@@ -196,13 +198,15 @@ def print_table(sizes: Sizes, named, repeats, warmup):
 def main() -> None:
     parser = harness.arg_parser(__doc__.splitlines()[0], scale_help="unused (fixed sizes; FF_BENCH_SMOKE=1: tiny)")
     parser.add_argument("--qlora", action="store_true", help="also the QLoRA step (nf4 base)")
+    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in every variant")
     args = parser.parse_args()
     sizes = bench_sizes()
-    print(f"LoRA step on {harness.bench_device()}, {torch.get_num_threads()} threads: {sizes}")
-    print_table(sizes, variants(sizes), args.repeats, args.warmup)
+    optimizer = "AdamW(fused=True)" if args.fused_adamw else "AdamW (default)"
+    print(f"LoRA step on {harness.bench_device()}, {torch.get_num_threads()} threads, {optimizer}: {sizes}")
+    print_table(sizes, variants(sizes, fused_adamw=args.fused_adamw), args.repeats, args.warmup)
     if args.qlora:
         print("\nQLoRA (nf4 base):")
-        print_table(sizes, variants(sizes, qlora=True), args.repeats, args.warmup)
+        print_table(sizes, variants(sizes, qlora=True, fused_adamw=args.fused_adamw), args.repeats, args.warmup)
 
 
 if __name__ == "__main__":
