@@ -109,7 +109,17 @@ class LoRALinear(nn.Module):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @property
     def weight(self):
+        """The base layer's weight as it stores it (as PEFT's layers expose it, for code that reads
+        ``module.weight.dtype``); ``linear_weight()`` gives it as (out, in)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def linear_weight(self):
         """The base weight as nn.Linear holds it, (out, in): a Conv1D's (in, out) weight transposed (a view)."""
         weight = self.base_layer.weight
         return weight.t() if self.fan_in_fan_out else weight
@@ -121,7 +131,7 @@ class LoRALinear(nn.Module):
         if self.quantized:
             return add_lora_(base(x), x, self.lora_A, self.lora_B, self.scale, self.dropout, self.training)
         return lora_linear(
-            x, self.weight(), base.bias, self.lora_A, self.lora_B, self.scale, self.dropout, self.training,
+            x, self.linear_weight(), base.bias, self.lora_A, self.lora_B, self.scale, self.dropout, self.training,
             backend=self.backend,
         )  # fmt: skip
 
@@ -134,7 +144,7 @@ class LoRALinear(nn.Module):
                 "into an nn.Linear (fastforget.lora_quantized.dequantized_linear(layer.base_layer)), put an adapter "
                 "with these weights on it and merge there, then requantize the merged layer if needed"
             )
-        weight = self.weight()
+        weight = self.linear_weight()
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         delta = self.lora_B.to(acc) @ self.lora_A.to(acc)
         weight.copy_(weight.to(acc).add_(delta, alpha=sign * self.scale))

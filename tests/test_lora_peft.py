@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import device_of
 from torch import nn
 
 import fastforget as ff
@@ -167,7 +168,7 @@ def test_dropout_with_a_fixed_mask_equals_peft():
 def test_conv1d_reads_the_weight_transposed_without_copying_it():
     model = tiny_gpt2()
     layer = ff.LoRALinear(model.transformer.h[0].attn.c_attn, r=4)
-    weight = layer.weight()
+    weight = layer.linear_weight()
     assert layer.fan_in_fan_out and weight.shape == (96, 32) and not weight.is_contiguous()
     assert weight.data_ptr() == layer.base_layer.weight.data_ptr()
     x = torch.randn(3, 32)
@@ -175,6 +176,23 @@ def test_conv1d_reads_the_weight_transposed_without_copying_it():
         layer(x).sum().backward()
     copied = [event.input_shapes for event in prof.events() if event.name in ("aten::copy_", "aten::clone")]
     assert copied and not any([96, 32] in shapes or [32, 96] in shapes for shapes in copied), copied
+
+
+def test_conv1d_on_every_backend(backend):
+    """The transposed weight view on each backend of the op, against PEFT's formula in fp64."""
+    torch.manual_seed(0)
+    conv = transformers.pytorch_utils.Conv1D(24, 20).to(device_of(backend))  # weight (20, 24): in 20, out 24
+    layer = ff.LoRALinear(conv, r=4, alpha=8, backend=backend)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 20, device=conv.weight.device, requires_grad=True)
+    y = layer(x)
+    double = [t.detach().double().requires_grad_() for t in (x, layer.lora_A, layer.lora_B)]
+    base = double[0] @ conv.weight.double() + conv.bias.double()  # Conv1D: x W + b, W stored (in, out)
+    expected = base + double[0] @ double[1].T @ double[2].T * layer.scale
+    assert_close_matmul(y, expected, F32)
+    grads = torch.autograd.grad(y.square().sum(), [x, layer.lora_A, layer.lora_B])
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), double)):
+        assert_close_matmul(got, want, F32)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
