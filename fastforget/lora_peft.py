@@ -33,11 +33,19 @@ def _pattern_value(patterns, name, default):
     return default
 
 
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise ImportError(
+            "PEFT's adapter_model.safetensors needs the safetensors package: pip install safetensors"
+        ) from error
+    return safetensors.torch
+
+
 def _read_peft_weights(path):
     if (path / _WEIGHTS).exists():
-        from safetensors.torch import load_file  # optional dependency: pip install safetensors
-
-        return load_file(path / _WEIGHTS)
+        return _safetensors().load_file(path / _WEIGHTS)
     if (path / "adapter_model.bin").exists():
         return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{path} has neither {_WEIGHTS} nor adapter_model.bin")
@@ -120,8 +128,7 @@ def save_peft_adapter(model, path, *, base_model_name_or_path=None):
     nothing written, for a model without adapters, adapters that differ in dropout or rsLoRA (one value in a PEFT
     config), or a ``path`` that is an existing file. Returns the directory as a ``Path``.
     """
-    from safetensors.torch import save_file  # pip install safetensors
-
+    save_file = _safetensors().save_file
     path = Path(path)
     modules = lora_modules(model)
     if not modules:

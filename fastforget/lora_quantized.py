@@ -70,7 +70,10 @@ def add_lora_(y, x, lora_A, lora_B, scale, dropout_p=0.0, training=True):
 def dequantized_linear(layer):
     """A plain nn.Linear holding the dequantized weight (fp32) and the bias of a bitsandbytes Linear4bit or
     Linear8bitLt: where a LoRA adapter can be merged (then requantize it if needed)."""
-    import bitsandbytes as bnb  # pip install bitsandbytes
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ImportError("dequantized_linear needs bitsandbytes: pip install bitsandbytes") from error
 
     weight = layer.weight
     if isinstance(layer, bnb.nn.Linear4bit):
