@@ -275,6 +275,8 @@ def merge_lora(model):
             f"merge_lora: {quantized[0]!r} has a quantized base layer, which cannot hold a merged adapter: "
             "dequantize it into an nn.Linear first (fastforget.lora_quantized.dequantized_linear); nothing was merged"
         )
+    if any(module.disabled for _, module in modules):
+        raise RuntimeError("merge_lora: the adapters are disabled (ff.lora_disabled); merge outside that block")
     for name, module in modules:
         if not module.merged:
             module.merge()

@@ -251,6 +251,9 @@ def test_lora_disabled_errors_change_nothing():
     layer.unmerge()
     with ff.lora_disabled(ours), pytest.raises(RuntimeError, match="disabled"):
         layer.merge()
+    with ff.lora_disabled(ours), pytest.raises(RuntimeError, match="merge_lora: the adapters are disabled"):
+        ff.merge_lora(ours)
+    assert not any(m.merged for _, m in ff.lora.lora_modules(ours))
 
 
 # ---------------------------------------------------------------------------------------------------- adapter files
