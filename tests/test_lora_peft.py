@@ -379,3 +379,11 @@ def test_unsupported_quantized_and_no_linear_layers():
         ff.apply_lora(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)), "all-linear")
     with pytest.raises(TypeError, match="not a str"):
         ff.apply_lora(tiny_llama(), "q_proj")
+
+
+def test_fastforget_imports_none_of_the_hugging_face_stack():
+    import subprocess
+    import sys
+
+    code = "import sys, fastforget; print(sorted({'transformers', 'peft', 'bitsandbytes'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
