@@ -12,12 +12,7 @@ if os.environ.get("FF_BENCH_SMOKE", "0") not in ("", "0") and not torch.cuda.is_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `from bench import harness` in any import mode
 
-from bench import harness  # noqa: E402  (takes the repository root off sys.path again)
-
-try:  # the `kernels` package transformers imports, cached now: pytest puts the root (whose kernels/ folder would
-    import kernels  # noqa: F401, E402  shadow it) back in front of sys.path before importing each bench module
-except ImportError:
-    pass
+from bench import harness  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -19,21 +19,17 @@ import itertools
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastforget as ff
+from fastforget.testing import import_installed_kernels_package
 
-# Whoever imported `bench` put the repository root on sys.path (a bench script, or pytest for the bench package);
-# `bench` is imported now, and the root's kernels/ folder (installed as fastforget.kernels) must not shadow the
-# `kernels` package that transformers imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parents[1]]
+import_installed_kernels_package()  # whoever imported `bench` put the repository root, and its kernels/, on sys.path
 
 SMOKE_SCALE = 0.02
 FP32_BYTES = 4

@@ -8,7 +8,8 @@ from fastforget import (
 from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
 from fastforget.ewc import EWC
 from fastforget.fisher import estimate_fisher
-from fastforget.lora import LoRALinear, apply_lora, load_peft_adapter, lora_state_dict, merge_lora
+from fastforget.lora import LoRALinear, apply_lora, lora_disabled, lora_state_dict, merge_lora
+from fastforget.lora_peft import load_peft_adapter, save_peft_adapter
 from fastforget.ops import *  # noqa: F403  (every op and its reference: ops.__all__)
 from fastforget.protect import GradientProtector, SeedGradientProtector
 from fastforget.replay import ReplayBuffer
@@ -36,5 +37,7 @@ __all__ = [
     "load_peft_adapter",
     "lora_state_dict",
     "merge_lora",
+    "lora_disabled",
+    "save_peft_adapter",
     *ops.__all__,
 ]

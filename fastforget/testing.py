@@ -32,3 +32,23 @@ def assert_close_matmul(actual, expected, dtype=None):
     largest = expected.detach().double().abs().max().item() if expected.numel() else 0.0
     atol = max(tolerance["atol"], tolerance["rtol"] * largest)
     torch.testing.assert_close(actual.double(), expected.double(), rtol=tolerance["rtol"], atol=atol)
+
+
+def import_installed_kernels_package():
+    """Import the Hugging Face ``kernels`` package (which transformers imports) before the repository's own
+    ``kernels/`` folder (installed as ``fastforget.kernels``) can shadow it: it does whenever the repository root is
+    on sys.path, as under ``python -m pytest`` run from it. Without that package installed, nothing happens."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if "kernels" in sys.modules:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        import kernels  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved

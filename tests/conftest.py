@@ -7,23 +7,19 @@ backend runs; tests/test_device_hygiene.py checks that no such test pins a tenso
 
 import contextlib
 import os
-import sys
-from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# `python -m pytest` puts the working directory on sys.path; from the repository root, its kernels/ folder (installed
-# as fastforget.kernels) would then shadow the `kernels` package that transformers imports.
-REPOSITORY = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPOSITORY]
-
 import pytest  # noqa: E402
 from torch.utils._device import DeviceContext, _device_constructors  # noqa: E402
 
 import fastforget  # noqa: E402
+from fastforget.testing import import_installed_kernels_package  # noqa: E402
+
+import_installed_kernels_package()  # before any test imports transformers
 
 CUDA = torch.cuda.is_available()
 # The device each backend is tested on: triton on the GPU when there is one, else under the interpreter.
