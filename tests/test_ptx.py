@@ -100,7 +100,15 @@ def _workloads():
     misaligned view (storage offset 1), per dtype; the LoRA products at sizes that take both kinds of tiles."""
     import torch
 
-    from fastforget.kernels import ewc_penalty, fisher_update, grad_ema, grad_moments, lora_linear, scale_grads
+    from fastforget.kernels import (
+        anchored_lm_loss,
+        ewc_penalty,
+        fisher_update,
+        grad_ema,
+        grad_moments,
+        lora_linear,
+        scale_grads,
+    )
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
     for label in LIST_DTYPES:
@@ -122,6 +130,12 @@ def _workloads():
         yield label, grad_ema.grad_ema_protect, protect_args
         yield label, grad_moments.grad_moments, (tensors(), one)
         yield label, scale_grads.scale_grads, (tensors(), alpha)
+    for label in ("fp32", "bf16"):  # anchored LM loss rows: a vocabulary that is no multiple of the block
+        logits = torch.zeros(8, 32001, dtype=dtypes[label])
+        labels, weights, scale = torch.zeros(8, dtype=torch.long), torch.ones(8), torch.ones(1)
+        for reverse in (False, True):
+            rows_args = (logits, logits.clone(), labels, weights, scale, 0.5, 2.0, reverse, -100)
+            yield label, anchored_lm_loss.anchored_lm_loss_rows, rows_args
     lora_runs = [("fp32", 0), ("bf16", 0), ("bf16", 132)]  # split-K below 132 tiles (an H200's SMs) or never
     if "fp64" in LIST_DTYPES:  # FF_PTX_ALL
         lora_runs.append(("fp32", 132))
