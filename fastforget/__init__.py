@@ -4,6 +4,7 @@ from fastforget import (
     _extension,  # noqa: F401  (loads the C++/CUDA kernels when built)
     _schemas,  # noqa: F401  (defines every op before kernels register on them)
     ops,
+    optim,
 )
 from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
 from fastforget.ewc import EWC
@@ -12,6 +13,7 @@ from fastforget.lora import LoRALinear, apply_lora, load_peft_adapter, lora_stat
 from fastforget.ops import *  # noqa: F403  (every op and its reference: ops.__all__)
 from fastforget.protect import GradientProtector, SeedGradientProtector
 from fastforget.replay import ReplayBuffer
+from fastforget.si import SynapticIntelligence
 from fastforget.trainer import ProtectedTrainer
 
 try:
@@ -30,11 +32,13 @@ __all__ = [
     "ProtectedTrainer",
     "ReplayBuffer",
     "SeedGradientProtector",
+    "SynapticIntelligence",
     "apply_lora",
     "available_backends",
     "estimate_fisher",
     "load_peft_adapter",
     "lora_state_dict",
     "merge_lora",
+    "optim",
     *ops.__all__,
 ]

@@ -120,13 +120,13 @@ def protected_adamw_step(
     grads, anchors, fisher = contiguous(grads), contiguous(anchors), contiguous(fisher)
     skip = torch.zeros((), dtype=torch.bool, device=device) if found_inf is None else found_inf.reshape(()) != 0
     with on_device(device):
-        k = torch.stack([s.reshape(()) for s in steps]).to(acc) + 1
+        k = torch.stack([s.reshape(()) for s in steps]).double() + 1  # bias corrections in fp64, as torch's
         count = len(params)
         ones = torch.ones(count, dtype=acc, device=device)
         per_tensor = torch.stack(
             [
-                lr / (1 - torch.pow(beta1, k)),
-                torch.sqrt(1 - torch.pow(beta2, k)),
+                (lr / (1 - torch.pow(beta1, k))).to(acc),
+                torch.sqrt(1 - torch.pow(beta2, k)).to(acc),
                 ones if factors is None else factors.to(acc),
                 ones if alpha is None else alpha.to(acc),
                 ones if var_scale is None else var_scale.to(acc),

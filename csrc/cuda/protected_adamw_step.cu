@@ -30,11 +30,11 @@ static_assert(gpu::kAdamwParam == 0, "pack_meta takes the tensor count, sizes an
 at::Tensor per_tensor_table(at::TensorList steps, const std::optional<at::Tensor>& factors,
                             const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& var_scale,
                             const at::TensorOptions& options, double lr, double beta1, double beta2) {
-  const at::Tensor k = at::stack(steps).reshape({-1}).to(options) + 1;
+  const at::Tensor k = at::stack(steps).reshape({-1}).to(at::kDouble) + 1;  // bias corrections in fp64, as torch's
   const at::Tensor ones = at::ones({static_cast<int64_t>(steps.size())}, options);
   const auto or_ones = [&](const std::optional<at::Tensor>& t) { return t ? t->reshape({-1}).to(options) : ones; };
-  return at::stack({lr / (1 - at::pow(beta1, k)), at::sqrt(1 - at::pow(beta2, k)), or_ones(factors), or_ones(alpha),
-                    or_ones(var_scale)},
+  return at::stack({(lr / (1 - at::pow(beta1, k))).to(options), at::sqrt(1 - at::pow(beta2, k)).to(options),
+                    or_ones(factors), or_ones(alpha), or_ones(var_scale)},
                    1)
       .contiguous();
 }
