@@ -26,7 +26,16 @@ def native_extension():
     # -fno-math-errno loops with sqrt (we never read errno);
     # -march (default native: the build is for this machine) lets it use AVX2/AVX-512 where the CPU has them.
     arch = os.environ.get("FASTFORGET_CPU_ARCH", "native")
-    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", *([f"-march={arch}"] if arch else [])]}
+    extra = {
+        "cxx": [
+            "-O3",
+            "-std=c++17",
+            "-fopenmp",
+            "-fno-trapping-math",
+            "-fno-math-errno",
+            *([f"-march={arch}"] if arch else []),
+        ]
+    }
     if with_cuda:
         # every op's binding; nvcc_check.cu only compile-checks the torch-free kernel headers
         sources += sorted(f for f in glob.glob("csrc/cuda/*.cu") if not f.endswith("nvcc_check.cu"))

@@ -67,7 +67,12 @@ class SynapticIntelligence:
 
     def state_dict(self):
         """Tensors and plain values only (loads with ``torch.load(weights_only=True)``)."""
-        return {"names": list(self.names), "xi": self.xi, "omega": list(self.omega), "theta_start": list(self.theta_start)}
+        return {
+            "names": list(self.names),
+            "xi": self.xi,
+            "omega": list(self.omega),
+            "theta_start": list(self.theta_start),
+        }
 
     def load_state_dict(self, state):
         """Restore a state_dict bitwise (checked first: keys, names, shapes; nothing changes on error)."""

@@ -54,7 +54,9 @@ def _step_kernel(
     m1_ptr = _ptr(tables, EXP_AVG, num_tensors, t, ACC) + offs
     m2_ptr = _ptr(tables, EXP_AVG_SQ, num_tensors, t, ACC) + offs
     theta = tl.load(p_ptr, mask=mask, other=0).to(ACC)
-    g_task = tl.load(scalars + GRAD_FACTOR) * tl.load(_ptr(tables, GRAD, num_tensors, t, G) + offs, mask=mask, other=0).to(ACC)
+    g_task = tl.load(scalars + GRAD_FACTOR) * tl.load(
+        _ptr(tables, GRAD, num_tensors, t, G) + offs, mask=mask, other=0
+    ).to(ACC)
     grad = g_task
     if EWC:
         a = tl.load(_ptr(tables, ANCHOR, num_tensors, t, A) + offs, mask=mask, other=0).to(ACC)
@@ -94,9 +96,7 @@ def _step_kernel(
 def _check_lengths(params, lists, per_tensor, steps):
     """What memory safety needs, before any write (the Python layer checks the rest with full messages)."""
     for name, tensors in lists.items():
-        if tensors and (
-            len(tensors) != len(params) or any(t.numel() != p.numel() for t, p in zip(tensors, params))
-        ):
+        if tensors and (len(tensors) != len(params) or any(t.numel() != p.numel() for t, p in zip(tensors, params))):
             raise RuntimeError(f"fastforget: {name} must have one tensor per param, with as many elements")
     for name, t in per_tensor.items():
         if t is not None and t.numel() != len(params):

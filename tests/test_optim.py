@@ -248,7 +248,9 @@ def test_synaptic_intelligence_matches_zenke():
 
 def test_trainer_skips_its_own_passes(monkeypatch):
     """The trainer with a ProtectedAdamW equals the trainer with AdamW and its own passes -- and never calls them."""
-    data = [(torch.randn(8, 6, generator=torch.Generator().manual_seed(i)), torch.randint(0, 3, (8,))) for i in range(4)]
+    data = [
+        (torch.randn(8, 6, generator=torch.Generator().manual_seed(i)), torch.randint(0, 3, (8,))) for i in range(4)
+    ]
     results = []
     for fused in (False, True):
         model = make_model(torch.float32)

@@ -43,9 +43,9 @@ _ANCHOR_DTYPES = (torch.float32, torch.bfloat16)  # or the param dtype
 
 def _adamw_update(p, m1, m2, g, step, lr, beta1, beta2, eps, weight_decay):
     """torch.optim.AdamW's single-tensor update in the accumulation dtype; returns (theta, m1, m2)."""
-    k = step + 1
-    bias_correction1 = 1 - beta1**k
-    bias_correction2_sqrt = (1 - beta2**k) ** 0.5
+    k = step.double().reshape(()) + 1  # a tensor, so that the reference traces without a host sync
+    bias_correction1 = (1 - beta1**k).to(p.dtype)
+    bias_correction2_sqrt = (1 - beta2**k).sqrt().to(p.dtype)
     p = p * (1 - lr * weight_decay)
     m1 = m1.lerp(g, 1 - beta1)
     m2 = m2 * beta2 + (1 - beta2) * g * g
@@ -76,7 +76,7 @@ def protected_adamw_step_ref(
             grad_ema_protect_ref(work, ema_mean, ema_var, one, alpha, var_scale, skip, threshold)
         for i, (p, g, m1, m2, step) in enumerate(zip(params, work, exp_avg, exp_avg_sq, steps)):
             new_p, new_m1, new_m2 = _adamw_update(
-                p.to(acc), m1.to(acc), m2.to(acc), g, float(step), lr, beta1, beta2, eps, weight_decay
+                p.to(acc), m1.to(acc), m2.to(acc), g, step, lr, beta1, beta2, eps, weight_decay
             )
             old_p = p.to(acc, copy=True)  # p itself when it already is acc
             p.copy_(torch.where(skip, p, new_p.to(p.dtype)))
@@ -161,7 +161,9 @@ def _checked(params, grads, exp_avg, exp_avg_sq, steps, anchors, fisher, factors
     check.check_like_params("grads", grads, params)
     for i, g in enumerate(grads):
         check.check_dtype("grads", i, g, check.FLOAT_DTYPES)
-    exp_avg, exp_avg_sq = (_check_state(n, v, params, acc) for n, v in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)))
+    exp_avg, exp_avg_sq = (
+        _check_state(n, v, params, acc) for n, v in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
+    )
     steps = check.tensor_list("steps", steps)
     if len(steps) != len(params):
         raise ValueError(f"steps has {len(steps)} tensors but params has {len(params)}")

@@ -209,5 +209,3 @@ class ProtectedAdamW(torch.optim.Optimizer):
             grad_scale, found_inf, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], lam,
             threshold, bool(group["maximize"]), backend=self.backend,
         )  # fmt: skip
-
-
