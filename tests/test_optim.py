@@ -188,6 +188,12 @@ def test_rejections():
     with pytest.raises(ValueError, match="normalize='none' only"):
         protector = ff.GradientProtector(model, mode="element", normalize="max")
         ff.optim.ProtectedAdamW(model.parameters(), protector=protector)
+    with pytest.raises(ValueError, match="amsgrad"):
+        ff.optim.ProtectedAdamW([{"params": list(model.parameters()), "amsgrad": True}])
+    with pytest.raises(ValueError, match="pass every param group"):
+        ff.optim.ProtectedAdamW(model[0].parameters(), si=ff.SynapticIntelligence(model[0])).add_param_group(
+            {"params": list(model[2].parameters())}
+        )
     opt = ff.optim.ProtectedAdamW(model.parameters())
     state = opt.state_dict()
     state["param_groups"][0]["amsgrad"] = True

@@ -85,9 +85,10 @@ class ProtectedAdamW(torch.optim.Optimizer):
             raise TypeError("lr must be a Python float (a tensor lr belongs to capturable, which is not supported)")
 
     def add_param_group(self, param_group):
+        if any(getattr(self, part, None) is not None for part in ("ewc", "protector", "si")):
+            raise ValueError("with ewc/protector/si attached, pass every param group to __init__ (checked there)")
         super().add_param_group(param_group)
-        if getattr(self, "ewc", None) is not None or getattr(self, "protector", None) or getattr(self, "si", None):
-            raise ValueError("add param groups before attaching ewc/protector/si (pass every group to __init__)")
+        self._check_group(self.param_groups[-1])
 
     # ----------------------------------------------------------------------------------------------- state
 
