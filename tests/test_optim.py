@@ -278,3 +278,29 @@ def test_trainer_skips_its_own_passes(monkeypatch):
     opt = ff.optim.ProtectedAdamW(model.parameters())
     with pytest.raises(ValueError, match="applies its own ewc"):
         ff.ProtectedTrainer(model, opt, torch.nn.functional.cross_entropy, ewc=ff.EWC(model))
+
+
+def test_grad_scaler_hands_over_found_inf_and_grad_scale():
+    model, twin = make_model(torch.float32), make_model(torch.float32)
+    combination = {"ewc": True, "protector": "element", "si": True}
+    parts = attach(model, combination)
+    opt = ff.optim.ProtectedAdamW(model.parameters(), lr=1e-2, **parts)
+    ref = ff.optim.ProtectedAdamW(twin.parameters(), lr=1e-2, backend="reference", **attach(twin, combination))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    scaler.scale(model(x).square().mean()).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad / 1024.0
+    scaler.step(opt)  # not unscaled: grad_scale reaches the fused step, which unscales in the same pass
+    scaler.update()
+    ref.step()
+    assert_models_close(model, twin)
+    assert_close(opt.penalty, ref.penalty, torch.float32)
+    opt.zero_grad()
+    scaler.scale(model(x).square().mean()).backward()
+    next(model.parameters()).grad.view(-1)[0] = float("inf")
+    before = snapshot(opt, parts)
+    scaler.step(opt)  # the scaler finds the inf: a skipped step
+    scaler.update()
+    assert scaler.get_scale() == 512.0
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(opt, parts)))

@@ -69,6 +69,9 @@ class ProtectedAdamW(torch.optim.Optimizer):
                 "element is scaled; ProtectedAdamW fuses normalize='none' only"
             )
         members = [(g, p) for g, group in enumerate(self.param_groups) for p in group["params"]]
+        for g, p in members:
+            if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
+                raise ValueError(f"param group {g} holds a DTensor (FSDP2); ProtectedAdamW runs on plain tensors")
         self.ewc, self.protector, self.si, self.backend = ewc, protector, si, backend
         self._ewc_index = _index(ewc, "EWC", members) if ewc is not None else None
         self._protector_index = _index(protector, "protector", members) if protector is not None else None
