@@ -22,10 +22,20 @@ def native_extension():
     sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]  # csrc/*.cpp: any device
     # -fopenmp makes at::parallel_for parallel; the GOMP symbols resolve to the OpenMP runtime torch already
     # loaded (not linked here), so torch.set_num_threads governs our kernels too.
-    # -fno-trapping-math lets the compiler vectorise loops with float selects (we never read FP exception flags);
+    # -fno-trapping-math lets the compiler vectorise loops with float selects (we never read FP exception flags),
+    # -fno-math-errno loops with sqrt (we never read errno);
     # -march (default native: the build is for this machine) lets it use AVX2/AVX-512 where the CPU has them.
     arch = os.environ.get("FASTFORGET_CPU_ARCH", "native")
-    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", *([f"-march={arch}"] if arch else [])]}
+    extra = {
+        "cxx": [
+            "-O3",
+            "-std=c++17",
+            "-fopenmp",
+            "-fno-trapping-math",
+            "-fno-math-errno",
+            *([f"-march={arch}"] if arch else []),
+        ]
+    }
     if with_cuda:
         # every op's binding; nvcc_check.cu only compile-checks the torch-free kernel headers
         sources += sorted(f for f in glob.glob("csrc/cuda/*.cu") if not f.endswith("nvcc_check.cu"))
@@ -38,7 +48,7 @@ setup(
     name="fastforget",
     version="0.1.0",
     description="Fused multi-tensor kernels for EWC, rehearsal, LoRA and gradient protection",
-    packages=["fastforget", "fastforget.ops", "fastforget.kernels", "fastforget.demo"],
+    packages=["fastforget", "fastforget.ops", "fastforget.optim", "fastforget.kernels", "fastforget.demo"],
     package_dir={"fastforget.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],

@@ -4,6 +4,7 @@ from fastforget import (
     _extension,  # noqa: F401  (loads the C++/CUDA kernels when built)
     _schemas,  # noqa: F401  (defines every op before kernels register on them)
     ops,
+    optim,
 )
 from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
 from fastforget.ewc import EWC
@@ -13,6 +14,7 @@ from fastforget.lora_peft import load_peft_adapter, save_peft_adapter
 from fastforget.ops import *  # noqa: F403  (every op and its reference: ops.__all__)
 from fastforget.protect import GradientProtector, SeedGradientProtector
 from fastforget.replay import ReplayBuffer
+from fastforget.si import SynapticIntelligence
 from fastforget.trainer import ProtectedTrainer
 
 try:
@@ -31,6 +33,7 @@ __all__ = [
     "ProtectedTrainer",
     "ReplayBuffer",
     "SeedGradientProtector",
+    "SynapticIntelligence",
     "apply_lora",
     "available_backends",
     "estimate_fisher",
@@ -39,5 +42,6 @@ __all__ = [
     "merge_lora",
     "lora_disabled",
     "save_peft_adapter",
+    "optim",
     *ops.__all__,
 ]

@@ -67,6 +67,18 @@ SCHEMAS = {
         "Tensor? ref_bias, Tensor? token_weights, float kl_weight, float temperature, bool reverse, "
         "int ignore_index, int chunk_size, bool[3] output_mask) -> (Tensor, Tensor?, Tensor?, Tensor?)"
     ),
+    # One AdamW step over a param list with, each optional (an empty list / None when absent): the EWC term
+    # g += 2 lam F (theta - anchor), per-tensor protection g *= factors[t] or per-element protection (the EMA
+    # update of ema_mean/ema_var as grad_ema_protect), and Synaptic Intelligence omega -= g_task * delta_theta.
+    # Unless found_inf: params, exp_avg, exp_avg_sq, steps (+1), ema state and omega updated; grads unchanged.
+    # Returns lam * sum F (theta - anchor)^2 at the params before the step (0-dim, fp32)
+    "protected_adamw_step": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, Tensor(d!)[] steps,"
+        " Tensor[] anchors, Tensor[] fisher, Tensor? factors, Tensor(e!)[] ema_mean, Tensor(f!)[] ema_var,"
+        " Tensor? alpha, Tensor? var_scale, Tensor(g!)[] omega, Tensor? grad_scale, Tensor? found_inf, float lr,"
+        " float beta1, float beta2, float eps, float weight_decay, float lam, float threshold, bool maximize)"
+        " -> Tensor"
+    ),
 }
 
 FLAVOURS = ("", "_triton")

@@ -167,9 +167,17 @@ class GradientProtector:
         return importance
 
     def _tensor_step(self, grads, present, rows, inv_scale):
+        importance, factors = self.tensor_factors(grads, rows, inv_scale)
+        run_scale_grads(grads, factors, self.backend)
+        return importance
+
+    def tensor_factors(self, grads, rows, inv_scale, skip=None):
+        """Mode "tensor" without the scaling (``ff.optim.ProtectedAdamW`` applies the factors in its fused step):
+        updates the ring with the moments of ``grads`` (those of the parameters ``rows``) and returns (importance,
+        factors). A non-finite step, or a set ``skip`` (0-dim bool tensor), leaves the ring untouched."""
         moments = run_grad_moments(grads, inv_scale, self.backend).to(self.ring.device, torch.float64)
         moments = dist_util.merge_moments(moments, self.group)  # of the whole tensors, from their shards
-        finite = moments.isfinite().all()
+        finite = moments.isfinite().all() if skip is None else moments.isfinite().all() & ~skip
         slots = self.head[rows]
         self.ring[rows, slots] = torch.where(finite, moments, self.ring[rows, slots])
         self.head[rows] = torch.where(finite, (slots + 1) % self.window, slots)
@@ -182,8 +190,7 @@ class GradientProtector:
         var = (m2_s.sum(1) + (n * (mean_s - mean[:, None]).square()).sum(1)) / (total - 1)
         importance = _importance(var, self.normalize, self.temperature)
         factors = torch.where(finite & (importance > self.threshold), 1 - importance, 1.0)
-        run_scale_grads(grads, factors, self.backend)
-        return importance
+        return importance, factors
 
     def _element_step(self, grads, present, rows, inv_scale):
         steps = self.steps[rows]

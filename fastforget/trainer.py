@@ -13,6 +13,10 @@ One ``step(batch)``:
 
 and ``end_task(loader)`` consolidates the EWC on the task's data and offers the task's batches to the buffer.
 
+With an ``ff.optim.ProtectedAdamW`` as the optimizer, the EWC and protector attached to it run inside its fused
+step: the trainer skips its own ``ewc.apply_()`` and ``protector.protect_()`` (its ``ewc``/``protector`` must then
+be None or those very objects) and reports the optimizer's recorded penalty.
+
 Why unscale first under AMP: the EWC gradient is in the units of the true gradient, so adding it to gradients that
 are still multiplied by the loss scale S would weaken it by S. ``scaler.unscale_`` divides the gradients by S once
 (and records whether any is inf/NaN); EWC and the protector then work on true gradients, and ``scaler.step`` reuses
@@ -29,6 +33,7 @@ import time
 import torch
 
 from fastforget._batch import batch_size, to_device
+from fastforget.optim import ProtectedAdamW
 
 
 def _as_buffer_batch(batch):
@@ -47,6 +52,20 @@ class LMHeadInputs:
     labels: torch.Tensor  # hidden's leading dims; -100 is not counted
     bias: torch.Tensor | None = None
     shift: bool = True  # the causal-LM shift: position t predicts labels[..., t + 1]
+
+
+def _check_fused(optimizer, ewc, protector):
+    """Whether `optimizer` applies EWC and protection itself (a ProtectedAdamW); then the trainer's own must be
+    absent or the optimizer's, so that nothing is applied twice or left out."""
+    if not isinstance(optimizer, ProtectedAdamW):
+        return False
+    for label, mine, theirs in (("ewc", ewc, optimizer.ewc), ("protector", protector, optimizer.protector)):
+        if mine is not None and mine is not theirs:
+            raise ValueError(
+                f"the ProtectedAdamW optimizer applies its own {label}: pass the trainer's {label} to it "
+                f"(ProtectedAdamW(..., {label}=...)) or the same object to both"
+            )
+    return True
 
 
 class _Timer:
@@ -106,6 +125,7 @@ class ProtectedTrainer:
                 raise ValueError(f"kl_to_base must be finite, got {kl_to_base}")
             if batch_loss is None or base_model is None:
                 raise ValueError("kl_to_base needs batch_loss(model, batch) returning LMHeadInputs and a base_model")
+        self.fused = _check_fused(optimizer, ewc, protector)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.ewc, self.replay, self.protector = ewc, replay, protector
         self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
@@ -176,13 +196,15 @@ class ProtectedTrainer:
             else:
                 total.backward()
             penalty = 0.0
-            if self.ewc is not None:
+            if self.ewc is not None and not self.fused:
                 with timer("ewc"):
                     penalty = float(self.ewc.apply_())
-            if self.protector is not None:
+            if self.protector is not None and not self.fused:
                 with timer("protect"):
                     self.protector.protect_()
             skipped = self._optimizer_step()
+            if self.fused and self.optimizer.ewc is not None:
+                penalty = float(self.optimizer.penalty)  # of this step, from the fused pass
         self.steps += not skipped
         return {
             "loss": float(loss.detach()),

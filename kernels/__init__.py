@@ -7,5 +7,6 @@ from fastforget.kernels import (  # noqa: F401
     grad_ema,
     grad_moments,
     lora_linear,
+    protected_adamw_step,
     scale_grads,
 )

@@ -9,6 +9,7 @@
 #include "grad_ema.cuh"
 #include "grad_moments.cuh"
 #include "multi_tensor.cuh"
+#include "protected_adamw_step.cuh"
 #include "scale_grads.cuh"
 
 namespace fastforget::gpu {
@@ -50,6 +51,14 @@ template cudaError_t launch_grad_moments<double>(const int64_t*, int64_t, int64_
                                                  cudaStream_t);
 template cudaError_t launch_scale_grads<float>(const int64_t*, int64_t, int64_t, const float*, cudaStream_t);
 template cudaError_t launch_scale_grads<double>(const int64_t*, int64_t, int64_t, const double*, cudaStream_t);
+template void plan_blocks<AdamwMeta>(int64_t*, int64_t);
+template int64_t meta_words<AdamwMeta>(int64_t, int64_t);
+template cudaError_t launch_protected_adamw_step<float>(const int64_t*, int64_t, int64_t, bool, int, bool,
+                                                        const float*, const float*, AdamwScalars<float>,
+                                                        const float*, float*, float, float*, cudaStream_t);
+template cudaError_t launch_protected_adamw_step<double>(const int64_t*, int64_t, int64_t, bool, int, bool,
+                                                         const double*, const double*, AdamwScalars<double>,
+                                                         const float*, double*, double, double*, cudaStream_t);
 
 template cudaError_t launch_anchored_lm_loss_rows<float, float>(const float*, const float*, const int64_t*,
                                                                  const float*, const float*, float*, float*, int64_t,

@@ -25,3 +25,6 @@ __all__ = [
     "scale_grads_",
     "scale_grads_ref",
 ]
+from fastforget.ops.protected_adamw_step import protected_adamw_step, protected_adamw_step_ref  # noqa: E402
+
+__all__ += ["protected_adamw_step", "protected_adamw_step_ref"]
