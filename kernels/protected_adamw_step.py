@@ -12,6 +12,8 @@ import triton.language as tl
 from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import qualname
 from fastforget.kernels.ewc_penalty import _sum_partials_kernel
+from fastforget.kernels.grad_ema import _sigmoid
+from fastforget.kernels.grad_moments import _div
 from fastforget.kernels.multi_tensor import (
     ACCUMULATE_TYPES,
     contiguous,
@@ -23,12 +25,13 @@ from fastforget.kernels.multi_tensor import (
 )
 
 BLOCK = 1024
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, ANCHOR, FISHER, EMA_MEAN, EMA_VAR, OMEGA = range(9)
-ROLES = 9
+# constexpr: a compiled kernel may read module globals only as constexprs (the interpreter reads any)
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, ANCHOR, FISHER, EMA_MEAN, EMA_VAR, OMEGA = map(tl.constexpr, range(9))
+ROLES = tl.constexpr(9)
 NO_PROTECT, TENSOR, ELEMENT = 0, 1, 2
 # columns of the per-tensor table and entries of the scalar vector (both in ACC, on the device)
-STEP_SIZE, BC2_SQRT, FACTOR, ALPHA, VAR_SCALE = range(5)
-GRAD_FACTOR, TWO_LAM, DECAY, BETA1_C, BETA2, BETA2_C, EPS, THRESHOLD = range(8)
+STEP_SIZE, BC2_SQRT, FACTOR, ALPHA, VAR_SCALE = map(tl.constexpr, range(5))
+GRAD_FACTOR, TWO_LAM, DECAY, BETA1_C, BETA2, BETA2_C, EPS, THRESHOLD = map(tl.constexpr, range(8))
 
 
 @triton.jit
@@ -73,15 +76,16 @@ def _step_kernel(
         mean = tl.load(em_ptr, mask=mask, other=0)
         d = grad - mean
         var = (1 - alpha) * (tl.load(ev_ptr, mask=mask, other=0) + alpha * d * d)
-        importance = tl.sigmoid(var * tl.load(row + VAR_SCALE))
+        importance = _sigmoid(var * tl.load(row + VAR_SCALE), ACC)  # exact: a threshold decides
         tl.store(em_ptr, mean + alpha * d, mask=mask)
         tl.store(ev_ptr, var, mask=mask)
         grad = tl.where(importance > tl.load(scalars + THRESHOLD), (1 - importance) * grad, grad)
     m1 = tl.load(m1_ptr, mask=mask, other=0)
     m1 = m1 + tl.load(scalars + BETA1_C) * (grad - m1)  # torch's lerp(m1, grad, 1 - beta1)
     m2 = tl.load(scalars + BETA2) * tl.load(m2_ptr, mask=mask, other=0) + tl.load(scalars + BETA2_C) * grad * grad
-    denom = tl.sqrt(m2) / tl.load(row + BC2_SQRT) + tl.load(scalars + EPS)
-    new_theta = theta * tl.load(scalars + DECAY) - tl.load(row + STEP_SIZE) * m1 / denom
+    # correctly rounded sqrt and division, as torch's AdamW (Triton's fp32 defaults are sqrt.approx and div.full)
+    denom = _div(tl.sqrt_rn(m2), tl.load(row + BC2_SQRT), ACC) + tl.load(scalars + EPS)
+    new_theta = theta * tl.load(scalars + DECAY) - _div(tl.load(row + STEP_SIZE) * m1, denom, ACC)
     if P_VIA_FP32:
         new_theta = new_theta.to(tl.float32)
     stored = new_theta.to(P)

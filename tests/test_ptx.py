@@ -30,7 +30,7 @@ MULTI_TENSOR_KERNELS = (
     "_block_moments_kernel",
     "_scale_kernel",
 )
-EXACT_MATH_KERNELS = ("_protect_kernel", "_block_moments_kernel", "_merge_moments_kernel")
+EXACT_MATH_KERNELS = ("_protect_kernel", "_block_moments_kernel", "_merge_moments_kernel", "_step_kernel")
 SHOWN_CONSTEXPRS = ("PASS", "ALIGNED", "KEEP_A", "RANK", "KEEP_C", "BIAS", "BLOCK_N", "SPLIT")
 APPROXIMATE = re.compile(r"\b(?:ex2\.approx|lg2\.approx|div\.full|div\.approx|rcp\.approx|sqrt\.approx)[\w.]*")
 
@@ -107,6 +107,7 @@ def _workloads():
         grad_ema,
         grad_moments,
         lora_linear,
+        protected_adamw_step,
         scale_grads,
     )
 
@@ -130,6 +131,19 @@ def _workloads():
         yield label, grad_ema.grad_ema_protect, protect_args
         yield label, grad_moments.grad_moments, (tensors(), one)
         yield label, scale_grads.scale_grads, (tensors(), alpha)
+    for label in ("fp32", "bf16"):  # the protected AdamW step: plain, EWC + per-tensor factors, EWC + element + SI
+        params = [torch.zeros(2 * 4096 + 100, dtype=dtypes[label]), torch.zeros(4097, dtype=dtypes[label])[1:]]
+
+        def state(params=params):
+            return [torch.zeros(p.shape) for p in params]
+
+        steps, count = [torch.zeros(1) for _ in params], torch.full((2,), 0.5)
+        step = protected_adamw_step.protected_adamw_step
+        base = (params, [p.clone() for p in params], state(), state(), steps)
+        hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01, 0.5, 0.1, False)
+        yield label, step, (*base, [], [], None, [], [], None, None, [], None, None, *hyper)
+        yield label, step, (*base, state(), state(), count, [], [], None, None, [], None, None, *hyper)
+        yield label, step, (*base, state(), state(), None, state(), state(), count, count, state(), None, None, *hyper)
     for label in ("fp32", "bf16"):  # anchored LM loss rows: a vocabulary that is no multiple of the block
         logits = torch.zeros(8, 32001, dtype=dtypes[label])
         labels, weights, scale = torch.zeros(8, dtype=torch.long), torch.ones(8), torch.ones(1)
