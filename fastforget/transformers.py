@@ -18,6 +18,10 @@ the train dataset) through the Trainer's evaluation dataloader and collator, the
 buffer. The EWC, protector and replay states are saved in every checkpoint (``fastforget_state.pt``) and restored by
 ``train(resume_from_checkpoint=...)``.
 
+With ``optimizers=(ff.optim.ProtectedAdamW(..., ewc=ewc, protector=protector), None)`` the optimizer applies EWC and
+protection inside its fused step and the mixin does not (never twice); the Trainer then clips the task gradient
+only, before the step, and ``ewc_penalty`` logs the penalty of the step before.
+
 Mixed precision: bf16 (autocast, no loss scaling) works as is; fp16 training (a GradScaler, whose scaled gradients
 the EWC term would have to be scaled into) is refused.
 """
@@ -112,8 +116,32 @@ class ProtectionMixin:
             self._protect_gradients()
         return loss
 
+    def _fused_optimizer(self):
+        """The ProtectedAdamW that applies this trainer's EWC and protector itself, or None (then the trainer
+        applies them). Its EWC and protector must be the trainer's (or absent from the trainer)."""
+        from fastforget.optim import ProtectedAdamW
+
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        if not isinstance(optimizer, ProtectedAdamW):
+            return None
+        for label, mine, theirs in (
+            ("ewc", self.ewc, optimizer.ewc),
+            ("protector", self.protector, optimizer.protector),
+        ):
+            if mine is not None and mine is not theirs:
+                raise ValueError(
+                    f"the ProtectedAdamW optimizer applies its own {label}: pass the trainer's {label} to it "
+                    f"(ProtectedAdamW(..., {label}=...)) or the same object to both"
+                )
+        return optimizer
+
     def _protect_gradients(self):
         self.protection_time_ms = {}
+        fused = self._fused_optimizer()
+        if fused is not None:  # EWC and protection run inside its step (after the Trainer's clipping)
+            if fused.ewc is not None:
+                self._protection_logs["ewc_penalty"].append(fused.penalty.detach().clone())  # the previous step's
+            return
         if self.ewc is not None:
             start = time.perf_counter()
             self._protection_logs["ewc_penalty"].append(self.ewc.apply_().detach())

@@ -264,3 +264,36 @@ def test_under_the_trainers_ddp_equals_one_process(tmp_path):
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for a, b in zip(one, two):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_with_protected_adamw_the_trainer_skips_its_own_passes(tmp_path):
+    """ProtectedAdamW as the Trainer's optimizer applies EWC and protection itself: the run equals a hand loop of
+    backward, clipping and ProtectedAdamW.step (a second application by the mixin would change it)."""
+    old_task, new_task = dataset(6, seed=1), dataset(12, seed=2)
+    model = llama()
+    ewc, _, protector = defences(model, ("ewc", "protect"), old_task)
+    start = copy.deepcopy((model, ewc, protector))
+    optimizer = ff.optim.ProtectedAdamW(model.parameters(), lr=LR, weight_decay=0.0, ewc=ewc, protector=protector)
+    trainer = ProtectedHFTrainer(
+        model=model, args=arguments(tmp_path), train_dataset=new_task, data_collator=collate, ewc=ewc,
+        protector=protector, optimizers=(optimizer, None),
+    )  # fmt: skip
+    seen, _ = record_batches(trainer)
+    trainer.train()
+    model0, ewc0, protector0 = start
+    hand = ff.optim.ProtectedAdamW(model0.parameters(), lr=LR, weight_decay=0.0, ewc=ewc0, protector=protector0)
+    model0.train()
+    for step in range(3):
+        hand.zero_grad()
+        for micro in range(ACCUMULATION):
+            (hf_loss(model0, seen[step * ACCUMULATION + micro]) / ACCUMULATION).backward()
+        torch.nn.utils.clip_grad_norm_(model0.parameters(), 1.0)
+        hand.step()
+    for a, b in zip(model.parameters(), model0.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="applies its own ewc"):
+        other = ProtectedHFTrainer(
+            model=model, args=arguments(tmp_path), train_dataset=new_task, data_collator=collate,
+            ewc=ff.EWC(model), optimizers=(optimizer, None),
+        )  # fmt: skip
+        other.train()
