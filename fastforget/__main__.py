@@ -10,7 +10,11 @@ def _parser():
     from fastforget.demo.config import DEFAULT_EPOCHS, DEFAULT_LR, STRATEGIES, DemoConfig
 
     defaults = DemoConfig()
-    parser = argparse.ArgumentParser(prog="fastforget", description="fastforget command line")
+    parser = argparse.ArgumentParser(
+        prog="fastforget",
+        description="fastforget: fused kernels against catastrophic forgetting (EWC, rehearsal, LoRA, gradient "
+        "protection). Commands:",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
@@ -19,7 +23,12 @@ def _parser():
         "(domain-IL); print a table of accuracy, forgetting, backward transfer and protection overhead, and write "
         "table.md, results.json and accuracy.png to --out.",
     )
-    demo.add_argument("--benchmark", choices=["split", "permuted", "all"], default="all")
+    demo.add_argument(
+        "--benchmark",
+        choices=["split", "permuted", "all"],
+        default="all",
+        help="which benchmarks (default %(default)s)",
+    )
     demo.add_argument(
         "--strategies", default=",".join(STRATEGIES), help=f"comma-separated, from {', '.join(STRATEGIES)}"
     )
@@ -28,10 +37,14 @@ def _parser():
     demo.add_argument("--out", default=defaults.out, help="output folder (default %(default)s)")
     demo.add_argument("--backend", choices=["auto", *BACKENDS], default="auto", help="backend of the fused ops")
     demo.add_argument("--device", default=defaults.device, help="default: cuda when present, else cpu")
-    demo.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default=defaults.optimizer)
+    demo.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default=defaults.optimizer, help="default %(default)s")
     demo.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULT_LR})")
-    demo.add_argument("--ewc-lambda", type=float, default=defaults.ewc_lambda, help="default %(default)s")
-    demo.add_argument("--replay-capacity", type=int, default=defaults.replay_capacity, help="default %(default)s")
+    demo.add_argument(
+        "--ewc-lambda", type=float, default=defaults.ewc_lambda, help="EWC's lambda (default %(default)s)"
+    )
+    demo.add_argument(
+        "--replay-capacity", type=int, default=defaults.replay_capacity, help="replay examples (default %(default)s)"
+    )
     demo.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (default %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser

@@ -86,6 +86,17 @@ def test_cli_help():
         assert flag in result.stdout
 
 
+def test_every_command_and_option_says_what_it_does():
+    parser = __import__("fastforget.__main__", fromlist=["_parser"])._parser()
+    assert "catastrophic forgetting" in parser.description
+    (commands,) = [a for a in parser._actions if a.dest == "command"]
+    for choice in commands._choices_actions:
+        assert choice.help, f"command {choice.dest} has no help line"
+    for name, sub in commands.choices.items():
+        undocumented = [a.option_strings for a in sub._actions if a.option_strings and not a.help]
+        assert not undocumented, f"{name}: options without help: {undocumented}"
+
+
 def test_cli_rejects_an_unknown_strategy():
     with pytest.raises(SystemExit, match="unknown strategies"):
         main(["demo", "--strategies", "finetune,forgetless"])
