@@ -25,8 +25,8 @@ SCHEMAS = {
     "ewc_penalty_accumulate": (
         "(Tensor[] params, Tensor[] anchors, Tensor[] fisher, Tensor(a!)[] grads, float lam) -> Tensor"
     ),
-    # fisher = decay * fisher + scale * grads^2, in place, one pass
-    "fisher_update": "(Tensor(a!)[] fisher, Tensor[] grads, float decay, float scale) -> ()",
+    # fisher = decay * fisher + scale * grads^2 (|grads| when absolute: MAS's importance), in place, one pass
+    "fisher_update": "(Tensor(a!)[] fisher, Tensor[] grads, float decay, float scale, bool absolute=False) -> ()",
     # per tensor (count, mean, M2) of inv_scale * grad: a (len(grads), 3) tensor in the accumulation dtype
     "grad_moments": "(Tensor[] grads, Tensor inv_scale) -> Tensor",
     # grads[i] *= factors[i], in place, one pass

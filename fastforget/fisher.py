@@ -13,6 +13,12 @@ classification, cross-entropy = -log p_theta(y | x)), with g(x, y) = d l(model(x
   sum_c p_theta(c | x_i) g(x_i, c)^2; otherwise one label per sample is drawn from p_theta(. | x_i). Assumes the
   model outputs class logits in its last dimension.
 
+* ``mas`` (Memory Aware Synapses, Aljundi et al. 2018): Omega = 1/N sum_i |d ||f(x_i)||^2 / d theta| -- label-free:
+  f is the model's output (a HF model's logits), its squared L2 norm averaged over the output's positions (the
+  unmasked ones of a dict batch with an ``attention_mask``); per-sample gradients as ``empirical``, their absolute
+  values accumulated by ``fisher_update_(..., absolute=True)``. ``loss_fn`` / ``batch_loss`` are not used: batches
+  are inputs, ``(inputs, ...)`` tuples or dicts of model arguments (``labels`` dropped).
+
 Batches: ``(inputs, targets)`` pairs with ``loss_fn(outputs, targets)``, or any structure -- a Hugging Face dict
 ``{"input_ids", "attention_mask", "labels"}``, a tokenizer's ``BatchEncoding`` -- with ``batch_loss(model, batch) ->
 scalar loss`` (e.g. ``lambda m, b: m(**b).loss``). A per-sample batch is the batch sliced along dim 0: one sequence
@@ -60,7 +66,7 @@ from fastforget._batch import add_example_dim, batch_size, example_dims, map_exa
 from fastforget._validation import check_distinct
 from fastforget.ops.fisher_update import fisher_update_
 
-ESTIMATORS = ("empirical", "batch", "true")
+ESTIMATORS = ("empirical", "batch", "true", "mas")
 CHUNK_ELEMENTS = 1 << 28
 IGNORE_INDEX = -100  # labels that count for no loss (Hugging Face's convention)
 
@@ -137,6 +143,25 @@ def _batches(loader, max_batches, device, pairs):
         yield index, to_device(tuple(batch) if pairs else batch, device)
 
 
+def output_norm(model, batch):
+    """MAS's per-sample function: the squared L2 norm of the model's output, averaged over the output's positions
+    (over the unmasked ones of a dict batch with an attention_mask) and the batch's examples."""
+    mask = None
+    if isinstance(batch, Mapping):
+        output = model(**{k: v for k, v in batch.items() if k != "labels"})
+        output, mask = (output.logits if hasattr(output, "logits") else output), batch.get("attention_mask")
+    else:
+        output = model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    squares = output.float().square()
+    if squares.dim() <= 2:  # (batch, outputs)
+        return squares.sum() / len(squares)
+    per_position = squares.sum(-1).flatten(1)  # (batch, positions)
+    if mask is None:
+        return per_position.mean()
+    mask = mask.flatten(1).to(per_position.dtype)
+    return (per_position * mask).sum() / mask.sum()
+
+
 def counted_examples(batch):
     """The examples of a dict batch with token labels (dim >= 2) that have a counted label after the causal shift,
     as a bool mask; None where every example counts."""
@@ -174,7 +199,10 @@ def estimate_fisher(
     as fp32 tensors shaped like them, estimated over `loader`'s batches: (inputs, targets) pairs with `loss_fn`,
     or any batch structure with `batch_loss(model, batch)`. `samples`: labels drawn per position by the ``true``
     Fisher of a language model. See the module doc."""
-    batch_loss, pairs = batch_loss_of(loss_fn, batch_loss)
+    if estimator == "mas":  # label-free: the output's norm is the per-sample function
+        batch_loss, pairs = output_norm, False
+    else:
+        batch_loss, pairs = batch_loss_of(loss_fn, batch_loss)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
     if estimator not in ESTIMATORS:
@@ -358,13 +386,13 @@ def _sample_accumulator(
             ) from error
 
     def add_squares(batch, index, weights=None):
-        """F += sum_i w_i g_i^2 over the chunk (w_i = 1 without weights): one fused call per chunk."""
+        """F += sum_i w_i g_i^2 over the chunk (w_i = 1 without weights; MAS: sum_i |g_i|): one fused call."""
         grads = per_sample_grads(batch, index)
         stacks = [grads[f"model.{n}"] for n in names]
         if weights is not None:  # (sqrt(w) g)^2 = w g^2
             roots = weights.sqrt()
             stacks = [g * roots.view(-1, *([1] * (g.dim() - 1))) for g in stacks]
-        fisher_update_(fisher, stacks, backend=backend)
+        fisher_update_(fisher, stacks, absolute=estimator == "mas", backend=backend)
 
     def add_true(batch, index):
         """E_{y ~ p_theta} g(x, y)^2: exact over a classifier's classes, else drawn labels."""
@@ -401,13 +429,13 @@ def _sample_accumulator(
 
     def accumulate(index, batch):
         """Adds the batch's samples (those with a counted label); returns how many."""
-        counted = counted_examples(batch)
+        counted = counted_examples(batch) if estimator != "mas" else None  # MAS needs no labels
         if counted is not None and not counted.all():
             batch = _take(batch, counted)
         size = batch_size(batch)
         for start in range(0, size, chunk_size):
             chunk = _take(batch, slice(start, start + chunk_size))
-            if estimator == "empirical":
+            if estimator in ("empirical", "mas"):
                 add_squares(chunk, index)
             else:
                 add_true(chunk, index)

@@ -1,4 +1,5 @@
-"""Triton kernel of the Fisher accumulation F <- decay * F + scale * sum_s g_s^2, in place, over a whole list.
+"""Triton kernel of the Fisher accumulation F <- decay * F + scale * sum_s g_s^2 (or |g_s|: MAS), in place, over a
+whole list.
 
 One launch per dtype group (normally one) through multi_tensor.py's pointer tables; each program updates BLOCK
 elements of one tensor, reading F once, each stacked gradient g_s once (grads[i] holds k = numel(g) / numel(F)
@@ -34,7 +35,7 @@ NUM_WARPS = 16  # 8 elements per thread: no spills with fp32 or 16-bit lists (te
 def _fisher_block(
     f_ptr, g_ptr, count, n, samples, coefs,
     ACC: tl.constexpr, F: tl.constexpr, G: tl.constexpr, F_VIA_FP32: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, FULL: tl.constexpr,
+    BLOCK: tl.constexpr, FULL: tl.constexpr, ABS: tl.constexpr,
 ):  # fmt: skip
     offs, mask = block_offsets(count, BLOCK, FULL)
     acc = tl.load(coefs) * tl.load(f_ptr + offs).to(ACC)
@@ -44,7 +45,10 @@ def _fisher_block(
         if ALIGNED:
             g_s = tl.multiple_of(g_s, ALIGNMENT)
         g = tl.load(g_s + offs).to(ACC)
-        acc += scale * g * g
+        if ABS:
+            acc += scale * tl.abs(g)
+        else:
+            acc += scale * g * g
     if F_VIA_FP32:  # fp64 math into a 16-bit Fisher: narrow through fp32
         acc = acc.to(tl.float32)
     tl.store(f_ptr + offs, acc.to(F), mask=mask)
@@ -54,7 +58,7 @@ def _fisher_block(
 def _fisher_update_kernel(
     tables, blocks, num_tensors, num_blocks, coefs,
     ACC: tl.constexpr, F: tl.constexpr, G: tl.constexpr, F_VIA_FP32: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ABS: tl.constexpr,
 ):  # fmt: skip
     t, start = program_block(blocks, num_blocks, BLOCK)
     n = tl.load(tables + 2 * num_tensors + t)
@@ -62,12 +66,12 @@ def _fisher_update_kernel(
     f_ptr = role_pointer(tables, num_tensors, t, 0, start, F, ALIGNED)
     g_ptr = role_pointer(tables, num_tensors, t, 1, start, G, ALIGNED)
     if n - start >= BLOCK:  # a full block: no mask
-        _fisher_block(f_ptr, g_ptr, n - start, n, samples, coefs, ACC, F, G, F_VIA_FP32, ALIGNED, BLOCK, True)
+        _fisher_block(f_ptr, g_ptr, n - start, n, samples, coefs, ACC, F, G, F_VIA_FP32, ALIGNED, BLOCK, True, ABS)
     else:
-        _fisher_block(f_ptr, g_ptr, n - start, n, samples, coefs, ACC, F, G, F_VIA_FP32, ALIGNED, BLOCK, False)
+        _fisher_block(f_ptr, g_ptr, n - start, n, samples, coefs, ACC, F, G, F_VIA_FP32, ALIGNED, BLOCK, False, ABS)
 
 
-def fisher_update(fisher, grads, decay, scale):
+def fisher_update(fisher, grads, decay, scale, absolute=False):
     check.check_stacks(fisher, grads)
     work = contiguous(fisher)  # a non-contiguous Fisher tensor is updated through a copy, written back below
     grads = contiguous(grads)
@@ -86,7 +90,7 @@ def fisher_update(fisher, grads, decay, scale):
                     group.tables, group.blocks, group.num_tensors, group.num_blocks, coefs,
                     ACC=ACCUMULATE_TYPES[acc], F=group.dtypes[0], G=group.dtypes[1],
                     F_VIA_FP32=narrows_through_fp32(acc, group.dtypes[0]), ALIGNED=group.aligned, BLOCK=BLOCK,
-                    num_warps=NUM_WARPS,
+                    ABS=absolute, num_warps=NUM_WARPS,
                 )  # fmt: skip
     copy_back(fisher, work)
 

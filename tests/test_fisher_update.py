@@ -222,3 +222,26 @@ def test_misaligned_views_match_aligned(fused_backend, fisher_dtype):
         mixed, [misaligned(g) if i % 2 == 0 else g for i, g in enumerate(grads)], DECAY, SCALE, backend=fused_backend
     )
     assert mixed[0].storage_offset() == 1 and all(torch.equal(a, m) for a, m in zip(aligned, mixed))
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["single", "stacked"])
+def test_absolute_accumulates_abs_gradients(backend, stacked):
+    """absolute=True (MAS's importance): F <- decay F + scale sum_s |g_s|, against the fp64 formula."""
+    fisher, grads = make_case([(1025,), (3, 7)], torch.float32, torch.bfloat16, device_of(backend))
+    if stacked:
+        grads = [torch.randn(3, *f.shape).to(f.device, torch.bfloat16) for f in fisher]
+    expected = [
+        DECAY * f.double() + SCALE * (g.double().abs().sum(0) if stacked else g.double().abs())
+        for f, g in zip(fisher, grads)
+    ]
+    ff.fisher_update_(fisher, grads, DECAY, SCALE, absolute=True, backend=backend)
+    for f, e in zip(fisher, expected):
+        torch.testing.assert_close(f.double(), e, rtol=1e-6, atol=1e-6)
+
+
+def test_absolute_must_be_a_bool(backend):
+    fisher, grads = make_case([(4,)], torch.float32, torch.float32, device_of(backend))
+    before = [f.clone() for f in fisher]
+    with pytest.raises(TypeError, match="absolute must be a bool"):
+        ff.fisher_update_(fisher, grads, absolute=1, backend=backend)
+    assert all(torch.equal(f, b) for f, b in zip(fisher, before))

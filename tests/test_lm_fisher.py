@@ -169,3 +169,34 @@ def test_bad_token_batches_change_nothing():
         ewc.consolidate(batches, torch.nn.functional.cross_entropy, progress=False)
     after = ewc.state_dict()
     assert after.keys() == before.keys() and after["tasks"] == before["tasks"] == 0
+
+
+def output_norm_grads(model, unit):
+    """|d ||f(x)||^2 / d theta| for one sequence, f = its logits, the norm averaged over its unmasked positions."""
+    logits = model(input_ids=unit["input_ids"], attention_mask=unit["attention_mask"]).logits.float()
+    mask = unit["attention_mask"].float()
+    value = (logits.square().sum(-1) * mask).sum() / mask.sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [g.double().abs() for g in torch.autograd.grad(value, params)]
+
+
+@pytest.mark.parametrize("chunk_size", [2, 1], ids=["vmap", "loop"])
+def test_mas_importance_matches_brute_force_without_labels(chunk_size):
+    """MAS (Aljundi et al. 2018) on unlabelled text: the mean over sequences of |d ||f(x)||^2 / d theta|."""
+    model = llama()
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in token_batches()]
+    if chunk_size == 2:
+        batches = [{**b, "attention_mask": torch.ones_like(b["attention_mask"])} for b in batches]
+    got = ff.estimate_fisher(model, batches, estimator="mas", chunk_size=chunk_size)
+    model.eval()
+    total, count = None, 0
+    for batch in batches:
+        for i in range(len(batch["input_ids"])):
+            grads = output_norm_grads(model, {k: v[i : i + 1] for k, v in batch.items()})
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+            count += 1
+    for g, w in zip(got, total):
+        torch.testing.assert_close(g.double(), w / count, rtol=1e-4, atol=1e-9)
+    ewc = ff.EWC(model, lam=1.0)
+    ewc.consolidate(batches, estimator="mas", chunk_size=chunk_size, progress=False)  # no loss, no labels
+    assert ewc.tasks == 1

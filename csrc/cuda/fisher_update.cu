@@ -17,7 +17,7 @@ static_assert(gpu::kUpdateFisher == 0, "pack_meta takes the tensor count, sizes 
 
 // Each grads[i] must be on fisher[i]'s device, shaped like it (one gradient) or (k, *fisher[i].shape) (k
 // stacked gradients, k >= 0).
-void fisher_update_cuda(at::TensorList fisher, at::TensorList grads, double decay, double scale) {
+void fisher_update_cuda(at::TensorList fisher, at::TensorList grads, double decay, double scale, bool absolute) {
   check_stacks(fisher, grads);
   if (fisher.empty()) return;
   check_one_device("fisher", fisher);
@@ -32,7 +32,7 @@ void fisher_update_cuda(at::TensorList fisher, at::TensorList grads, double deca
   AT_DISPATCH_FLOATING_TYPES(accumulate_type(fisher), "fisher_update_cuda", [&] {
     C10_CUDA_CHECK(gpu::launch_fisher_update<scalar_t>(meta.words.data_ptr<int64_t>(),
                                                        static_cast<int64_t>(work.size()), meta.num_blocks, decay,
-                                                       scale, c10::cuda::getCurrentCUDAStream()));
+                                                       scale, absolute, c10::cuda::getCurrentCUDAStream()));
   });
   copy_back(fisher, work);
 }

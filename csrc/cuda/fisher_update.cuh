@@ -1,6 +1,6 @@
 // Fisher accumulation kernel (torch-free; the binding is fisher_update.cu).
 //
-//   F = decay * F + scale * sum_{s < k} g_s^2
+//   F = decay * F + scale * sum_{s < k} g_s^2        (absolute: scale * sum_s |g_s|, MAS's importance)
 //
 // grads[i] holds k >= 0 stacked gradients g_s (k = 1 when it is shaped like fisher[i]). One launch covers the
 // whole tensor list (metadata layout: multi_tensor.cuh, records FisherUpdateMeta), each role's dtype read from
@@ -26,7 +26,7 @@ struct FisherUpdateMeta : TensorMeta<kFisherUpdateRoles> {
 static_assert(sizeof(FisherUpdateMeta) == FisherUpdateMeta::kWords * sizeof(int64_t),
               "FisherUpdateMeta must be unpadded");
 
-template <typename acc_t>
+template <typename acc_t, bool kAbs>
 __global__ void __launch_bounds__(kBlockThreads)
     fisher_update_kernel(const int64_t* meta_words, int64_t num_tensors, acc_t decay, acc_t scale) {
   const auto [t, begin, end] = block_chunk<FisherUpdateMeta>(meta_words, num_tensors);
@@ -34,19 +34,20 @@ __global__ void __launch_bounds__(kBlockThreads)
     acc_t acc = decay * load<acc_t>(t, kUpdateFisher, i);
     for (int64_t s = 0; s < t.samples; ++s) {
       const acc_t g = load<acc_t>(t, kUpdateGrad, s * t.numel + i);
-      acc = fma(scale * g, g, acc);
+      acc = kAbs ? fma(scale, abs(g), acc) : fma(scale * g, g, acc);
     }
     store(t, kUpdateFisher, i, acc);
   }
 }
 
 // meta_words: device copy of a buffer of FisherUpdateMeta records with num_blocks planned blocks. Queues
-// F = decay * F + scale * sum_s g_s^2 for every kUpdateFisher tensor on `stream`.
+// F = decay * F + scale * sum_s g_s^2 (|g_s| when absolute) for every kUpdateFisher tensor on `stream`.
 template <typename acc_t>
 cudaError_t launch_fisher_update(const int64_t* meta_words, int64_t num_tensors, int64_t num_blocks, double decay,
-                                 double scale, cudaStream_t stream) {
-  return launch_blocks(fisher_update_kernel<acc_t>, num_blocks, stream, meta_words, num_tensors,
-                       static_cast<acc_t>(decay), static_cast<acc_t>(scale));
+                                 double scale, bool absolute, cudaStream_t stream) {
+  const auto kernel = absolute ? fisher_update_kernel<acc_t, true> : fisher_update_kernel<acc_t, false>;
+  return launch_blocks(kernel, num_blocks, stream, meta_words, num_tensors, static_cast<acc_t>(decay),
+                       static_cast<acc_t>(scale));
 }
 
 }  // namespace fastforget::gpu

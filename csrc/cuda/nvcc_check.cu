@@ -34,8 +34,10 @@ template cudaError_t launch_ewc_penalty_backward<float>(const int64_t*, int64_t,
                                                         cudaStream_t);
 template cudaError_t launch_ewc_penalty_backward<double>(const int64_t*, int64_t, int64_t, double, const double*,
                                                          cudaStream_t);
-template cudaError_t launch_fisher_update<float>(const int64_t*, int64_t, int64_t, double, double, cudaStream_t);
-template cudaError_t launch_fisher_update<double>(const int64_t*, int64_t, int64_t, double, double, cudaStream_t);
+template cudaError_t launch_fisher_update<float>(const int64_t*, int64_t, int64_t, double, double, bool,
+                                                 cudaStream_t);
+template cudaError_t launch_fisher_update<double>(const int64_t*, int64_t, int64_t, double, double, bool,
+                                                  cudaStream_t);
 template cudaError_t launch_grad_ema_stats<float>(const int64_t*, int64_t, int64_t, const float*, const float*,
                                                   float*, float*, cudaStream_t);
 template cudaError_t launch_grad_ema_stats<double>(const int64_t*, int64_t, int64_t, const double*, const double*,

@@ -4,8 +4,10 @@
     F <- decay * F + scale * sum_s g_s^2
 
 ``decay=1, scale=1/N`` over N squared gradients is the empirical Fisher's mean; ``decay=gamma`` is online EWC's
-decay (Schwarz et al. 2018). A stack is what ``torch.func.vmap`` returns for per-sample gradients, so a chunk of
-samples is one call. One fused pass: F and every g_s are read and F written once per element.
+decay (Schwarz et al. 2018). ``absolute=True`` accumulates ``|g|`` instead of ``g^2``: Memory Aware Synapses'
+importance (Aljundi et al. 2018), the mean of ``|d ||f(x)||^2 / d theta|`` over samples. A stack is what
+``torch.func.vmap`` returns for per-sample gradients, so a chunk of samples is one call. One fused pass: F and
+every g_s are read and F written once per element.
 """
 
 import torch
@@ -22,13 +24,14 @@ def _stacked(f, g):
     return g.dim() == f.dim() + 1 and g.shape[1:] == f.shape
 
 
-def fisher_update_ref(fisher, grads, decay=1.0, scale=1.0):
-    """Pure torch, per tensor: F <- decay F + scale sum g^2 in fp32 (fp64 for fp64 lists), rounded once to F."""
+def fisher_update_ref(fisher, grads, decay=1.0, scale=1.0, absolute=False):
+    """Pure torch, per tensor: F <- decay F + scale sum g^2 (|g| when absolute) in fp32 (fp64 for fp64 lists),
+    rounded once to F."""
     fisher, grads = check.tensor_list("fisher", fisher), check.tensor_list("grads", grads)
     acc = accumulate_dtype(fisher)
     with torch.no_grad():
         for f, g in zip(fisher, grads):
-            squares = g.to(acc).square()
+            squares = g.to(acc).abs() if absolute else g.to(acc).square()
             f.copy_(decay * f.to(acc) + scale * (squares.sum(0) if _stacked(f, g) else squares))
 
 
@@ -61,8 +64,9 @@ def _check_inputs(fisher, grads, decay, scale):
     return fisher, grads, decay, scale
 
 
-def fisher_update_(fisher, grads, decay=1.0, scale=1.0, *, backend="auto"):
-    """F <- decay * F + scale * g^2 for every pair (fisher[i], grads[i]), in place, in one launch.
+def fisher_update_(fisher, grads, decay=1.0, scale=1.0, *, absolute=False, backend="auto"):
+    """F <- decay * F + scale * g^2 (``absolute``: scale * |g|) for every pair (fisher[i], grads[i]), in place, in
+    one launch.
 
     ``grads[i]`` is shaped like ``fisher[i]``, or ``(k, *fisher[i].shape)``: a stack of k gradients whose squares
     are all added (k may differ between tensors). ``fisher`` is fp32, bf16, fp16 (or fp64); ``grads`` any float
@@ -74,11 +78,15 @@ def fisher_update_(fisher, grads, decay=1.0, scale=1.0, *, backend="auto"):
     if not fisher:
         return
     backend = dispatch.resolve(backend, fisher[0].device, "fisher_update_")
+    if not isinstance(absolute, bool):
+        raise TypeError(f"absolute must be a bool, not {type(absolute).__name__}")
     if backend == "reference":
-        return fisher_update_ref(fisher, grads, decay, scale)
+        return fisher_update_ref(fisher, grads, decay, scale, absolute)
     with torch.no_grad():
-        dispatch.native_op("fisher_update", backend)(fisher, grads, decay, scale)
+        dispatch.native_op("fisher_update", backend)(fisher, grads, decay, scale, absolute)
 
 
 for _flavour in FLAVOURS:
-    torch.library.register_fake(qualname("fisher_update", _flavour))(lambda fisher, grads, decay, scale: None)
+    torch.library.register_fake(qualname("fisher_update", _flavour))(
+        lambda fisher, grads, decay, scale, absolute=False: None
+    )
