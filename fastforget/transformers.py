@@ -22,8 +22,9 @@ With ``optimizers=(ff.optim.ProtectedAdamW(..., ewc=ewc, protector=protector), N
 protection inside its fused step and the mixin does not (never twice); the Trainer then clips the task gradient
 only, before the step, and ``ewc_penalty`` logs the penalty of the step before.
 
-Mixed precision: bf16 (autocast, no loss scaling) works as is; fp16 training (a GradScaler, whose scaled gradients
-the EWC term would have to be scaled into) is refused.
+Mixed precision: bf16 (autocast, no loss scaling) works as is. Under fp16 on a GPU the Trainer's GradScaler still
+multiplies the gradients by its scale S when the protections run (accelerate unscales them when clipping): the EWC
+term is added multiplied by S and the protector reads g / S, so both act on true gradients.
 """
 
 import os
@@ -65,11 +66,6 @@ class ProtectionMixin:
         if replay_batch_size is not None and replay_batch_size < 1:
             raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
         super().__init__(*args, **kwargs)
-        if self.args.fp16 and (ewc is not None or protector is not None):
-            raise ValueError(
-                "fp16 training (a GradScaler: the gradients are scaled when EWC and protection would run) is not "
-                "supported with an EWC or a protector; use bf16=True"
-            )
         self.ewc, self.replay, self.protector = ewc, replay, protector
         self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
         self.ewc_estimator, self.ewc_max_batches = ewc_estimator, ewc_max_batches
@@ -142,13 +138,23 @@ class ProtectionMixin:
             if fused.ewc is not None:
                 self._protection_logs["ewc_penalty"].append(fused.penalty.detach().clone())  # the previous step's
             return
+        # fp16 on a GPU: the gradients are still multiplied by the GradScaler's scale S here (accelerate unscales
+        # them when clipping), so the EWC term goes in multiplied by S too, and the protector reads g / S
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         if self.ewc is not None:
             start = time.perf_counter()
-            self._protection_logs["ewc_penalty"].append(self.ewc.apply_().detach())
+            lam = self.ewc.lam
+            self.ewc.lam = lam * scale
+            try:
+                penalty = self.ewc.apply_().detach() / scale
+            finally:
+                self.ewc.lam = lam
+            self._protection_logs["ewc_penalty"].append(penalty)
             self.protection_time_ms["ewc"] = (time.perf_counter() - start) * 1e3
         if self.protector is not None:
             start = time.perf_counter()
-            self.protector.protect_()
+            self.protector.protect_(inv_scale=1.0 / scale)
             self.protection_time_ms["protect"] = (time.perf_counter() - start) * 1e3
 
     def log(self, logs, start_time=None):

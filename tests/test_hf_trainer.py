@@ -183,8 +183,6 @@ def test_resume_from_checkpoint_continues_bitwise(tmp_path):
 
 def test_bad_input(tmp_path):
     model, data = llama(), dataset(4, seed=5)
-    with pytest.raises(ValueError, match="fp16 training .* use bf16=True"):
-        ProtectedHFTrainer(model=model, args=arguments(tmp_path, fp16=True), ewc=ff.EWC(model), data_collator=collate)
     trainer = ProtectedHFTrainer(
         model=model, args=arguments(tmp_path), train_dataset=data, data_collator=collate, ewc=ff.EWC(model)
     )
@@ -297,3 +295,41 @@ def test_with_protected_adamw_the_trainer_skips_its_own_passes(tmp_path):
             ewc=ff.EWC(model), optimizers=(optimizer, None),
         )  # fmt: skip
         other.train()
+
+
+class _Scaler:
+    """What the mixin reads of accelerate's GradScaler under fp16 on a GPU: its scale."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def get_scale(self):
+        return self.scale
+
+    def is_enabled(self):
+        return True
+
+
+def test_under_a_grad_scaler_ewc_and_protection_act_on_true_gradients(tmp_path):
+    """fp16 on a GPU: the gradients are S x g when the protections run; the result must be S x (what they do to g),
+    the protector's state that of g, and the logged penalty the true one."""
+    model = llama()
+    ewc, _, _ = defences(model, ("ewc",), dataset(6, seed=1))
+    trainers = []
+    for scale in (1.0, 1024.0):
+        trainer = ProtectedHFTrainer(
+            model=model, args=arguments(tmp_path), data_collator=collate, ewc=ewc,
+            protector=ff.GradientProtector(model, mode="element"),
+        )  # fmt: skip
+        model.zero_grad()
+        (hf_loss(model, collate(dataset(4, seed=3))) * scale).backward()
+        trainer.accelerator.scaler = _Scaler(scale) if scale != 1.0 else None
+        trainer._protect_gradients()
+        trainers.append((trainer, [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (scaled, scaled_grads) = trainers
+    for a, b in zip(plain_grads, scaled_grads):
+        torch.testing.assert_close(b / 1024.0, a, rtol=1e-5, atol=1e-8)
+    for a, b in zip(plain.protector.state_dict()["mean"], scaled.protector.state_dict()["mean"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    penalties = [float(t._protection_logs["ewc_penalty"][0]) for t, _ in trainers]
+    assert penalties[1] == pytest.approx(penalties[0], rel=1e-6)
