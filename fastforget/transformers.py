@@ -12,11 +12,15 @@ Per optimizer step, in ``ff.ProtectedTrainer``'s order:
   the accumulated micro-batch losses sum to one step's loss -- then ``protector.protect_()``; then the Trainer
   clips (``max_grad_norm`` clips the total gradient, the EWC term included) and steps the optimizer.
 
-The Trainer's logs gain ``ewc_penalty`` and ``replay_loss`` (means since the last log); ``protection_time_ms`` holds
-the last step's EWC and protection times. ``end_task(dataset=None)`` consolidates the EWC over a dataset (default:
-the train dataset) through the Trainer's evaluation dataloader and collator, then offers its examples to the replay
-buffer. The EWC, protector and replay states are saved in every checkpoint (``fastforget_state.pt``) and restored by
-``train(resume_from_checkpoint=...)``.
+``kl_to_base=lam`` makes the loss ``ff.anchored_lm_loss`` (CE + lam T^2 KL(p_base || p_theta), fused and chunked,
+never materialising the logits) on the final hidden states; the base model's come from ``base_model`` (a frozen
+copy) or, for a fastforget LoRA model, from the same model under ``ff.lora_disabled``, in a no-grad forward.
+
+The Trainer's logs gain ``ewc_penalty``, ``replay_loss`` and ``kl_loss`` (means since the last log);
+``protection_time_ms`` holds the last step's EWC and protection times. ``end_task(dataset=None)`` consolidates the
+EWC over a dataset (default: the train dataset) through the Trainer's evaluation dataloader and collator, then
+offers its examples to the replay buffer. The EWC, protector and replay states are saved in every checkpoint
+(``fastforget_state.pt``) and restored by ``train(resume_from_checkpoint=...)``.
 
 With ``optimizers=(ff.optim.ProtectedAdamW(..., ewc=ewc, protector=protector), None)`` the optimizer applies EWC and
 protection inside its fused step and the mixin does not (never twice); the Trainer then clips the task gradient
@@ -27,6 +31,7 @@ multiplies the gradients by its scale S when the protections run (accelerate uns
 term is added multiplied by S and the protector reads g / S, so both act on true gradients.
 """
 
+import math
 import os
 import time
 
@@ -34,6 +39,8 @@ import torch
 
 from fastforget._batch import to_device
 from fastforget.fisher import scalar_loss
+from fastforget.lora import lora_disabled, lora_modules
+from fastforget.ops.anchored_lm_loss import anchored_lm_loss
 
 try:
     import transformers
@@ -59,8 +66,12 @@ class ProtectionMixin:
 
     def __init__(
         self, *args, ewc=None, replay=None, protector=None, replay_weight=1.0, replay_batch_size=None,
-        ewc_estimator="empirical", ewc_max_batches=None, **kwargs,
+        ewc_estimator="empirical", ewc_max_batches=None, kl_to_base=None, base_model=None, **kwargs,
     ):  # fmt: skip
+        if kl_to_base is not None and (
+            isinstance(kl_to_base, bool) or not isinstance(kl_to_base, (int, float)) or not 0 <= kl_to_base < math.inf
+        ):
+            raise ValueError(f"kl_to_base must be a finite number >= 0, got {kl_to_base!r}")
         if replay_weight < 0:
             raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
         if replay_batch_size is not None and replay_batch_size < 1:
@@ -69,30 +80,69 @@ class ProtectionMixin:
         self.ewc, self.replay, self.protector = ewc, replay, protector
         self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
         self.ewc_estimator, self.ewc_max_batches = ewc_estimator, ewc_max_batches
+        self.kl_to_base, self.base_model = kl_to_base, base_model
+        if kl_to_base is not None and base_model is None and not lora_modules(self.model):
+            raise ValueError(
+                "kl_to_base needs the base model's distribution: pass base_model= (a frozen copy), or train a "
+                "fastforget LoRA model, whose base outputs come from the same model under ff.lora_disabled"
+            )
         self.protection_time_ms = {}
-        self._protection_logs = {"ewc_penalty": [], "replay_loss": []}
+        self._protection_logs = {"ewc_penalty": [], "replay_loss": [], "kl_loss": []}
 
     # -------------------------------------------------------------------------------------------- training
 
+    def _scaled_for_accumulation(self, num_items_in_batch):
+        """Whether the Trainer takes this micro-batch's loss as already normalised over the accumulated batch (it
+        then does not divide it by the accumulation steps): its own rule in training_step."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
+        if self.kl_to_base is not None and model.training:
+            result = self._anchored_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         if self.replay is None or not len(self.replay) or not model.training:
             return result
         loss, outputs = result if return_outputs else (result, None)
         replay_loss = self._replay_loss(model, len(next(iter(inputs.values()))))
         self._protection_logs["replay_loss"].append(replay_loss.detach())
-        # The Trainer divides a per-batch mean loss by the accumulation steps, not one it normalised over the
-        # accumulated batch (num_items_in_batch): the replay loss, a mean, must end up divided once either way.
-        scaled_for_ga = self.loss_is_scaled_for_ga
-        if scaled_for_ga is None:
-            scaled_for_ga = (
-                self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or self.compute_loss_func is not None
-        weight = self.replay_weight / (self.current_gradient_accumulation_steps if scaled_for_ga else 1)
-        loss = loss + weight * replay_loss
+        # the replay loss, a mean, must end up divided by the accumulation steps once, as the Trainer's own
+        steps = self.current_gradient_accumulation_steps if self._scaled_for_accumulation(num_items_in_batch) else 1
+        loss = loss + self.replay_weight / steps * replay_loss
         return (loss, outputs) if return_outputs else loss
+
+    def _anchored_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """CE + kl_to_base T^2 KL(p_base || p_theta) by ff.anchored_lm_loss on the final hidden states (no logits
+        materialised but one position's), the base's from base_model, or from this LoRA model under lora_disabled,
+        in a no-grad forward. Normalised like the Trainer's own loss: a mean over the micro-batch's counted tokens,
+        or their sum over num_items_in_batch when the Trainer normalises over the accumulated batch."""
+        if "labels" not in inputs:
+            raise ValueError("kl_to_base needs batches with 'labels'")
+        labels = inputs["labels"]
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        hidden = _final_hidden(model, forward)
+        unwrapped = self.accelerator.unwrap_model(model)
+        with torch.no_grad():
+            if self.base_model is not None:
+                ref_hidden, ref_head = _final_hidden(self.base_model, forward), self.base_model.get_output_embeddings()
+            else:
+                with lora_disabled(unwrapped):
+                    ref_hidden, ref_head = _final_hidden(model, forward), unwrapped.get_output_embeddings()
+        head = unwrapped.get_output_embeddings()
+        loss = anchored_lm_loss(
+            hidden, head.weight, labels, bias=head.bias, ref_hidden=ref_hidden,
+            ref_weight=None if ref_head.weight is head.weight else ref_head.weight, kl_weight=self.kl_to_base,
+            shift=True,
+        )  # fmt: skip
+        if num_items_in_batch is not None and self._scaled_for_accumulation(num_items_in_batch):
+            counted = (labels[..., 1:] != -100).sum()
+            loss = loss * counted / num_items_in_batch
+        self._protection_logs["kl_loss"].append(loss.detach())
+        return (loss, None) if return_outputs else loss
 
     def _replay_loss(self, model, batch_size):
         k = min(self.replay_batch_size or batch_size, len(self.replay))
@@ -221,6 +271,16 @@ class ProtectionMixin:
                 raise ValueError(f"{checkpoint} has no {STATE_FILE}: it was not saved by a ProtectionMixin trainer")
             self.load_protection_state_dict(torch.load(path, weights_only=True))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _final_hidden(model, forward):
+    """The model's final hidden states (after its last norm: what the LM head reads), computing the logits of one
+    position only where the model allows it."""
+    try:
+        output = model(**forward, output_hidden_states=True, logits_to_keep=1)
+    except TypeError:  # a model without logits_to_keep
+        output = model(**forward, output_hidden_states=True)
+    return output.hidden_states[-1]
 
 
 def _example_parts(examples):
