@@ -38,6 +38,7 @@ import time
 import torch
 
 from fastforget._batch import to_device
+from fastforget.dispatch import BACKENDS
 from fastforget.fisher import scalar_loss
 from fastforget.lora import lora_disabled, lora_modules
 from fastforget.ops.anchored_lm_loss import anchored_lm_loss
@@ -62,16 +63,20 @@ class ProtectionMixin:
 
     ``ewc``, ``replay``, ``protector``: an ``ff.EWC``, ``ff.ReplayBuffer``, ``ff.GradientProtector`` or None.
     ``ewc_estimator``, ``ewc_max_batches``: how ``end_task`` estimates the Fisher (``ff.EWC.consolidate``).
+    ``kl_to_base``, ``base_model``, ``kl_backend``: the anchored loss (see the module doc) and its backend.
     """
 
     def __init__(
         self, *args, ewc=None, replay=None, protector=None, replay_weight=1.0, replay_batch_size=None,
-        ewc_estimator="empirical", ewc_max_batches=None, kl_to_base=None, base_model=None, **kwargs,
+        ewc_estimator="empirical", ewc_max_batches=None, kl_to_base=None, base_model=None, kl_backend="auto",
+        **kwargs,
     ):  # fmt: skip
         if kl_to_base is not None and (
             isinstance(kl_to_base, bool) or not isinstance(kl_to_base, (int, float)) or not 0 <= kl_to_base < math.inf
         ):
             raise ValueError(f"kl_to_base must be a finite number >= 0, got {kl_to_base!r}")
+        if kl_backend not in ("auto", *BACKENDS):
+            raise ValueError(f"kl_backend must be 'auto' or one of {BACKENDS}, got {kl_backend!r}")
         if replay_weight < 0:
             raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
         if replay_batch_size is not None and replay_batch_size < 1:
@@ -80,7 +85,7 @@ class ProtectionMixin:
         self.ewc, self.replay, self.protector = ewc, replay, protector
         self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
         self.ewc_estimator, self.ewc_max_batches = ewc_estimator, ewc_max_batches
-        self.kl_to_base, self.base_model = kl_to_base, base_model
+        self.kl_to_base, self.base_model, self.kl_backend = kl_to_base, base_model, kl_backend
         if kl_to_base is not None and base_model is None and not lora_modules(self.model):
             raise ValueError(
                 "kl_to_base needs the base model's distribution: pass base_model= (a frozen copy), or train a "
@@ -136,7 +141,7 @@ class ProtectionMixin:
         loss = anchored_lm_loss(
             hidden, head.weight, labels, bias=head.bias, ref_hidden=ref_hidden,
             ref_weight=None if ref_head.weight is head.weight else ref_head.weight, kl_weight=self.kl_to_base,
-            shift=True,
+            shift=True, backend=self.kl_backend,
         )  # fmt: skip
         if num_items_in_batch is not None and self._scaled_for_accumulation(num_items_in_batch):
             counted = (labels[..., 1:] != -100).sum()

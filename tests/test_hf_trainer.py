@@ -335,8 +335,9 @@ def test_under_a_grad_scaler_ewc_and_protection_act_on_true_gradients(tmp_path):
     assert penalties[1] == pytest.approx(penalties[0], rel=1e-6)
 
 
-@pytest.mark.parametrize("base", ["lora_disabled", "base_model"])
-def test_kl_to_base_equals_the_anchored_loss_in_a_hand_loop(tmp_path, base):
+@pytest.mark.parametrize(("base", "kl_backend"), [("lora_disabled", "auto"), ("base_model", "auto"),
+                                                  ("base_model", "reference")])  # fmt: skip
+def test_kl_to_base_equals_the_anchored_loss_in_a_hand_loop(tmp_path, base, kl_backend):
     """kl_to_base: CE + lam KL(p_base || p_theta) by the fused anchored loss; the base from the same LoRA model
     under lora_disabled, or from a frozen copy. Against a hand loop on the unfused reference formula."""
     new_task = dataset(8, seed=2)
@@ -353,7 +354,7 @@ def test_kl_to_base_equals_the_anchored_loss_in_a_hand_loop(tmp_path, base):
     # SGD: the fused and the unfused loss differ by rounding, which AdamW would blow up where gradients are ~0
     trainer = ProtectedHFTrainer(
         model=model, args=arguments(tmp_path, max_steps=2, optim="sgd", learning_rate=0.1), train_dataset=new_task,
-        data_collator=collate, kl_to_base=0.5, **extra,
+        data_collator=collate, kl_to_base=0.5, kl_backend=kl_backend, **extra,
     )  # fmt: skip
     seen, _ = record_batches(trainer)
     trainer.train()
@@ -392,3 +393,5 @@ def test_kl_to_base_bad_input(tmp_path):
         ProtectedHFTrainer(model=model, args=arguments(tmp_path), data_collator=collate, kl_to_base=0.5)
     with pytest.raises(ValueError, match="kl_to_base must be a finite number >= 0"):
         ProtectedHFTrainer(model=model, args=arguments(tmp_path), kl_to_base=-1.0, base_model=model)
+    with pytest.raises(ValueError, match="kl_backend must be 'auto' or one of"):
+        ProtectedHFTrainer(model=model, args=arguments(tmp_path), kl_to_base=1.0, base_model=model, kl_backend="gpu")
