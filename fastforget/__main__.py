@@ -7,7 +7,7 @@ from fastforget.dispatch import BACKENDS
 
 
 def _parser():
-    from fastforget.demo.config import DEFAULT_EPOCHS, DEFAULT_LR, STRATEGIES, DemoConfig
+    from fastforget.demo.config import DEFAULT_EPOCHS, DEFAULT_LR, LM_STRATEGIES, STRATEGIES, DemoConfig
 
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(
@@ -18,19 +18,23 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
-        help="continual learning on scikit-learn's digits: forgetting and each defence against it",
+        help="forgetting and each defence against it: digits (an MLP) and a small Llama (prose, then Python code)",
         description="Train every strategy through split-digits (task-IL and class-IL) and permuted-digits "
-        "(domain-IL); print a table of accuracy, forgetting, backward transfer and protection overhead, and write "
-        "table.md, results.json and accuracy.png to --out.",
+        "(domain-IL), then (lm) pre-train a small Llama on Python's help topics and fine-tune it on the standard "
+        "library's source; print the tables (accuracy, forgetting, backward transfer, protection overhead; LM: "
+        "held-out cross-entropy, forgetting, learning, tokens/s) and write table.md, results.json, accuracy.png and "
+        "lm_tradeoff.png to --out.",
     )
     demo.add_argument(
         "--benchmark",
-        choices=["split", "permuted", "all"],
+        choices=["split", "permuted", "digits", "lm", "all"],
         default="all",
-        help="which benchmarks (default %(default)s)",
+        help="which benchmarks: digits = split + permuted, all = digits + lm (default %(default)s)",
     )
     demo.add_argument(
-        "--strategies", default=",".join(STRATEGIES), help=f"comma-separated, from {', '.join(STRATEGIES)}"
+        "--strategies",
+        help=f"comma-separated (default: all of each benchmark's); digits: {', '.join(STRATEGIES)}; "
+        f"lm: {', '.join(LM_STRATEGIES)}",
     )
     demo.add_argument("--epochs", type=int, help=f"epochs per task (default: {DEFAULT_EPOCHS})")
     demo.add_argument("--seeds", type=int, default=defaults.seeds, help="run seeds 0..N-1; N > 1 reports mean ± std")
@@ -45,22 +49,38 @@ def _parser():
     demo.add_argument(
         "--replay-capacity", type=int, default=defaults.replay_capacity, help="replay examples (default %(default)s)"
     )
-    demo.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (default %(default)s)")
+    demo.add_argument("--threads", type=int, help="CPU threads (default: 1 for digits, every core for lm)")
+    demo.add_argument(
+        "--lm-steps", type=int, default=defaults.lm.steps, help="LM fine-tuning steps (default %(default)s)"
+    )
+    demo.add_argument(
+        "--lm-cache", help="folder of the pre-trained LMs (default $FASTFORGET_CACHE or ~/.cache/fastforget)"
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def _config(args):
-    from fastforget.demo.config import STRATEGIES, DemoConfig
+    from dataclasses import replace
 
-    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown or not strategies:
-        raise SystemExit(f"fastforget demo: unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
-    if (args.epochs is not None and args.epochs < 1) or args.seeds < 1 or args.threads < 1:
-        raise SystemExit("fastforget demo: --epochs, --seeds and --threads must be >= 1")
-    return DemoConfig(
-        benchmarks=("split", "permuted") if args.benchmark == "all" else (args.benchmark,),
+    from fastforget.demo.config import LM_STRATEGIES, STRATEGIES, DemoConfig
+
+    benchmarks = {"digits": ("split", "permuted"), "all": ("split", "permuted", "lm")}.get(
+        args.benchmark, (args.benchmark,)
+    )
+    strategies = None
+    if args.strategies is not None:
+        strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+        known = set(STRATEGIES) | set(LM_STRATEGIES)
+        unknown = [s for s in strategies if s not in known]
+        if unknown or not strategies:
+            raise SystemExit(f"fastforget demo: unknown strategies {unknown}; choose from {', '.join(sorted(known))}")
+    for value, flag in ((args.epochs, "--epochs"), (args.threads, "--threads"), (args.seeds, "--seeds"),
+                        (args.lm_steps, "--lm-steps")):  # fmt: skip
+        if value is not None and value < 1:
+            raise SystemExit(f"fastforget demo: {flag} must be >= 1")
+    config = DemoConfig(
+        benchmarks=benchmarks,
         strategies=strategies,
         epochs=args.epochs,
         seeds=args.seeds,
@@ -74,6 +94,11 @@ def _config(args):
         threads=args.threads,
         progress=not args.no_progress,
     )
+    config.lm = replace(config.lm, steps=args.lm_steps, cache=args.lm_cache)
+    empty = [b for b in benchmarks if not config.strategies_for(b)]
+    if empty:
+        raise SystemExit(f"fastforget demo: none of --strategies {args.strategies} runs on {', '.join(empty)}")
+    return config
 
 
 def main(argv=None):

@@ -104,8 +104,8 @@ def test_cli_rejects_an_unknown_strategy():
 
 def test_tiny_demo_writes_table_json_and_plot(tmp_path, capsys):
     strategies = ["finetune", "lora", "combined"]
-    main(["demo", "--epochs", "1", "--seeds", "2", "--strategies", ",".join(strategies), "--out", str(tmp_path),
-          "--no-progress"])  # fmt: skip
+    main(["demo", "--benchmark", "digits", "--epochs", "1", "--seeds", "2", "--strategies", ",".join(strategies),
+          "--out", str(tmp_path), "--no-progress"])  # fmt: skip
     printed = capsys.readouterr().out
     table = (tmp_path / "table.md").read_text()
     assert table.strip() in printed

@@ -1,18 +1,23 @@
-"""The continual-learning demo: catastrophic forgetting on scikit-learn's digits, and each defence against it.
+"""The continual-learning demo: catastrophic forgetting on scikit-learn's digits and in a small language model,
+and each defence against it.
 
 ``python -m fastforget demo`` (or the ``fastforget`` console script) trains every strategy through every scenario
-(``data.py``), prints a table of average accuracy, forgetting, backward transfer and the per-step cost of the
-protections with the fused kernels and with the pure-torch reference, and writes ``results.json``,
-``accuracy.png`` and ``table.md`` to the output folder.
+(``data.py``; the LM benchmark: ``lm.py``), prints a table of average accuracy, forgetting, backward transfer and
+the per-step cost of the protections with the fused kernels and with the pure-torch reference (the LM: held-out
+cross-entropy on the old and the new corpus, forgetting, learning, tokens/s), and writes ``results.json``,
+``table.md``, ``accuracy.png`` (digits) and ``lm_tradeoff.png`` (LM) to the output folder.
 """
 
+import logging
 import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from fastforget.demo import report
+from fastforget.demo import lm, lm_report, report
 from fastforget.demo.config import STRATEGIES, DemoConfig
 from fastforget.demo.data import BENCHMARKS
 from fastforget.demo.run import probe_overhead, run
@@ -24,7 +29,7 @@ __all__ = ["DemoConfig", "STRATEGIES", "run_demo"]
 def _steps(scenario, config):
     epochs = config.epochs_for(scenario.benchmark)
     per_task = [math.ceil(len(task.train_x) / config.batch_size) * epochs for task in scenario.tasks]
-    return sum(per_task) * len(config.strategies) * config.seeds
+    return sum(per_task) * len(config.strategies_for(scenario.benchmark)) * config.seeds
 
 
 def _summarise(scenario, strategy, results):
@@ -42,28 +47,33 @@ def run_demo(config: DemoConfig, stream=None):
     """Run the demo, printing to `stream` (default stdout); returns the summary rows (also written, with every
     run's numbers, to the output folder)."""
     threads = torch.get_num_threads()
-    if torch.device(config.device).type == "cpu":
-        torch.set_num_threads(config.threads)
     try:
-        return _run_demo(config, stream)
+        return _run_demo(config, stream, threads)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(config, stream):
+def _threads(config, benchmark, cores):
+    if torch.device(config.device).type == "cpu":
+        torch.set_num_threads(config.threads or (cores if benchmark == "lm" else 1))
+
+
+def _run_demo(config, stream, cores):
     from tqdm import tqdm
 
     stream = stream or sys.stdout
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
-    scenarios = [s for name in config.benchmarks for s in BENCHMARKS[name](device)]
+    scenarios = [s for name in config.benchmarks if name != "lm" for s in BENCHMARKS[name](device)]
+    lm_strategies = config.strategies_for("lm") if "lm" in config.benchmarks else ()
     fused = resolve(config.backend, device, "demo")
-    runs, summary = [], []
-    total = sum(_steps(s, config) for s in scenarios)
+    runs, summary, extra, tables = [], [], {}, []
+    total = sum(_steps(s, config) for s in scenarios) + lm.total_steps(config.lm, lm_strategies, config.seeds)
     with tqdm(total=total, unit="step", disable=not config.progress, dynamic_ncols=True) as bar:
+        _threads(config, "digits", cores)
         for scenario in scenarios:
-            for strategy in config.strategies:
+            for strategy in config.strategies_for(scenario.benchmark):
                 results = []
                 for seed in range(config.seeds):
                     bar.set_description(f"{scenario.name} {strategy} seed {seed}")
@@ -89,11 +99,45 @@ def _run_demo(config, stream):
                     )
                 runs += results
                 summary.append(_summarise(scenario.name, strategy, results))
-    text = report.table(summary, fused)
+        if summary:
+            tables.append(report.table(summary, fused))
+        if lm_strategies:
+            _threads(config, "lm", cores)
+            result = _quiet(lm.run_lm, config.lm, lm_strategies, config.seeds, device, config.backend, bar)
+            rows = lm_report.summarise(result["runs"])
+            runs += result.pop("runs")
+            summary += rows
+            extra["lm"] = result
+            tables.append(lm_report.table(rows, fused))
+    text = "\n\n".join(tables)
     print(text, file=stream)
     (out / "table.md").write_text(text + "\n")
-    report.write_json(out / "results.json", config.to_dict() | {"fused_backend": fused}, runs, summary)
-    epochs = {s.name: config.epochs_for(s.benchmark) for s in scenarios}
-    report.plot(out / "accuracy.png", runs, epochs, config.strategies)
-    print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'accuracy.png'}", file=stream)
+    report.write_json(out / "results.json", config.to_dict() | {"fused_backend": fused}, runs, summary, **extra)
+    written = [out / "table.md", out / "results.json"]
+    if scenarios:
+        epochs = {s.name: config.epochs_for(s.benchmark) for s in scenarios}
+        report.plot(out / "accuracy.png", runs, epochs, config.strategies_for(scenarios[0].benchmark))
+        written.append(out / "accuracy.png")
+    if lm_strategies:
+        lm_report.plot(out / "lm_tradeoff.png", [r for r in summary if r["scenario"] == lm.SCENARIO],
+                       extra["lm"]["sweep"])  # fmt: skip
+        written.append(out / "lm_tradeoff.png")
+    print(f"wrote {', '.join(map(str, written))}", file=stream)
     return summary
+
+
+def _quiet(fn, *args):
+    """fn(*args) without the Hugging Face stack's per-run chatter: transformers' info and warnings, bitsandbytes'
+    note on its optional CPU kernels, and vmap's fallback note for SDPA (the per-sample Fisher)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            return fn(*args)
+    finally:
+        transformers.logging.set_verbosity(verbosity)

@@ -54,9 +54,9 @@ def table(summary, fused_label):
     return "\n".join(lines)
 
 
-def write_json(path, config, runs, summary):
+def write_json(path, config, runs, summary, **extra):
     with open(path, "w") as f:
-        json.dump({"config": config, "summary": summary, "runs": runs}, f, indent=1)
+        json.dump({"config": config, "summary": summary, "runs": runs, **extra}, f, indent=1)
 
 
 def plot(path, runs, epochs, strategies):

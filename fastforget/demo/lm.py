@@ -1,0 +1,359 @@
+"""The LM benchmark: a small Llama pre-trained on English prose (corpus A) forgets it when fine-tuned on Python
+source (corpus B); every strategy fine-tunes through ``fastforget.transformers.ProtectedHFTrainer``.
+
+Protocol (``LMConfig``; seeds fixed): pre-train on A (cached on disk, keyed by the configuration, the corpus and
+the seed); then fine-tune on B in ``stages`` consecutive parts (the new domain arriving in chunks), each a fresh
+``ff.optim.ProtectedAdamW`` under a constant learning rate, with the strategy's defences. Between A and B -- and
+between the parts of B -- every strategy closes the task the same way (``trainer.end_task``: the EWC consolidates,
+the buffer takes the examples), so ``ewc`` (one penalty per task) and ``online-ewc`` (one running Fisher anchored
+at the latest parameters) differ from B's second part on. Held-out cross-entropy on A and B before and after.
+"""
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import fastforget as ff
+from fastforget.demo import lm_data
+
+LM_STRATEGIES = ("finetune", "ewc", "online-ewc", "replay", "lora", "protect", "kl", "si", "combined")
+SCENARIO = "lm/prose→code"
+CACHE_VERSION = 1  # bump when pre-training changes in a way the key does not see
+
+
+@dataclass
+class LMConfig:
+    hidden: int = 192  # LlamaForCausalLM: 4 layers of width 192, 4 heads, SwiGLU 512, tied embeddings: 1.8 M params
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 512
+    seq_len: int = 128  # bytes per sequence
+    batch_size: int = 8
+    pretrain_steps: int = 600
+    pretrain_lr: float = 3e-3  # AdamW, 5 % linear warm-up, cosine decay
+    steps: int = 48  # fine-tuning steps on B, in `stages` equal parts
+    stages: int = 2
+    lr: float = 1e-3  # fine-tuning: constant
+    eval_sequences: int = 64  # held-out sequences of each corpus
+    fisher_sequences: int = 32  # the empirical Fisher of each task (a random sample of its training sequences)
+    ewc_lambda: float = 1e4  # the EWC penalty lam * sum F (theta - theta*)^2, F of the per-sequence mean loss
+    kl_lambda: float = 1.0  # ff.anchored_lm_loss's kl_weight, to the pre-trained model
+    si_c: float = 3.0  # SI's c (the EWC lam over the path-integral importance)
+    sweep: tuple = (0.1, 10.0)  # extra multiples of ewc_lambda and kl_lambda for the trade-off curve
+    replay_capacity: int = 1024  # sequences (reservoir over the stream: A's, then B's)
+    replay_weight: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16
+    probe_steps: int = 3  # timed steps of each backend per probe leg (after probe_warmup)
+    probe_warmup: int = 1
+    probe_legs: int = 2  # legs per backend, alternating fused / reference
+    cache: str | None = None  # pre-trained models; None: $FASTFORGET_CACHE or ~/.cache/fastforget
+
+    def cache_dir(self):
+        return Path(self.cache or os.environ.get("FASTFORGET_CACHE") or Path.home() / ".cache" / "fastforget")
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def make_model(config, seed, device):
+    from fastforget.testing import import_installed_kernels_package
+
+    import_installed_kernels_package()  # `python -m fastforget` from the repository root: its kernels/ on sys.path
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model_config = LlamaConfig(
+        vocab_size=lm_data.VOCAB, hidden_size=config.hidden, intermediate_size=config.intermediate,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
+        max_position_embeddings=config.seq_len, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None,
+    )  # fmt: skip
+    return LlamaForCausalLM(model_config).to(device)
+
+
+@torch.no_grad()
+def cross_entropy(model, ids, batch_size):
+    """Mean held-out cross-entropy (nats per byte) over every predicted token of the (n, seq_len) ids."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for first in range(0, len(ids), batch_size):
+        batch = ids[first : first + batch_size].to(device)
+        total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
+    model.train(was_training)
+    return total / len(ids)
+
+
+def evaluate(model, data, config):
+    return {name: cross_entropy(model, corpus.held_out[: config.eval_sequences], config.batch_size)
+            for name, corpus in zip("AB", data)}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+class _StepTimer:
+    """A TrainerCallback: the wall time of every optimizer step (forward, backward, protections, clipping, step),
+    and one progress-bar tick per step."""
+
+    def __init__(self, bar=None):
+        self.times, self.bar, self._start = [], bar, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __getattr__(self, name):  # every other callback event: nothing
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+def _trainer(model, dataset, steps, lr, config, seed, folder, device, parts=None, backend="auto", timer=None,
+             schedule="constant", warmup=0):  # fmt: skip
+    """A ProtectedHFTrainer over `dataset` for `steps` optimizer steps, with a fresh ProtectedAdamW that applies the
+    parts' EWC, protector and SI inside its fused step."""
+    from transformers import PrinterCallback, TrainingArguments, default_data_collator
+
+    from fastforget.optim import ProtectedAdamW
+    from fastforget.transformers import ProtectedHFTrainer
+
+    parts = parts or {}
+    args = TrainingArguments(
+        output_dir=folder, per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
+        max_steps=steps, learning_rate=lr, lr_scheduler_type=schedule, warmup_steps=warmup, weight_decay=0.0,
+        max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=seed,
+        data_seed=seed, use_cpu=torch.device(device).type == "cpu", dataloader_num_workers=0,
+    )  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = ProtectedAdamW(
+        params, lr=lr, weight_decay=0.0, ewc=parts.get("ewc"), protector=parts.get("protector"), si=parts.get("si"),
+        backend=backend,
+    )  # fmt: skip
+    trainer = ProtectedHFTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+        optimizers=(optimizer, None), callbacks=[timer] if timer else None,
+        ewc=parts.get("ewc") if parts.get("si") is None else None, replay=parts.get("replay"),
+        protector=parts.get("protector"), replay_weight=config.replay_weight,
+        ewc_max_batches=parts.get("fisher_batches"),
+        kl_to_base=parts.get("kl"), base_model=parts.get("base_model"), kl_backend=backend,
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line, once per trainer
+    return trainer
+
+
+def _cache_key(config, data, seed, device):
+    fields = {k: v for k, v in asdict(config).items() if k in _PRETRAIN_FIELDS}
+    import transformers
+
+    blob = json.dumps([CACHE_VERSION, fields, data[0].digest, seed, torch.device(device).type,
+                       transformers.__version__, torch.__version__.split("+")[0]], sort_keys=True)  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_PRETRAIN_FIELDS = ("hidden", "layers", "heads", "intermediate", "seq_len", "batch_size", "pretrain_steps",
+                    "pretrain_lr")  # fmt: skip
+
+
+def pretrain(config, data, seed, device, bar=None):
+    """The model pre-trained on A, and its Synaptic Intelligence state (the path integral over pre-training), from
+    the cache when there; returns (state_dict, si_state, seconds spent pre-training, cached)."""
+    path = config.cache_dir() / f"lm-{_cache_key(config, data, seed, device)}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        if bar is not None:
+            bar.update(config.pretrain_steps)
+        return saved["model"], saved["si"], saved["seconds"], True
+    model = make_model(config, seed, device)
+    si = ff.SynapticIntelligence(model)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        steps = config.pretrain_steps
+        trainer = _trainer(
+            model, lm_data.TokenDataset(data[0].train), steps, config.pretrain_lr, config, seed, folder, device,
+            parts={"si": si}, timer=_StepTimer(bar), schedule="cosine", warmup=max(1, steps // 20),
+        )  # fmt: skip
+        trainer.train()
+    seconds = time.perf_counter() - start
+    saved = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "si": si.state_dict(),
+             "seconds": seconds}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # atomic: a killed run leaves no half-written cache
+    return saved["model"], saved["si"], seconds, False
+
+
+def _shuffled(ids, seed):
+    return ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+
+
+def finetune_sets(config, data, seed):
+    """B's training sequences of every stage (disjoint, drawn at random), and A's training set in a random order (the
+    Fisher of A reads its first fisher_sequences; the buffer takes it all)."""
+    per_stage = config.steps // config.stages * config.batch_size
+    b = _shuffled(data[1].train, seed)
+    if len(b) < per_stage * config.stages:
+        need = per_stage * config.stages
+        raise ValueError(f"corpus B has {len(b)} training sequences; {config.steps} steps need {need}")
+    stages = [lm_data.TokenDataset(b[i * per_stage : (i + 1) * per_stage]) for i in range(config.stages)]
+    return lm_data.TokenDataset(_shuffled(data[0].train, seed + 1)), stages
+
+
+def build_parts(strategy, model, config, backend, seed, si_state, lam=None, pretrained=None):
+    """The strategy's defences over `model` (already carrying its LoRA adapters): ewc, protector, si, replay, kl,
+    base_model; `lam` overrides the strategy's lambda (ewc / online-ewc / combined: EWC's; kl: the KL weight)."""
+    parts = {"fisher_batches": max(1, config.fisher_sequences // config.batch_size)}
+    if strategy in ("ewc", "online-ewc", "combined"):
+        mode = "online" if strategy == "online-ewc" else "separate"
+        parts["ewc"] = ff.EWC(model, lam=config.ewc_lambda if lam is None else lam, mode=mode, backend=backend)
+    if strategy == "si":
+        parts["ewc"] = ff.EWC(model, lam=config.si_c if lam is None else lam, mode="online", backend=backend)
+        parts["si"] = ff.SynapticIntelligence(model)
+        parts["si"].load_state_dict(si_state)
+    if strategy in ("replay", "combined"):
+        parts["replay"] = ff.ReplayBuffer(config.replay_capacity, generator=torch.Generator().manual_seed(seed))
+    if strategy in ("protect", "combined"):
+        parts["protector"] = ff.GradientProtector(model, backend=backend)
+    if strategy == "kl":
+        parts["kl"] = config.kl_lambda if lam is None else lam
+        parts["base_model"] = copy.deepcopy(pretrained).requires_grad_(False).eval()
+    return parts
+
+
+def end_task(trainer, parts, dataset):
+    """Close a task: the EWC consolidates over `dataset` and the buffer takes it (trainer.end_task); SI turns its
+    path integral into the task's importance in its EWC instead (no Fisher pass)."""
+    trainer.end_task(dataset)
+    if parts.get("si") is not None:
+        parts["si"].consolidate(parts["ewc"])
+
+
+def prepared_model(strategy, state, config, seed, device, backend):
+    model = make_model(config, seed, device)
+    model.load_state_dict(state)
+    if strategy == "lora":  # PEFT's all-linear: every projection of every block, the head excluded; base frozen
+        ff.apply_lora(model, "all-linear", r=config.lora_rank, alpha=config.lora_alpha, backend=backend)
+    return model
+
+
+def _states(parts):
+    return {name: parts[name].state_dict() for name in ("ewc", "protector", "replay", "si") if name in parts}
+
+
+def run_strategy(strategy, pretrained_state, si_state, data, config, seed, device, backend, folder, bar=None,
+                 lam=None):  # fmt: skip
+    """Fine-tune the pre-trained model on B with `strategy`; returns the held-out CE after, the step times, and
+    the defences' states when B's training began (what the throughput probe starts from)."""
+    pretrained = make_model(config, seed, device)
+    pretrained.load_state_dict(pretrained_state)
+    model = prepared_model(strategy, pretrained_state, config, seed, device, backend)
+    parts = build_parts(strategy, model, config, backend, seed, si_state, lam, pretrained)
+    old_task, stages = finetune_sets(config, data, seed)
+    timer, start_states = _StepTimer(bar), None
+    for k, stage in enumerate(stages):
+        trainer = _trainer(model, stage, len(stage) // config.batch_size, config.lr, config, seed + k, folder, device,
+                           parts, backend, timer)  # fmt: skip
+        end_task(trainer, parts, old_task)  # A before the first stage, then the stage before
+        if k == 0:
+            start_states = copy.deepcopy(_states(parts))
+        trainer.train()
+        old_task = stage
+    return {"ce": evaluate(model, data, config), "step_s": timer.times, "start_states": start_states}
+
+
+def probe(strategy, pretrained_state, si_state, start_states, data, config, seed, device, backend, folder):
+    """The wall time of each optimizer step with `backend` after probe_warmup: the strategy's first steps on B from
+    the pre-trained model and the run's defences as B began -- the same batches and replay draws for every backend.
+    Returns (step seconds, the parameters after) so that two backends' final parameters can be compared."""
+    pretrained = make_model(config, seed, device)
+    pretrained.load_state_dict(pretrained_state)
+    model = prepared_model(strategy, pretrained_state, config, seed, device, backend)
+    parts = build_parts(strategy, model, config, backend, seed, si_state, None, pretrained)
+    for name, state in start_states.items():
+        parts[name].load_state_dict(state)
+    steps = config.probe_warmup + config.probe_steps
+    stage = finetune_sets(config, data, seed)[1][0]
+    timer = _StepTimer()
+    _trainer(model, stage, steps, config.lr, config, seed, folder, device, parts, backend, timer).train()
+    return timer.times[config.probe_warmup :], [p.detach() for p in model.parameters()]
+
+
+def lambdas(strategy, config):
+    """The strategy's lambda and its sweep (None for strategies without one)."""
+    base = {"ewc": config.ewc_lambda, "kl": config.kl_lambda}.get(strategy)
+    return (None, []) if base is None else (base, [base * f for f in config.sweep])
+
+
+def run_lm(config, strategies, seeds, device, backend, bar=None):
+    """Every strategy (and the lambda sweeps of ewc and kl) for every seed; returns a dict of the runs, the sweep
+    points and the pre-training facts."""
+    data = lm_data.load(config.seq_len)
+    tokens_per_step = config.batch_size * config.seq_len
+    runs, sweep, pretraining = [], [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in range(seeds):
+            state, si_state, seconds, cached = pretrain(config, data, seed, device, bar)
+            pretraining.append({"seed": seed, "seconds": seconds, "cached": cached})
+            model = make_model(config, seed, device)
+            model.load_state_dict(state)
+            before = evaluate(model, data, config)
+            del model
+            for strategy in strategies:
+                lam, extra = lambdas(strategy, config)
+                result = run_strategy(strategy, state, si_state, data, config, seed, device, backend, folder, bar)
+                # legs alternate between the backends so that a slow spell of this shared machine hits both; the
+                # fastest step of each is its figure (the least disturbed, as timeit advises)
+                times, params = {"fused": [], "reference": []}, {}
+                for _, (side, side_backend) in itertools.product(
+                    range(config.probe_legs), (("fused", backend), ("reference", "reference"))
+                ):
+                    leg, params[side] = probe(strategy, state, si_state, result["start_states"], data, config, seed,
+                                              device, side_backend, folder)  # fmt: skip
+                    times[side] += leg
+                seconds = {side: min(leg) for side, leg in times.items()}
+                runs.append({
+                    "scenario": SCENARIO, "strategy": strategy, "seed": seed, "lambda": lam,
+                    "ce_before": before, "ce_after": result["ce"], **_trade_off(before, result["ce"]),
+                    "train_tokens_per_s": tokens_per_step / statistics.median(result["step_s"]),
+                    "tokens_per_s": {side: tokens_per_step / s for side, s in seconds.items()},
+                    "probe_max_abs_param_diff": max(float((a - b).abs().max())
+                                                    for a, b in zip(params["fused"], params["reference"])),
+                })  # fmt: skip
+                for value in extra:
+                    point = run_strategy(strategy, state, si_state, data, config, seed, device, backend, folder,
+                                         bar, lam=value)  # fmt: skip
+                    sweep.append({"strategy": strategy, "seed": seed, "lambda": value, "ce_after": point["ce"],
+                                  **_trade_off(before, point["ce"])})  # fmt: skip
+    return {"runs": runs, "sweep": sweep, "pretraining": pretraining, "corpora": [c.describe() for c in data],
+            "parameters": _parameter_count(config), "python": platform.python_version()}  # fmt: skip
+
+
+def _trade_off(before, after):
+    """forgetting = CE_A(after) - CE_A(before); learning = CE_B(before) - CE_B(after) (nats per byte)."""
+    return {"forgetting": after["A"] - before["A"], "learning": before["B"] - after["B"]}
+
+
+def _parameter_count(config):
+    return sum(p.numel() for p in make_model(config, 0, "cpu").parameters())
+
+
+def total_steps(config, strategies, seeds):
+    """Optimizer steps of a run_lm call (the progress bar's total): pre-training, fine-tuning and sweeps."""
+    runs = sum(1 + len(lambdas(s, config)[1]) for s in strategies)
+    return seeds * (config.pretrain_steps + runs * (config.steps // config.stages * config.stages))
