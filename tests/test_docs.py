@@ -88,3 +88,9 @@ def test_slug_follows_github():
     assert slug("Protecting a model: `ff.EWC`") == "protecting-a-model-ffewc"
     assert slug("DDP and FSDP2") == "ddp-and-fsdp2"
     assert slug("The ops — `ewc_penalty`") == "the-ops--ewc_penalty"
+
+
+def test_readme_is_a_front_page():
+    """At most 300 lines: what fastforget is, the quick start, examples and headline figures; the rest in docs/."""
+    lines = (ROOT / "README.md").read_text().count("\n")
+    assert lines <= 300, f"README.md has {lines} lines; move detail to docs/"

@@ -76,8 +76,9 @@ def plot(path, rows, sweep):
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     curves = sweep_curves(rows, sweep)
-    for points in curves.values():
-        line = ax.plot([p[1] for p in points], [p[2] for p in points], "-", lw=1, alpha=0.6)[0]
+    for strategy, points in curves.items():
+        line = ax.plot([p[1] for p in points], [p[2] for p in points], "-", lw=1, alpha=0.6,
+                       label=f"{strategy}: λ sweep")[0]  # fmt: skip
         for lam, x, y in points:
             ax.annotate(f"λ={lam:g}", (x, y), fontsize=6, color=line.get_color(), xytext=(3, -8),
                         textcoords="offset points")  # fmt: skip
@@ -86,6 +87,8 @@ def plot(path, rows, sweep):
         ax.plot([x], [y], "o", ms=5)
         ax.annotate(row["strategy"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.axhline(0, color="0.7", lw=0.6)
+    if curves:
+        ax.legend(fontsize=7, loc="upper left")
     ax.set_xlabel("learning: CE_B before − after (nats/byte; more is better)")
     ax.set_ylabel("forgetting: CE_A after − before (nats/byte; less is better)")
     ax.set_title("prose → Python source: the learning-forgetting trade-off", fontsize=9)
