@@ -1,6 +1,7 @@
 """The LM benchmark: corpora and splits, the pre-training cache, every strategy end to end at a tiny size, the
 forgetting it must show, and the command line."""
 
+import io
 import json
 import math
 import subprocess
@@ -80,12 +81,13 @@ def tiny_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("lm")
     config = DemoConfig(benchmarks=("lm",), out=str(out), progress=False,
                         lm=replace(TINY, cache=str(out / "cache")))  # fmt: skip
-    summary = run_demo(config, stream=open(out / "printed.txt", "w"))
-    return out, summary
+    printed = io.StringIO()
+    summary = run_demo(config, stream=printed)
+    return out, summary, printed.getvalue()
 
 
 def test_every_strategy_writes_its_row_table_and_plot(tiny_demo):
-    out, summary = tiny_demo
+    out, _, printed = tiny_demo
     results = json.loads((out / "results.json").read_text())
     assert [row["strategy"] for row in results["summary"]] == list(lm.LM_STRATEGIES)
     for row in results["summary"]:
@@ -104,13 +106,13 @@ def test_every_strategy_writes_its_row_table_and_plot(tiny_demo):
     assert results["lm"]["pretraining"][0]["cached"] is False
     table = (out / "table.md").read_text()
     assert all(f"| {s} |" in table for s in lm.LM_STRATEGIES)
-    assert table.strip() in (out / "printed.txt").read_text()
+    assert table.strip() in printed
     assert (out / "lm_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "accuracy.png").exists()  # no digits benchmark ran
 
 
 def test_finetune_forgets_and_ewc_replay_combined_forget_less(tiny_demo):
-    _, summary = tiny_demo
+    _, summary, _ = tiny_demo
     forgetting = {row["strategy"]: row["forgetting"]["mean"] for row in summary}
     assert forgetting["finetune"] > 0.05
     for strategy in ("ewc", "replay", "combined"):

@@ -82,6 +82,12 @@ def make_model(config, seed, device):
     return LlamaForCausalLM(model_config).to(device)
 
 
+def pretrained_model(state, config, seed, device):
+    model = make_model(config, seed, device)
+    model.load_state_dict(state)
+    return model
+
+
 @torch.no_grad()
 def cross_entropy(model, ids, batch_size):
     """Mean held-out cross-entropy (nats per byte) over every predicted token of the (n, seq_len) ids."""
@@ -215,7 +221,7 @@ def finetune_sets(config, data, seed):
     return lm_data.TokenDataset(_shuffled(data[0].train, seed + 1)), stages
 
 
-def build_parts(strategy, model, config, backend, seed, si_state, lam=None, pretrained=None):
+def build_parts(strategy, model, pretrained_state, si_state, config, seed, device, backend, lam=None):
     """The strategy's defences over `model` (already carrying its LoRA adapters): ewc, protector, si, replay, kl,
     base_model; `lam` overrides the strategy's lambda (ewc / online-ewc / combined: EWC's; kl: the KL weight)."""
     parts = {"fisher_batches": max(1, config.fisher_sequences // config.batch_size)}
@@ -232,7 +238,8 @@ def build_parts(strategy, model, config, backend, seed, si_state, lam=None, pret
         parts["protector"] = ff.GradientProtector(model, backend=backend)
     if strategy == "kl":
         parts["kl"] = config.kl_lambda if lam is None else lam
-        parts["base_model"] = copy.deepcopy(pretrained).requires_grad_(False).eval()
+        base = pretrained_model(pretrained_state, config, seed, device)  # the anchor: a frozen copy
+        parts["base_model"] = base.requires_grad_(False).eval()
     return parts
 
 
@@ -245,8 +252,7 @@ def end_task(trainer, parts, dataset):
 
 
 def prepared_model(strategy, state, config, seed, device, backend):
-    model = make_model(config, seed, device)
-    model.load_state_dict(state)
+    model = pretrained_model(state, config, seed, device)
     if strategy == "lora":  # PEFT's all-linear: every projection of every block, the head excluded; base frozen
         ff.apply_lora(model, "all-linear", r=config.lora_rank, alpha=config.lora_alpha, backend=backend)
     return model
@@ -260,10 +266,8 @@ def run_strategy(strategy, pretrained_state, si_state, data, config, seed, devic
                  lam=None):  # fmt: skip
     """Fine-tune the pre-trained model on B with `strategy`; returns the held-out CE after, the step times, and
     the defences' states when B's training began (what the throughput probe starts from)."""
-    pretrained = make_model(config, seed, device)
-    pretrained.load_state_dict(pretrained_state)
     model = prepared_model(strategy, pretrained_state, config, seed, device, backend)
-    parts = build_parts(strategy, model, config, backend, seed, si_state, lam, pretrained)
+    parts = build_parts(strategy, model, pretrained_state, si_state, config, seed, device, backend, lam)
     old_task, stages = finetune_sets(config, data, seed)
     timer, start_states = _StepTimer(bar), None
     for k, stage in enumerate(stages):
@@ -281,10 +285,8 @@ def probe(strategy, pretrained_state, si_state, start_states, data, config, seed
     """The wall time of each optimizer step with `backend` after probe_warmup: the strategy's first steps on B from
     the pre-trained model and the run's defences as B began -- the same batches and replay draws for every backend.
     Returns (step seconds, the parameters after) so that two backends' final parameters can be compared."""
-    pretrained = make_model(config, seed, device)
-    pretrained.load_state_dict(pretrained_state)
     model = prepared_model(strategy, pretrained_state, config, seed, device, backend)
-    parts = build_parts(strategy, model, config, backend, seed, si_state, None, pretrained)
+    parts = build_parts(strategy, model, pretrained_state, si_state, config, seed, device, backend)
     for name, state in start_states.items():
         parts[name].load_state_dict(state)
     steps = config.probe_warmup + config.probe_steps
@@ -310,9 +312,9 @@ def run_lm(config, strategies, seeds, device, backend, bar=None):
         for seed in range(seeds):
             state, si_state, seconds, cached = pretrain(config, data, seed, device, bar)
             pretraining.append({"seed": seed, "seconds": seconds, "cached": cached})
-            model = make_model(config, seed, device)
-            model.load_state_dict(state)
+            model = pretrained_model(state, config, seed, device)
             before = evaluate(model, data, config)
+            parameters = sum(p.numel() for p in model.parameters())
             del model
             for strategy in strategies:
                 lam, extra = lambdas(strategy, config)
@@ -341,16 +343,12 @@ def run_lm(config, strategies, seeds, device, backend, bar=None):
                     sweep.append({"strategy": strategy, "seed": seed, "lambda": value, "ce_after": point["ce"],
                                   **_trade_off(before, point["ce"])})  # fmt: skip
     return {"runs": runs, "sweep": sweep, "pretraining": pretraining, "corpora": [c.describe() for c in data],
-            "parameters": _parameter_count(config), "python": platform.python_version()}  # fmt: skip
+            "parameters": parameters, "python": platform.python_version()}  # fmt: skip
 
 
 def _trade_off(before, after):
     """forgetting = CE_A(after) - CE_A(before); learning = CE_B(before) - CE_B(after) (nats per byte)."""
     return {"forgetting": after["A"] - before["A"], "learning": before["B"] - after["B"]}
-
-
-def _parameter_count(config):
-    return sum(p.numel() for p in make_model(config, 0, "cpu").parameters())
 
 
 def total_steps(config, strategies, seeds):
