@@ -17,6 +17,7 @@ CLI:    python bench/bench_lora_step.py [--repeats N] [--qlora] (default: hidden
 """
 
 import copy
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,17 +181,23 @@ def test_step(benchmark, steps, name):
 
 
 def print_table(sizes: Sizes, named, repeats, warmup):
+    """Each variant's median ms; its ratios to the lower bound and to PEFT as medians of per-round ratios."""
     names = list(named)
-    timings = dict(zip(names, harness.time_interleaved([named[n][0] for n in names], repeats, warmup)))
-    bound = timings.get("lower_bound")
-    peft_ms = timings[next(n for n in names if n.endswith("peft"))]
+    samples = dict(zip(names, harness.interleaved_samples([named[n][0] for n in names], repeats, warmup)))
+    bound = samples.get("lower_bound")
+    theirs = samples[next(n for n in names if n.endswith("peft"))]
     rows = []
     for name in names:
-        ms = timings[name]
+        ms = statistics.median(samples[name])
         saved = saved_bytes(named[name][1], batches(sizes)[0]) / 2**20
-        rows.append([name, f"{ms:.1f}", f"{sizes.tokens / ms * 1e3:.0f}", "-" if bound is None else f"{ms / bound:.3f}",
-                     f"{peft_ms / ms:.3f}", f"{saved:.0f}"])  # fmt: skip
+        over_bound = "-" if bound is None else f"{harness.median_ratio(samples[name], bound):.3f}"
+        rows.append([name, f"{ms:.1f}", f"{sizes.tokens / ms * 1e3:.0f}", over_bound,
+                     f"{harness.median_ratio(theirs, samples[name]):.3f}", f"{saved:.0f}"])  # fmt: skip
     harness.print_table(["variant", "ms/step", "tokens/s", "x bound", "x PEFT tokens/s", "saved MiB"], rows)
+    print(f"ms: median of {repeats} rounds; x bound, x PEFT: medians of the per-round ratios.")
+    if bound is not None:  # adapters that cost nothing would run at the bound's speed
+        print(f"PEFT's step is {harness.median_ratio(theirs, bound):.3f}x the bound's: the most any adapter can "
+              "reach over PEFT at this size.")
 
 
 def main() -> None:

@@ -135,6 +135,12 @@ def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
 def time_interleaved(fns: list[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:
     """Median wall time (ms) of each of ``fns``, timed in rounds (one run of each per round) so that a slow spell
     of a shared machine hits every function alike and their ratios stay meaningful."""
+    return [statistics.median(times) for times in interleaved_samples(fns, repeats, warmup)]
+
+
+def interleaved_samples(fns: list[Callable[[], object]], repeats: int, warmup: int = 1) -> list[list[float]]:
+    """Wall times (ms) of each of ``fns`` in each of ``repeats`` rounds (one run of each per round), after
+    ``warmup`` untimed runs of each: ``median_ratio`` of two of them compares within rounds."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -145,8 +151,14 @@ def time_interleaved(fns: list[Callable[[], object]], repeats: int, warmup: int 
             start = time.perf_counter()
             fn()
             synchronize()
-            times.append(time.perf_counter() - start)
-    return [statistics.median(times) * 1e3 for times in samples]
+            times.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of numerator[i] / denominator[i] (samples of ``interleaved_samples``): a slow spell
+    that hits one round cancels out, which the ratio of two medians does not guarantee."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def time_first_call_ms(fn: Callable[[], object]) -> float:
