@@ -15,6 +15,7 @@ CLI:    python bench/bench_lora_linear.py [--tokens M] [--features N] [--rank R]
         (defaults: the CPU size M=4096, in=out=1024, r=16, fp32; bench/gpu_check.sh runs 8192 x 4096 x 4096 bf16)
 """
 
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,13 +188,14 @@ def lower_bound(inputs: LoRAInputs, mode: str) -> Variant:
 
 
 def print_mode_table(mode, variants, repeats, warmup):
-    """Time the variants of one mode interleaved; print ms, TFLOP/s and the ratio to the lower bound (last)."""
-    timings = harness.time_interleaved([v.fn for v in variants], repeats, warmup)
-    bound_ms = timings[-1]
+    """Time the variants of one mode interleaved; print median ms, TFLOP/s and the ratio to the lower bound (last;
+    the median of the per-round ratios)."""
+    samples = harness.interleaved_samples([v.fn for v in variants], repeats, warmup)
     rows = []
-    for v, ms in zip(variants, timings):
+    for v, times in zip(variants, samples):
+        ms, over_bound = statistics.median(times), harness.median_ratio(times, samples[-1])
         compile_ms = "-" if v.compile_ms is None else f"{v.compile_ms:.0f}"
-        rows.append([v.name, v.backend, f"{ms:.2f}", f"{v.flops / ms / 1e9:.3f}", f"{ms / bound_ms:.3f}", compile_ms])
+        rows.append([v.name, v.backend, f"{ms:.2f}", f"{v.flops / ms / 1e9:.3f}", f"{over_bound:.3f}", compile_ms])
     print(f"\n{mode}:")
     harness.print_table(["variant", "backend", "ms", "TFLOP/s", "x bound", "compile_ms"], rows)
 
@@ -277,7 +279,8 @@ def main() -> None:
         ]
         print_mode_table(mode, variants, args.repeats, args.warmup)
     print(f"\nms: median of {args.repeats}; TFLOP/s: the layer's FLOPs (see the module docstring) over ms; x bound: "
-          "ms over the lower bound's; compile_ms: first forward + backward of the compiled reference")  # fmt: skip
+          "the median of the per-round ratios of ms to the lower bound's; compile_ms: first forward + backward of "
+          "the compiled reference")  # fmt: skip
     for backend, reason in skipped.items():
         print(f"skipped backend {backend}: {reason}")
 
