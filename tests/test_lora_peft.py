@@ -375,8 +375,12 @@ def test_unsupported_quantized_and_no_linear_layers():
     with pytest.raises(TypeError, match="'0': Int8Linear .* quantized linear layer that fastforget's LoRA does not"):
         ff.apply_lora(model, "all-linear")
     assert isinstance(model[0], Int8Linear) and model[0].bias.requires_grad  # untouched
+    no_linear = nn.Sequential(nn.ReLU(), nn.LayerNorm(3))
+    state = {k: v.clone() for k, v in no_linear.state_dict().items()}
     with pytest.raises(ValueError, match="'all-linear' found no linear layer"):
-        ff.apply_lora(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)), "all-linear")
+        ff.apply_lora(no_linear, "all-linear")
+    assert all(p.requires_grad for p in no_linear.parameters())  # untouched: nothing frozen
+    assert all(torch.equal(v, state[k]) for k, v in no_linear.state_dict().items())
     with pytest.raises(TypeError, match="not a str"):
         ff.apply_lora(tiny_llama(), "q_proj")
 
