@@ -48,7 +48,9 @@ def check_one_device(name: str, tensors: list) -> None:
             raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {tensors[0].device}")
 
 
-def check_scalar(name: str, value, *, minimum=None) -> float:
+def check_real(name: str, value, *, minimum=None, maximum=None, above=None, below=None) -> float:
+    """A finite real number (not a bool, not NaN/inf) as a float; `minimum`/`maximum` bound it inclusively,
+    `above`/`below` exclusively. Tensors are refused: a 0-dim tensor would force a host synchronisation."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, not {type(value).__name__}")
     value = float(value)
@@ -56,7 +58,57 @@ def check_scalar(name: str, value, *, minimum=None) -> float:
         raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    if above is not None and not value > above:
+        raise ValueError(f"{name} must be > {above}, got {value}")
+    if below is not None and not value < below:
+        raise ValueError(f"{name} must be < {below}, got {value}")
     return value
+
+
+def check_scalar(name: str, value, *, minimum=None) -> float:
+    """A finite real number >= `minimum` (``check_real``'s common case)."""
+    return check_real(name, value, minimum=minimum)
+
+
+def check_int(name: str, value, *, minimum=None, maximum=None) -> int:
+    """An integer (Python or numpy; not a bool, not a float with an integral value) within the bounds, as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_probability(name: str, value, *, zero=True, one=True) -> float:
+    """A probability in [0, 1]; `zero=False` / `one=False` exclude that end."""
+    value = check_real(name, value)
+    if not (value >= 0 if zero else value > 0) or not (value <= 1 if one else value < 1):
+        interval = f"{'[' if zero else '('}0, 1{']' if one else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices):
+    """One of `choices` (compared with ==, so strings and dtypes work); the error lists them."""
+    if not any(value == c and type(value) is type(c) for c in choices):
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+    return value
+
+
+def optional(check, name: str, value, **bounds):
+    """None, or `value` passed through `check` (e.g. ``optional(check_int, "max_batches", n, minimum=1)``)."""
+    return None if value is None else check(name, value, **bounds)
 
 
 def check_distinct(name: str, tensors: list) -> None:
@@ -124,3 +176,10 @@ def check_stacks(fisher, grads) -> None:
             raise RuntimeError(
                 f"fastforget: grads[{i}] has shape {tuple(g.shape)}; expected {tuple(f.shape)} or (k, ...)"
             )
+
+
+def check_backend(name: str, value) -> str:
+    """'auto' or one of the dispatch table's backends (fastforget.dispatch.BACKENDS)."""
+    from fastforget.dispatch import BACKENDS  # dispatch imports this module's users
+
+    return check_choice(name, value, ("auto", *BACKENDS))
