@@ -24,16 +24,27 @@ parameters, the ops run on the local shards, and the penalty is the sum of the r
 all-reduce whose backward passes the gradient through, so gradients equal the single-process ones).
 """
 
+import logging
 import math
+import warnings
 
 import torch
 
 from fastforget import _validation as check
 from fastforget import distributed as dist_util
-from fastforget.fisher import ESTIMATORS, estimate_fisher, trainable_parameters
+from fastforget.fisher import ESTIMATORS, estimate_fisher, fisher_stats, trainable_parameters
 from fastforget.ops.ewc_penalty import ewc_penalty, ewc_penalty_
 
+logger = logging.getLogger("fastforget.ewc")
+
 MODES = ("online", "separate")
+BATCH_SCALE_WARNING = (
+    "estimator='batch' squares each batch's mean gradient: its Fisher is about |b| (the batch size) times smaller "
+    "than the per-sample estimators' ('empirical', 'true', 'mas'), so at the same lam the penalty is about |b| times "
+    "weaker. Multiply a lam tuned for a per-sample estimator by the batch size, or compare "
+    "ewc.last_fisher_stats (see docs/ewc.md, 'Choosing lam')"
+)
+_warned = set()
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -60,6 +71,7 @@ class EWC:
         self.tasks = 0
         self.anchors, self.fisher = [], []  # theta* (online) or theta_bar (separate); F or F_sum
         self.constant = 0.0  # C of the separate mode (a Python float: fp64)
+        self.last_fisher_stats = None  # the last consolidation's {"estimator", "mean", "max", "elements"}
 
     def __repr__(self):
         count = sum(p.numel() for p in self.params)
@@ -146,6 +158,9 @@ class EWC:
         model = model if model is not None else self.model
         if model is None:
             raise ValueError("this EWC was built from a parameter list: pass consolidate(..., model=the_module)")
+        if estimator == "batch" and "batch" not in _warned:
+            _warned.add("batch")
+            warnings.warn(BATCH_SCALE_WARNING, UserWarning, stacklevel=2)
         fisher = estimate_fisher(
             model,
             loader,
@@ -159,6 +174,13 @@ class EWC:
             **kw,
         )
         self._add_task([p.detach() for p in self.params], fisher)
+        self.last_fisher_stats = {"estimator": estimator, **fisher_stats(fisher)}
+        logger.info(
+            "EWC task %d: %s Fisher over %d elements, mean %.4g, max %.4g (lam %g)", self.tasks, estimator,
+            self.last_fisher_stats["elements"], self.last_fisher_stats["mean"], self.last_fisher_stats["max"],
+            self.lam,
+        )  # fmt: skip
+        return self.last_fisher_stats
 
     def load_importance(self, anchors, fisher):
         """Add one task from tensors computed elsewhere: one anchor and one Fisher per protected parameter,

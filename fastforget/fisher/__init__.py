@@ -88,6 +88,7 @@ __all__ = [
     "batch_loss_of",
     "counted_examples",
     "estimate_fisher",
+    "fisher_stats",
     "output_norm",
     "scalar_loss",
     "trainable_parameters",
@@ -191,3 +192,21 @@ def _sum_over_ranks(fisher, samples, group):
     count = torch.tensor(samples, device=flat.device)
     dist.all_reduce(count, group=group)
     return int(count)
+
+
+def fisher_stats(fisher):
+    """{"mean", "max", "elements"} over all elements of a Fisher (a list of tensors, or of DTensors sharded over one
+    mesh: reduced over it, so every rank gets the global figures), as Python numbers."""
+    shards = [dist_util.local(f) for f in fisher]
+    total = torch.zeros((), dtype=torch.float64, device=shards[0].device)
+    peak = torch.zeros_like(total)  # a Fisher is >= 0
+    for shard in shards:
+        if shard.numel():
+            total += shard.sum(dtype=torch.float64)
+            peak = torch.maximum(peak, shard.max().double())
+    group = next((f.device_mesh.get_group() for f in fisher if dist_util.is_sharded(f)), None)
+    if group is not None:
+        dist.all_reduce(total, group=group)
+        dist_util.all_reduce_max(peak, group)
+    elements = sum(f.numel() for f in fisher)
+    return {"mean": float(total) / max(elements, 1), "max": float(peak), "elements": elements}
