@@ -85,6 +85,11 @@ def take(batch, rows):
     return map_examples(batch, lambda t: t[rows])
 
 
+def with_labels(batch, labels, pairs):
+    """The batch with its labels (targets of a pair, or a dict's 'labels') replaced by `labels`."""
+    return (batch[0], labels) if pairs else {**batch, "labels": labels}
+
+
 def batch_loss_of(loss_fn, batch_loss):
     """(batch_loss(model, batch), whether batches are (inputs, targets) pairs) from exactly one of the two."""
     if (loss_fn is None) == (batch_loss is None):

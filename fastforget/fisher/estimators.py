@@ -8,7 +8,7 @@ import torch
 
 from fastforget import distributed as dist_util
 from fastforget._batch import batch_size
-from fastforget.fisher.core import IGNORE_INDEX, counted_examples, model_output, scalar_loss, take
+from fastforget.fisher.core import IGNORE_INDEX, counted_examples, scalar_loss, take
 from fastforget.fisher.engine import PerSampleGradients
 from fastforget.ops.fisher_update import fisher_update_
 
@@ -19,6 +19,7 @@ class PerSampleEstimator:
     name = None
     absolute = False  # accumulate |g| instead of g^2
     labelled = True  # examples without a counted label are no samples
+    relabel = None  # or relabel(logits, batch) yielding (labels, weights w): the engine adds sum_s w_s g_s^2 for each
 
     def __init__(
         self, model, tensors, fisher, losses, *, pairs, chunk_size, exact_classes, samples, generator, backend
@@ -34,13 +35,8 @@ class PerSampleEstimator:
             batch = take(batch, counted)
         size = batch_size(batch)
         if size:
-            for unit, weights in self.units(batch):
-                self.engine.add(unit, index, weights)
+            self.engine.add(batch, index, self.relabel, self.pairs)
         return size
-
-    def units(self, batch):
-        """(batch, per-example weights w or None): the engine adds sum_s w_s g_s^2."""
-        yield batch, None
 
 
 class Empirical(PerSampleEstimator):
@@ -61,24 +57,21 @@ class TrueFisher(PerSampleEstimator):
 
     name = "true"
 
-    def units(self, batch):
-        with torch.no_grad():
-            logits = model_output(self.model, batch, self.pairs)
+    def relabel(self, logits, batch):
         labels = batch[1] if self.pairs else batch.get("labels") if isinstance(batch, Mapping) else None
         if not isinstance(labels, torch.Tensor):
             raise ValueError("the true Fisher needs a batch with labels (targets, or a 'labels' entry) to replace")
-        with_labels = (lambda y: (batch[0], y)) if self.pairs else (lambda y: {**batch, "labels": y})
         share = torch.full((len(labels),), 1 / self.samples, device=labels.device)
         if logits.dim() == 2:  # a classifier
             probs = torch.softmax(logits.float(), dim=-1)
             classes = probs.shape[-1]
             if classes <= self.exact_classes:  # E_y g^2 = sum_c p(c|x) g(x, c)^2, exactly
                 for c in range(classes):
-                    yield with_labels(torch.full_like(labels, c)), probs[:, c]
+                    yield torch.full_like(labels, c), probs[:, c]
                 return
             for _ in range(self.samples):  # labels drawn from the model
                 drawn = torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(labels.dtype)
-                yield with_labels(drawn), share
+                yield drawn, share
             return
         if logits.dim() != 3 or self.pairs or labels.shape != logits.shape[:2]:
             raise ValueError(
@@ -92,7 +85,7 @@ class TrueFisher(PerSampleEstimator):
             drawn = torch.multinomial(probs.flatten(0, 1), 1, generator=self.generator).view(counted.shape)
             sampled = torch.full_like(labels, IGNORE_INDEX)
             sampled[:, 1:] = torch.where(counted, drawn.to(labels.dtype), IGNORE_INDEX)
-            yield with_labels(sampled), share
+            yield sampled, share
 
 
 class BatchFisher:

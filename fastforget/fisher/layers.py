@@ -145,8 +145,9 @@ class LayerHooks:
         self.shared = {key for key, n in owners.items() if n > 1}  # summed over modules before squaring
         self.active = False
 
-    def add(self, sample_losses, batch, size):
-        """sample_losses(batch) -> (size,) losses, one per example; its backward adds to the Fisher."""
+    def add(self, objectives, batch, size):
+        """objectives(batch) yields (size,) loss vectors, one loss per example, all from one forward of the batch;
+        each one's backward adds its per-example gradients to the Fisher."""
         self.size, self.calls, self.buffers = size, {}, {}
         handles = [
             module.register_forward_hook(functools.partial(self._forward, rule, chunk), with_kwargs=True)
@@ -158,12 +159,15 @@ class LayerHooks:
                 p.requires_grad_(False)
             self.active = True
             with torch.enable_grad():
-                total = sample_losses(batch).sum()
-                if not total.requires_grad:
-                    raise Unsupported("no protected layer's output reaches the loss")
-                total.backward()
-            for key, buffer in self.buffers.items():
-                fisher_update_([self.fisher[key]], [buffer], absolute=self.absolute, backend=self.backend)
+                pending = None  # one objective ahead: the last backward may free the graph
+                for losses in objectives(batch):
+                    if pending is not None:
+                        self._backward_pass(pending, retain_graph=True)
+                    if not losses.requires_grad:
+                        raise Unsupported("no protected layer's output reaches the loss")
+                    pending = losses.sum()
+                if pending is not None:
+                    self._backward_pass(pending, retain_graph=False)
         finally:
             self.active = False
             for p in frozen:
@@ -171,6 +175,13 @@ class LayerHooks:
             for handle in handles:
                 handle.remove()
             self.buffers = {}
+
+    def _backward_pass(self, total, retain_graph):
+        """One backward, the parameters' tied per-sample gradients squared at its end."""
+        total.backward(retain_graph=retain_graph)
+        for key, buffer in self.buffers.items():
+            fisher_update_([self.fisher[key]], [buffer], absolute=self.absolute, backend=self.backend)
+        self.buffers = {}
 
     def _forward(self, rule, chunk, module, args, kwargs, output):
         if not (self.active and torch.is_grad_enabled()):
