@@ -18,6 +18,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,7 @@ def test_fisher_cost(benchmark, name):
 
 def main():
     parser = harness.arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    parser.add_argument("--json", type=Path, help="write the figures to this JSON file (rewritten after each round)")
     parser.add_argument("--peak", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak:
@@ -110,41 +111,56 @@ def main():
         return
     model, batches = setup()
     run = variants(model, batches)
-    samples = harness.interleaved_samples(list(run.values()), args.repeats, args.warmup)
-    ratio = {name: harness.median_ratio(times, samples[0]) for name, times in zip(run, samples)}
-    peaks = {name: peak_bytes(name) for name in run}
-    largest = max(p.numel() * p.element_size() for p in model.parameters())
-    scale = {}
-    for name in VARIANTS[1:]:
-        fisher = run[name]()
-        scale[name] = ff.fisher.fisher_stats(fisher)
     hidden, intermediate, layers, heads, vocab, sequences, length = dims()
-    params = sum(p.numel() for p in model.parameters())
-    print(f"Fisher cost: LLaMA hidden {hidden}, {layers} layers, vocab {vocab} ({params / 1e6:.1f}M parameters), "
-          f"{sequences} sequences x {length} tokens in batches of {BATCH}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} alternated rounds")  # fmt: skip
+    figures = {
+        "model": {"hidden": hidden, "intermediate": intermediate, "layers": layers, "heads": heads, "vocab": vocab,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "largest_weight_bytes": max(p.numel() * p.element_size() for p in model.parameters())},
+        "data": {"sequences": sequences, "length": length, "batch": BATCH},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "ms": {name: [] for name in run}, "time_ratio_to_forward_backward": {}, "peak_bytes": {}, "fisher_scale": {},
+    }  # fmt: skip
+
+    def save():
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+    for _ in range(args.warmup):
+        for name, fn in run.items():
+            result = fn()
+            if name != "train":
+                figures["fisher_scale"][name] = ff.fisher.fisher_stats(result)
+    for _ in range(args.repeats):  # alternated rounds: a slow spell of the machine hits every variant alike
+        for name, fn in run.items():
+            start = time.perf_counter()
+            result = fn()
+            harness.synchronize()
+            figures["ms"][name].append((time.perf_counter() - start) * 1e3)
+            if name != "train":
+                figures["fisher_scale"][name] = ff.fisher.fisher_stats(result)
+        figures["time_ratio_to_forward_backward"] = {
+            name: harness.median_ratio(times, figures["ms"]["train"]) for name, times in figures["ms"].items()
+        }
+        save()
+    for name in run:
+        figures["peak_bytes"][name] = peak_bytes(name)
+        save()
+    print(f"Fisher cost: LLaMA hidden {hidden}, {layers} layers, vocab {vocab} "
+          f"({figures['model']['parameters'] / 1e6:.1f}M parameters), {sequences} sequences x {length} tokens in "
+          f"batches of {min(BATCH, sequences)}, {torch.get_num_threads()} threads, "
+          f"{args.repeats} alternated rounds")  # fmt: skip
+    peaks, scale = figures["peak_bytes"], figures["fisher_scale"]
     rows = [
-        [name, f"{statistics.median(times):.0f}", f"{ratio[name]:.2f}x", f"{peaks[name] / 2**20:,.0f}",
-         f"{(peaks[name] - peaks['train']) / 2**20:+,.0f}",
+        [name, f"{statistics.median(times):.0f}", f"{figures['time_ratio_to_forward_backward'][name]:.2f}x",
+         f"{peaks[name] / 2**20:,.0f}", f"{(peaks[name] - peaks['train']) / 2**20:+,.0f}",
          f"{scale[name]['mean']:.3g}" if name in scale else "", f"{scale[name]['max']:.3g}" if name in scale else ""]
-        for name, times in zip(run, samples)
+        for name, times in figures["ms"].items()
     ]  # fmt: skip
     harness.print_table(
         ["variant", "ms", "vs forward+backward", "peak MiB", "peak - train MiB", "Fisher mean", "Fisher max"], rows
     )
-    print(f"largest weight: {largest / 2**20:.0f} MiB")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        figures = {
-            "model": {"hidden": hidden, "intermediate": intermediate, "layers": layers, "heads": heads,
-                      "vocab": vocab, "parameters": params, "largest_weight_bytes": largest},
-            "data": {"sequences": sequences, "length": length, "batch": BATCH},
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "time_ratio_to_forward_backward": ratio,
-            "median_ms": {name: statistics.median(times) for name, times in zip(run, samples)},
-            "peak_bytes": peaks, "fisher_scale": scale,
-        }  # fmt: skip
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"largest weight: {figures['model']['largest_weight_bytes'] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":
