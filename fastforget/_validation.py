@@ -102,7 +102,7 @@ def check_choice(name: str, value, choices):
 
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool (True or False), not {type(value).__name__}")
     return value
 
 
@@ -144,6 +144,45 @@ def check_no_overlap(name: str, tensors: list) -> None:
     for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
         if start < end:
             raise ValueError(f"{name}[{min(i, j)}] and {name}[{max(i, j)}] overlap in memory")
+
+
+def _span(t):
+    """[start, end) byte addresses of t's memory (its extent for a strided view)."""
+    start = t.data_ptr()
+    extent = t.numel() if t.is_contiguous() else sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1
+    return start, start + extent * t.element_size()
+
+
+def check_writes(written, read=()) -> None:
+    """In-place ops: no written tensor shares memory with another written one or with any read one (a read
+    operand that aliases an output would be read before or after its update depending on the backend's order).
+
+    ``written`` / ``read``: sequences of (name, tensor list); None entries and empty tensors are skipped. Errors
+    name both tensors, e.g. "fisher[2] shares memory with grads[2]". Not checked while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    spans = []
+    for is_written, groups in ((True, written), (False, read)):
+        for name, tensors in groups:
+            for i, t in enumerate(tensors):
+                if t is None or t.numel() == 0:
+                    continue
+                if is_written and torch._debug_has_internal_overlap(t) == 1:
+                    raise ValueError(
+                        f"{name}[{i}] has elements that share memory (an expanded view?); it cannot be written"
+                    )
+                spans.append((*_span(t), is_written, f"{name}[{i}]"))
+    spans.sort(key=lambda s: s[0])
+    open_end = {True: (0, None), False: (0, None)}  # the furthest-reaching written / read span seen so far
+    for start, end, is_written, label in spans:
+        for other_written in (True, False) if is_written else (True,):
+            other_end, other = open_end[other_written]
+            if start < other_end and is_written and other_written:
+                raise ValueError(f"{other} and {label} overlap in memory; tensors written in place must not")
+            if start < other_end:
+                raise ValueError(f"{label} shares memory with {other}, which is written in place")
+        if end > open_end[is_written][0]:
+            open_end[is_written] = (end, label)
 
 
 # The Triton launchers' own checks (kernels/), like csrc/common.h's: a direct torch.ops call skips the checks above,
