@@ -2,7 +2,8 @@
 
 import math
 import numbers
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -215,6 +216,30 @@ def check_stacks(fisher, grads) -> None:
             raise RuntimeError(
                 f"fastforget: grads[{i}] has shape {tuple(g.shape)}; expected {tuple(f.shape)} or (k, ...)"
             )
+
+
+def check_state(owner: str, state, keys) -> None:
+    """A state dict is a mapping holding every key in `keys` (ValueError naming the missing ones)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{owner} state must be a dict (a state_dict()), not {type(state).__name__}")
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(f"{owner} state lacks {missing}: it was not saved by a {owner}")
+
+
+def check_allocation(what: str, nbytes: int, device) -> None:
+    """Refuse to allocate, on the user's behalf, more than the device has free (CPU: available RAM)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu":
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    if nbytes > free:
+        raise ValueError(
+            f"{what} would need {nbytes / 2**30:.1f} GiB but {device.type} has {free / 2**30:.1f} GiB free"
+        )
 
 
 def check_backend(name: str, value) -> str:

@@ -76,9 +76,7 @@ class SynapticIntelligence:
 
     def load_state_dict(self, state):
         """Restore a state_dict bitwise (checked first: keys, names, shapes; nothing changes on error)."""
-        missing = {"names", "xi", "omega", "theta_start"} - set(state)
-        if missing:
-            raise KeyError(f"SynapticIntelligence state_dict lacks {sorted(missing)}")
+        check.check_state("SynapticIntelligence", state, ("names", "xi", "omega", "theta_start"))
         if list(state["names"]) != self.names:
             raise ValueError("the state was saved for other parameters (names differ)")
         for key in ("omega", "theta_start"):
@@ -88,7 +86,9 @@ class SynapticIntelligence:
             for name, t, p in zip(self.names, value, self.params):
                 if not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point():
                     raise ValueError(f"corrupt SynapticIntelligence state: {key} of {name!r} is not shaped like it")
-        xi = check.check_scalar("xi", state["xi"])
+                if not bool(t.isfinite().all()):
+                    raise ValueError(f"corrupt SynapticIntelligence state: {key} of {name!r} is not finite")
+        xi = check.check_real("xi", state["xi"], above=0.0)
         self.omega = [t.to(w.device, w.dtype, copy=True) for t, w in zip(state["omega"], self.omega)]
         self.theta_start = [t.to(s.device, s.dtype, copy=True) for t, s in zip(state["theta_start"], self.theta_start)]
         self.xi = xi

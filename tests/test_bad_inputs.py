@@ -259,3 +259,107 @@ def test_grad_moments_overflow_is_nan_on_every_backend(backend):
     rows = ff.grad_moments([torch.tensor([3e38, -3e38, 3e38, -3e38]), torch.ones(3)], backend=backend)
     assert rows[0, 0] == 4 and rows[0, 1:].isnan().all()
     torch.testing.assert_close(rows[1], torch.tensor([3.0, 1.0, 0.0]))
+
+
+# ------------------------------------------------------------------------------------------- objects and states
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+
+
+def _state_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _stepped_protector(mode):
+    model = _model()
+    protector = ff.GradientProtector(model, window=3, mode=mode)
+    for _ in range(2):
+        model(torch.randn(5, 4)).sum().backward()
+        protector.protect_()
+    return protector
+
+
+def _clone_state(state):
+    def clone(v):
+        if isinstance(v, torch.Tensor):
+            return v.clone()
+        return [clone(t) for t in v] if isinstance(v, list) else v
+
+    return {k: clone(v) for k, v in state.items()}
+
+
+PROTECTOR_CORRUPTIONS = {
+    "tensor": [
+        ("missing names", lambda s: {k: v for k, v in s.items() if k != "names"}, ValueError, r"lacks \['names'\]"),
+        ("head >= window", lambda s: {**s, "head": s["head"] + 3}, ValueError, r"head holds a slot outside \[0, 3\)"),
+        ("negative head", lambda s: {**s, "head": s["head"] - 3}, ValueError, "head holds a slot"),
+        ("NaN ring", lambda s: {**s, "ring": s["ring"].clone().fill_(math.nan)}, ValueError, "non-finite"),
+        ("negative count", lambda s: {**s, "ring": s["ring"] * -1}, ValueError, "negative count"),
+        ("float head", lambda s: {**s, "head": s["head"].double()}, TypeError, "head is not a integer tensor"),
+        ("ring shape", lambda s: {**s, "ring": s["ring"][:, :2]}, ValueError, "ring has the wrong shape"),
+        ("not a dict", lambda s: [s], TypeError, "must be a dict"),
+    ],
+    "element": [
+        ("negative var", lambda s: {**s, "var": [-(v + 1) for v in s["var"]]}, ValueError, "var.0. holds"),
+        ("NaN mean", lambda s: {**s, "mean": [m + math.nan for m in s["mean"]]}, ValueError, "mean.0. holds"),
+        ("negative steps", lambda s: {**s, "steps": s["steps"] - 5}, ValueError, "negative count"),
+        ("short var", lambda s: {**s, "var": s["var"][:1]}, ValueError, "var has the wrong shapes"),
+        ("missing steps", lambda s: {k: v for k, v in s.items() if k != "steps"}, ValueError, r"lacks \['steps'\]"),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["tensor", "element"])
+def test_protector_state_loads_are_validated_as_a_whole(mode):
+    protector = _stepped_protector(mode)
+    good = _clone_state(protector.state_dict())
+    for what, corrupt, error, match in PROTECTOR_CORRUPTIONS[mode]:
+        with pytest.raises(error, match=match):
+            protector.load_state_dict(corrupt(_clone_state(good)))
+        assert _state_equal(protector.state_dict(), good), what
+    protector.load_state_dict(good)  # the uncorrupted state still loads
+
+
+def test_protector_window_that_cannot_fit_is_refused_before_allocating():
+    with pytest.raises(ValueError, match=r"window 1000000000000 would need [\d.]+ GiB but cpu has [\d.]+ GiB free"):
+        ff.GradientProtector(_model(), window=10**12)
+
+
+def test_si_state_loads_reject_impossible_values():
+    model = _model()
+    si = ff.SynapticIntelligence(model)
+    good = _clone_state(si.state_dict())
+    for state, match in (
+        ({**good, "xi": 0.0}, "xi must be > 0"),
+        ({**good, "xi": -1.0}, "xi must be > 0"),
+        ({**good, "omega": [w + math.nan for w in good["omega"]]}, "omega of '0.weight' is not finite"),
+        ({k: v for k, v in good.items() if k != "xi"}, r"lacks \['xi'\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            si.load_state_dict(state)
+        assert _state_equal(si.state_dict(), good)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [(dict(r=0), ValueError, "r must be"), (dict(alpha=math.nan), ValueError, "alpha must be a finite"),
+     (dict(dropout=1.0), ValueError, "dropout must be"), (dict(use_rslora="yes"), TypeError, "use_rslora must be"),
+     (dict(backend="gpu"), ValueError, "unknown backend")],
+)  # fmt: skip
+def test_rejected_apply_lora_leaves_the_model_as_it_was(kwargs, error, match):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        ff.apply_lora(model, ["0", "2"], **kwargs)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(type(m) is torch.nn.Linear for m in (model[0], model[2]))
+    assert _state_equal(model.state_dict(), before)
