@@ -319,14 +319,15 @@ def test_lora_models_equal_peft_under_autocast(backend, model):
     assert_adapters_within_autocast_noise(grads, peft_grads, fp32_grads)
 
 
-def test_trainer_bf16_run_equals_peft(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])  # TRL's default: on
+def test_trainer_bf16_run_equals_peft(tmp_path, checkpointing):
     """transformers.Trainer(bf16=True, use_cpu=True) -- accelerate's autocast around the forward -- on a LLaMA with
-    ff.apply_lora(model, "all-linear") and on the same LLaMA made by peft.get_peft_model with the same adapters: the
-    same losses (to bf16 tolerance) and adapter updates (within the noise of bf16 autocast, which PEFT's fp32 run
-    gives). SGD with a small step: an update proportional to the gradient (Adam's first steps are ~lr * sign(g),
-    which a sign flip of a near-zero gradient element turns by 2 lr), and trajectories that the steps do not pull
-    apart (at lr 0.5 four steps amplify the per-step rounding differences several times, PEFT's own fp32-vs-bf16
-    ones too)."""
+    ff.apply_lora(model, "all-linear") and on the same LLaMA made by peft.get_peft_model with the same adapters, with
+    and without gradient checkpointing: the same losses (to bf16 tolerance) and adapter updates (within the noise of
+    bf16 autocast, which PEFT's fp32 run gives). SGD with a small step: an update proportional to the gradient
+    (Adam's first steps are ~lr * sign(g), which a sign flip of a near-zero gradient element turns by 2 lr), and
+    trajectories that the steps do not pull apart (at lr 0.5 four steps amplify the per-step rounding differences
+    several times, PEFT's own fp32-vs-bf16 ones too)."""
     transformers = pytest.importorskip("transformers")
     from test_lora_peft import VOCAB, peft_twin, tiny_llama
 
@@ -342,7 +343,7 @@ def test_trainer_bf16_run_equals_peft(tmp_path):
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / name), bf16=bf16, use_cpu=True, per_device_train_batch_size=2, max_steps=4,
             optim="sgd", learning_rate=0.05, lr_scheduler_type="constant", logging_steps=1, report_to="none",
-            save_strategy="no", seed=0, disable_tqdm=True,
+            save_strategy="no", seed=0, disable_tqdm=True, gradient_checkpointing=checkpointing,
         )  # fmt: skip
         before = adapter_weights(model)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
