@@ -53,7 +53,9 @@ def cast_inputs(*values):
     if not isinstance(values[0], torch.Tensor):
         return values
     device_type = values[0].device.type
-    return cast(dtype(device_type), device_type, *values)
+    if not torch.is_autocast_enabled(device_type):  # the common case, on every call: nothing more to do
+        return values
+    return cast(torch.get_autocast_dtype(device_type), device_type, *values)
 
 
 def register(op: str, rules):
