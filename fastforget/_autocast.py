@@ -8,9 +8,9 @@ in, and autograd carries the gradients back through the casts: an fp32 master we
 
 fastforget's ops follow the same rule, at two levels:
 
-* the public functions (``ff.lora_linear``, ``ff.anchored_lm_loss``, the QLoRA branch) cast their inputs with
-  ``cast`` before validating them, so every backend (the reference's plain torch included) and the torch.func path
-  see one dtype;
+* the public functions (``ff.lora_linear``, ``ff.anchored_lm_loss``; the QLoRA branch) cast their inputs with
+  ``cast_inputs`` (``cast``) before validating them, so every backend (the reference's plain torch included) and
+  the torch.func path see one dtype;
 * the ops themselves get a kernel on the ``Autocast<Device>`` dispatch key (``register``), as
   ``torch.library.register_autocast`` gives, except that the dtype is the autocast region's (bf16 or fp16, read
   when the op runs) and each argument has its own rule. It casts, then calls the op with autocast excluded, so
