@@ -232,7 +232,8 @@ class GradientProtector(Defence):
         if self.mode == "tensor":
             inv_scale = torch.ones((), device=params[0].device) if grad_scale is None else 1 / grad_scale
             skip = None if found_inf is None else found_inf != 0
-            _, factors = self.tensor_factors([p.grad for p in params], rows, inv_scale, skip)
+            grads = [dist_util.local(p.grad) for p in params]  # under FSDP2 the moments merge across ranks
+            _, factors = self.tensor_factors(grads, rows, inv_scale, skip)
             return FusedOperands(factors=factors.to(torch.float32), threshold=self.threshold)
         alpha = torch.maximum(1 / (self.steps[rows] + 1).to(self.mean[0].dtype), torch.tensor(1 - self.beta))
         return FusedOperands(
