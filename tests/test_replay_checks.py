@@ -158,6 +158,13 @@ def test_storage_beyond_memory_is_refused_at_the_first_add_before_allocating():
     assert buffer._storage is None and buffer._layout is None and buffer.seen == 0
 
 
+def test_diversity_features_beyond_memory_are_refused_at_the_first_add():
+    buffer = ReplayBuffer(10**6, "diversity", feature_fn=lambda b: b.expand(-1, 10**8), generator=generator(0))
+    message = r"diversity features of shape \(2000000, 100000000\)"
+    assert_rejected(buffer, lambda: buffer.add(torch.zeros(2, 1)), ValueError, message)
+    assert buffer._storage is None and buffer.seen == 0
+
+
 def test_sample_with_replacement_beyond_memory_is_refused_before_drawing():
     buffer = ReplayBuffer(4, generator=generator(0))
     buffer.add((torch.zeros(4, 1024), [torch.ones(3)] * 4))

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from fastforget._memory import check_allocation
 from fastforget._validation import check_int, check_real
 from fastforget.replay.layout import Layout, corrupt
 from fastforget.replay.policy import Policy
@@ -66,6 +67,9 @@ class Diversity(Policy):
             raise ValueError(f"feature_fn must return {expected} features for this batch, got {tuple(features.shape)}")
         if not torch.isfinite(features).all():
             raise ValueError("feature_fn returned NaN or infinite features")
+        if self.features is None:  # allocated by the first insert
+            shape = (self.slots, features.shape[1])
+            check_allocation(f"diversity features of shape {shape} (fp32)", 4 * shape[0] * shape[1], self.device)
         return features.detach().to(self.device, torch.float32)
 
     def insert(self, storage: Storage, parts: list, features: torch.Tensor, seen: int) -> None:
