@@ -97,9 +97,7 @@ class SynapticIntelligence(Defence):
 
     def load_state_dict(self, state):
         """Restore a state_dict bitwise (checked first: keys, names, shapes; nothing changes on error)."""
-        missing = {"names", "xi", "omega", "theta_start"} - set(state)
-        if missing:
-            raise KeyError(f"SynapticIntelligence state_dict lacks {sorted(missing)}")
+        check.check_state("SynapticIntelligence", state, ("names", "xi", "omega", "theta_start"))
         if list(state["names"]) != self.names:
             raise ValueError("the state was saved for other parameters (names differ)")
         for key in ("omega", "theta_start"):
@@ -109,7 +107,9 @@ class SynapticIntelligence(Defence):
             for name, t, p in zip(self.names, value, self.params):
                 if not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point():
                     raise ValueError(f"corrupt SynapticIntelligence state: {key} of {name!r} is not shaped like it")
-        xi = check.check_scalar("xi", state["xi"])
+                if not bool(t.isfinite().all()):
+                    raise ValueError(f"corrupt SynapticIntelligence state: {key} of {name!r} is not finite")
+        xi = check.check_real("xi", state["xi"], above=0.0)
         # full tensors or DTensors (as DCP loads them): on each tensor's device, sharded like it
         self.omega = [dist_util.copy_like(t, w, w.dtype) for t, w in zip(state["omega"], self.omega)]
         self.theta_start = [dist_util.copy_like(t, s, s.dtype) for t, s in zip(state["theta_start"], self.theta_start)]

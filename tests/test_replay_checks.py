@@ -143,7 +143,8 @@ def test_a_rejected_load_leaves_an_empty_buffer_empty():
 
 @pytest.mark.parametrize("policy, options", [("reservoir", {}), ("class_balanced", {})])
 def test_a_capacity_beyond_memory_is_refused_at_construction(policy, options):
-    with pytest.raises(ValueError, match=r"ReplayBuffer of 4611686018427387904 slots .* needs 32.0 EiB on cpu"):
+    message = r"ReplayBuffer of 4611686018427387904 slots .* would need 34359738368.0 GiB but cpu has"
+    with pytest.raises(ValueError, match=message):
         ReplayBuffer(2**62, policy, **options)
 
 
@@ -154,7 +155,8 @@ def test_a_diversity_pool_beyond_memory_is_refused_at_construction():
 
 def test_storage_beyond_memory_is_refused_at_the_first_add_before_allocating():
     buffer = ReplayBuffer(10**9, generator=generator(0))  # bookkeeping fits; 4 KiB examples do not (~3.7 TiB)
-    assert_rejected(buffer, lambda: buffer.add(torch.zeros(2, 1024)), ValueError, r"storage for 1000000000 .*TiB")
+    message = r"storage for 1000000000 examples would need 3814.7 GiB"
+    assert_rejected(buffer, lambda: buffer.add(torch.zeros(2, 1024)), ValueError, message)
     assert buffer._storage is None and buffer._layout is None and buffer.seen == 0
 
 
@@ -168,9 +170,8 @@ def test_diversity_features_beyond_memory_are_refused_at_the_first_add():
 def test_sample_with_replacement_beyond_memory_is_refused_before_drawing():
     buffer = ReplayBuffer(4, generator=generator(0))
     buffer.add((torch.zeros(4, 1024), [torch.ones(3)] * 4))
-    assert_rejected(
-        buffer, lambda: buffer.sample(10**9, replace=True), ValueError, r"sample\(k=1000000000, replace=True\) needs"
-    )
+    message = r"sample\(k=1000000000, replace=True\) would need"
+    assert_rejected(buffer, lambda: buffer.sample(10**9, replace=True), ValueError, message)
     assert buffer.sample(9, replace=True)[0].shape == (9, 1024)
 
 
@@ -179,7 +180,7 @@ def test_sample_with_replacement_beyond_memory_is_refused_before_drawing():
     [
         (lambda b: b.sample(math.nan), TypeError, "k must be an integer"),
         (lambda b: b.sample(math.inf, replace=True), TypeError, "k must be an integer"),
-        (lambda b: b.sample(2, replace="yes"), TypeError, "replace must be True or False"),
+        (lambda b: b.sample(2, replace="yes"), TypeError, "replace must be a bool"),
     ],
 )
 def test_non_finite_and_non_bool_arguments(call, error, message):
@@ -193,7 +194,7 @@ def test_non_finite_and_non_bool_arguments(call, error, message):
         ({"capacity": math.inf}, TypeError, "capacity must be an integer"),
         ({"capacity": math.nan}, TypeError, "capacity must be an integer"),
         ({"capacity": 3, "policy": "diversity", "feature_fn": abs, "pool_size": math.nan}, TypeError, "pool_size"),
-        ({"capacity": 3, "pin_memory": 1}, TypeError, "pin_memory must be True or False"),
+        ({"capacity": 3, "pin_memory": 1}, TypeError, "pin_memory must be a bool"),
         ({"capacity": 3, "policy": ["reservoir"]}, ValueError, "unknown policy"),
     ],
 )

@@ -3,8 +3,7 @@ module per policy) behind the interface the rest of fastforget and its users cal
 
 import torch
 
-from fastforget._memory import check_allocation
-from fastforget._validation import check_bool, check_int
+from fastforget._validation import check_allocation, check_bool, check_int
 from fastforget.replay.class_balanced import ClassBalanced
 from fastforget.replay.diversity import Diversity
 from fastforget.replay.layout import Layout, corrupt, split

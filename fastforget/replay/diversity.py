@@ -10,8 +10,7 @@ import math
 
 import torch
 
-from fastforget._memory import check_allocation
-from fastforget._validation import check_int, check_real
+from fastforget._validation import check_allocation, check_int, check_real
 from fastforget.replay.layout import Layout, corrupt
 from fastforget.replay.policy import Policy
 from fastforget.replay.storage import Storage

@@ -2,7 +2,7 @@
 
 import torch
 
-from fastforget._memory import check_allocation
+from fastforget._validation import check_allocation
 from fastforget.replay.layout import Layout, Spec, corrupt
 
 POINTER_BYTES = 8  # a ragged part keeps one Python reference per slot
