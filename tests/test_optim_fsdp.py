@@ -93,6 +93,11 @@ def fsdp_scenario(rank, world_size, checkpoint):
         ) and all(not isinstance(optimizer.state[p]["step"], DTensor) for p in params)
         result[mode] = run(model, optimizer, first, second)
 
+    try:  # sharded and plain parameters in one optimizer
+        ff.optim.ProtectedAdamW([*sharded_mlp().parameters(), torch.nn.Parameter(torch.zeros(2))])
+    except ValueError as error:
+        result["mixed_error"] = str(error)
+
     # DCP: save after the first phase, restore into a fresh model and optimizer, continue both
     model = sharded_mlp()
     optimizer = build(model, PROTECTORS["element"])
@@ -140,6 +145,12 @@ def test_fsdp_protected_adamw_equals_single_process(fsdp_results, mode):
         for key in expected:
             torch.testing.assert_close(result[mode][key], expected[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
     torch.testing.assert_close(fsdp_results[0][mode], fsdp_results[1][mode], rtol=0, atol=0)  # ranks agree
+
+
+def test_fsdp_protected_adamw_refuses_sharded_and_plain_parameters_together(fsdp_results):
+    results, _ = fsdp_results
+    for result in results:
+        assert "parameter 'param_groups[0][4]' is a plain tensor among DTensors" in result["mixed_error"]
 
 
 def test_fsdp_protected_adamw_dcp_round_trip_continues_bitwise(fsdp_results):

@@ -76,9 +76,7 @@ class ProtectedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         members = [(g, p) for g, group in enumerate(self.param_groups) for p in group["params"]]
         names = [
-            f"param group {g} parameter {i}"
-            for g, group in enumerate(self.param_groups)
-            for i in range(len(group["params"]))
+            f"param_groups[{g}][{i}]" for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))
         ]
         self.process_group = dist_util.check_parameters(names, [p for _, p in members])  # FSDP2 only
         self.defences = _check_defences([ewc, protector, si], defences, members)
