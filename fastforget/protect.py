@@ -46,6 +46,7 @@ import torch
 from fastforget import _validation as check
 from fastforget import distributed as dist_util
 from fastforget._dtypes import accumulate_dtype
+from fastforget.defences import Defence, FusedOperands, check_covers, parameter_rows
 from fastforget.fisher import trainable_parameters
 from fastforget.ops.grad_ema import run_grad_ema_protect
 from fastforget.ops.grad_moments import _inv_scale_tensor, run_grad_moments
@@ -88,13 +89,18 @@ class SeedGradientProtector:
         return torch.sigmoid(torch.var(torch.stack(history)))
 
 
-class GradientProtector:
+class GradientProtector(Defence):
     """Streaming gradient-variance protection over a model's trainable parameters (see the module doc).
 
     ``protect_()`` after ``backward()`` returns one importance per parameter, aligned with ``self.names``: the
     tensor's importance (mode "tensor") or the largest of its elements' (mode "element"); NaN for parameters
     without a gradient this step, and for every parameter on a skipped (non-finite) step in mode "element".
+
+    As a ``ff.defences.Defence``: ``protect_gradients`` is ``protect_()``; ``fused_operands`` /
+    ``after_fused_step`` run it inside ProtectedAdamW's step (its "protection" term).
     """
+
+    name, step_timer, fused_terms = "protector", "protect", ("protection",)
 
     def __init__(
         self, model_or_params, window=100, threshold=0.1, mode="tensor", normalize="none", temperature=1.0,
@@ -203,6 +209,47 @@ class GradientProtector:
         )  # fmt: skip
         self.steps[rows] = steps + (~self.found_inf).long()
         return importance
+
+    # -------------------------------------------------------------------------------------- as a defence
+
+    def protect_gradients(self, scale=1.0):
+        """``protect_()`` on gradients that are `scale` x the true ones: the statistics are those of g / scale."""
+        self.protect_(inv_scale=1.0 / scale)
+
+    def check_fusable(self, members):
+        if self.mode == "element" and self.normalize != "none":
+            raise ValueError(
+                "a mode 'element' protector with normalize='max' needs each tensor's max variance before any "
+                "element is scaled; ProtectedAdamW fuses normalize='none' only"
+            )
+        check_covers(self.params, members, "protector")
+
+    def fused_operands(self, params, grad_scale=None, found_inf=None):
+        """ProtectedAdamW's operands for `params` (those of ``self.params`` with a gradient): mode "tensor"
+        updates the ring with their moments (``tensor_factors``; not on a found_inf step) and hands the factors;
+        mode "element" hands its mean and variance, to be updated in the fused pass, and each tensor's alpha."""
+        positions = parameter_rows(self, params)
+        rows = torch.tensor(positions, device=self.found_inf.device)
+        if self.mode == "tensor":
+            inv_scale = torch.ones((), device=params[0].device) if grad_scale is None else 1 / grad_scale
+            skip = None if found_inf is None else found_inf != 0
+            grads = [dist_util.local(p.grad) for p in params]  # under FSDP2 the moments merge across ranks
+            _, factors = self.tensor_factors(grads, rows, inv_scale, skip)
+            return FusedOperands(factors=factors.to(torch.float32), threshold=self.threshold)
+        alpha = torch.maximum(1 / (self.steps[rows] + 1).to(self.mean[0].dtype), torch.tensor(1 - self.beta))
+        return FusedOperands(
+            ema_mean=[self.mean[i] for i in positions], ema_var=[self.var[i] for i in positions], alpha=alpha,
+            var_scale=torch.full_like(alpha, 1 / self.temperature), threshold=self.threshold,
+        )  # fmt: skip
+
+    def after_fused_step(self, params, found_inf=None):
+        """After the fused pass: mode "element" counts the step for `params` unless found_inf is set; either mode
+        records found_inf."""
+        skip = torch.zeros((), dtype=torch.bool, device=self.found_inf.device) if found_inf is None else found_inf != 0
+        if self.mode == "element":
+            rows = torch.tensor(parameter_rows(self, params), device=self.found_inf.device)
+            self.steps[rows] = self.steps[rows] + (~skip).long()
+        self.found_inf = skip.to(self.found_inf.device)
 
     def state_dict(self):
         state = {"names": list(self.names), "mode": self.mode, "window": self.window}
