@@ -227,13 +227,26 @@ def check_state(owner: str, state, keys) -> None:
         raise ValueError(f"{owner} state lacks {missing}: it was not saved by a {owner}")
 
 
+def _available_ram() -> int:
+    """Bytes the kernel could hand out now: MemAvailable (free pages plus reclaimable cache) where Linux reports
+    it, else the free pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def check_allocation(what: str, nbytes: int, device) -> None:
     """Refuse to allocate, on the user's behalf, more than the device has free (CPU: available RAM)."""
     device = torch.device(device)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     elif device.type == "cpu":
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = _available_ram()
     else:
         return
     if nbytes > free:
