@@ -25,6 +25,15 @@ struct GradEmaMeta : TensorMeta<kGradEmaRoles> {
 };
 static_assert(sizeof(GradEmaMeta) == GradEmaMeta::kWords * sizeof(int64_t), "GradEmaMeta must be unpadded");
 
+// pack_meta_words' fill_extra: index and first_block.
+struct SetGradEmaExtra {
+  SetFirstBlock first_block;
+  void operator()(int64_t i, GradEmaMeta& m) {
+    SetIndex{}(i, m);
+    first_block(i, m);
+  }
+};
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t ema_var(acc_t x, acc_t m, acc_t v, acc_t alpha) {
   const acc_t d = x - m;
@@ -106,10 +115,7 @@ cudaError_t launch_grad_ema_stats(const int64_t* meta_words, int64_t num_tensors
   const cudaError_t err = launch_blocks(grad_ema_max_kernel<acc_t>, num_blocks, stream, meta_words, num_tensors,
                                         inv_scale, alphas, partials);
   if (err != cudaSuccess || num_tensors == 0) return err;
-  if (num_tensors > kMaxBlocks) return cudaErrorInvalidConfiguration;
-  grad_ema_merge_kernel<acc_t>
-      <<<static_cast<unsigned>(num_tensors), kBlockThreads, 0, stream>>>(meta_words, partials, out);
-  return cudaGetLastError();
+  return launch_kernel(grad_ema_merge_kernel<acc_t>, num_tensors, stream, meta_words, partials, out);
 }
 
 // As launch_grad_ema_stats, plus var_scales (num_tensors acc_t) and skip (one bool) on the device: queues the
