@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -520,10 +521,110 @@ def test_anchored_lm_loss_rows(emu, vocab, dtype, mode):
 # ---------------------------------------------------------------------------------------------------- the emulator
 
 
-def test_launch_failures_carry_their_message(emu):
-    """The emulator fails a launch (a barrier some threads never reach, a shuffle of a divergent warp) with a message;
-    the planted-bug tests below rely on it."""
-    lib_source = CSRC / "emu" / "emu_launchers.cpp"
-    assert lib_source.exists()
-    with pytest.raises(LaunchError, match="cudaError"):
+def converted(emu, values, kind):
+    out = torch.empty(len(values), dtype=torch.int16)
+    x = torch.tensor(values, dtype=torch.float64)
+    emu.lib.ff_emu_convert(_ptr(x), ctypes.c_int64(len(values)), kind, _ptr(out))
+    return out
+
+
+def test_16_bit_conversions_round_to_nearest_even(emu):
+    """From fp32, as torch's conversions (round to nearest even, subnormals, overflow to inf, NaN); from fp64 with a
+    single rounding, as cvt.rn.bf16.f64 does (rounding through fp32 first would round twice)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.randn(20000, generator=gen) * torch.logspace(-45, 38, 20000).float(),
+        torch.tensor([0.0, -0.0, math.inf, -math.inf, 65504.0, 65520.0, 1e-8, 6e-8, 3.4e38, 1 + 2**-8, 1 + 3 * 2**-8]),
+    ]).double()  # fmt: skip
+    values = x.tolist()
+    assert torch.equal(converted(emu, values, 0), x.float().bfloat16().view(torch.int16))
+    assert torch.equal(converted(emu, values, 2), x.float().half().view(torch.int16))
+    nan = converted(emu, [math.nan], 0).view(torch.bfloat16)
+    assert nan.isnan().all()
+    # 1 + 2^-8 + 2^-30 lies above the bf16 tie 1 + 2^-8 (so rounds up), but as fp32 it is the tie (rounds to even).
+    just_above = [1.0 + 2**-8 + 2**-30, 1.0 + 2**-11 + 2**-40]
+    assert converted(emu, just_above[:1], 1).view(torch.bfloat16).item() == 1.0 + 2**-7
+    assert converted(emu, just_above[1:], 3).view(torch.float16).item() == 1.0 + 2**-10
+    # the truncating variant (the planted bug below) rounds toward zero
+    assert converted(emu, [1.0 + 255 * 2**-15], 4).view(torch.bfloat16).item() == 1.0
+
+
+def test_launch_of_no_block_is_rejected(emu):
+    """A grid of zero blocks is an invalid configuration, as on the GPU (the bindings reject empty lists first)."""
+    with pytest.raises(LaunchError, match="cudaError 9"):
         emu._call("ff_emu_grad_moments", *emu._lists([[]]), _ptr(torch.ones(1)), _ptr(torch.empty(0)), 0)
+
+
+# Planted bugs: (file, the exact text, its mutant, the checks that must catch it). Each text must occur exactly
+# once, so that a change of the headers cannot silently turn a mutation into a no-op.
+MUTATIONS = {
+    "chunk end off by one": (
+        "multi_tensor.cuh",
+        "t.numel - b.begin < kChunkSize ? t.numel : b.begin + kChunkSize}",
+        "t.numel - b.begin < kChunkSize ? t.numel : b.begin + kChunkSize - 1}",
+        lambda emu: test_scale_grads(emu, CHUNK + 1, torch.float32, "contiguous"),
+    ),
+    "wrong shuffle offset": (
+        "multi_tensor.cuh",
+        "for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);",
+        "for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset + 1);",
+        lambda emu: test_ewc_penalty(emu, BLOCK + 1, torch.float32, "contiguous"),
+    ),
+    "missing __syncthreads": (
+        "multi_tensor.cuh",
+        "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();\n",
+        "  if (lane == 0) warp_sums[warp] = v;\n",
+        lambda emu: test_grad_moments(emu, CHUNK, torch.float32, 0.0),
+    ),
+    "reduction order set by the schedule": (
+        "multi_tensor.cuh",
+        "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();\n"
+        "  if (warp == 0) v = warp_reduce_sum(lane < kWarps ? warp_sums[lane] : acc_t(0));\n  return v;",
+        "  __shared__ acc_t block_total;\n  if (threadIdx.x == 0) block_total = 0;\n  __syncthreads();\n"
+        "  if (lane == 0) atomicAdd(&block_total, v);\n  __syncthreads();\n  return block_total;",
+        lambda emu: test_ewc_penalty(emu, 3 * CHUNK + 1, torch.float32, "contiguous"),
+    ),
+    "bf16 rounded by truncation": (
+        "multi_tensor.cuh",
+        "to_bfloat16(float v) { return __float2bfloat16(v); }",
+        "to_bfloat16(float v) { return __float2bfloat16_rz(v); }",
+        lambda emu: test_scale_grads(emu, CHUNK + 1, torch.bfloat16, "contiguous"),
+    ),
+    "barrier in divergent code": (
+        "grad_moments.cuh",
+        "merged[threadIdx.x + stride]);\n    __syncthreads();",
+        "merged[threadIdx.x + stride]);\n    if (threadIdx.x < stride) __syncthreads();",
+        lambda emu: test_grad_moments(emu, 1, torch.float32, 0.0),
+    ),
+}
+
+
+def mutant_root(tmp, name):
+    file, text, mutant, _ = MUTATIONS[name]
+    root = Path(tmp) / name.replace(" ", "_")
+    shutil.copytree(CSRC / "emu", root / "emu")
+    shutil.copytree(CSRC / "cuda", root / "cuda", ignore=shutil.ignore_patterns("*.cu", "*.h"))
+    source = (root / "cuda" / file).read_text()
+    assert source.count(text) == 1, f"{name}: the text to mutate is not in {file} exactly once"
+    (root / "cuda" / file).write_text(source.replace(text, mutant))
+    return root
+
+
+@pytest.fixture(scope="module")
+def mutants(tmp_path_factory):
+    """The library built from each mutation of the headers (in parallel: each build takes a few seconds)."""
+    tmp = tmp_path_factory.mktemp("mutants")
+    roots = {name: mutant_root(tmp, name) for name in MUTATIONS}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        built = {name: pool.submit(build_library, root) for name, root in roots.items()}
+        return {name: future.result() for name, future in built.items()}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_planted_bugs_are_caught(emu, mutants, name):
+    check = MUTATIONS[name][-1]
+    check(emu)  # passes on the real headers
+    with pytest.raises((AssertionError, LaunchError)) as caught:
+        check(mutants[name])
+    if name == "barrier in divergent code":
+        assert "__syncthreads" in str(caught.value)

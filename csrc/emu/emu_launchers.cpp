@@ -170,3 +170,23 @@ int ff_emu_anchored_lm_loss_rows(const void* logits, const void* ref, const int6
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// The emulator's 16-bit conversions, for their own tests: out[i] = the bits of in[i] converted by `kind`
+// (0: __float2bfloat16 of (float)in[i], 1: __double2bfloat16, 2: __float2half, 3: __double2half, 4:
+// __float2bfloat16_rz).
+void ff_emu_convert(const double* in, int64_t n, int kind, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = static_cast<float>(in[i]);
+    switch (kind) {
+      case 0: out[i] = __float2bfloat16(f).__x; break;
+      case 1: out[i] = __double2bfloat16(in[i]).__x; break;
+      case 2: out[i] = __float2half(f).__x; break;
+      case 3: out[i] = __double2half(in[i]).__x; break;
+      default: out[i] = __float2bfloat16_rz(f).__x; break;
+    }
+  }
+}
+
+}  // extern "C"
