@@ -47,7 +47,8 @@ pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compi
 
 
 def _sources(root):
-    return sorted((root / "emu").glob("*")) + sorted((root / "cuda").glob("*.cuh"))
+    """Everything the library is built from: the emulator, the kernel headers and the shared per-element math."""
+    return [*sorted((root / "emu").glob("*")), *sorted((root / "cuda").glob("*.cuh")), root / "elementwise.h"]
 
 
 def build_library(root=CSRC):
@@ -62,7 +63,8 @@ def build_library(root=CSRC):
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / target.name
             cmd = [CXX, *FLAGS, f"-I{root / 'emu'}", str(root / "emu" / "emu_launchers.cpp"), "-o", str(built)]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            build = subprocess.run(cmd, capture_output=True, text=True)
+            assert build.returncode == 0, f"building the emulated launchers failed:\n{build.stderr}"
             os.replace(built, target)  # atomic: concurrent builders never load a half-written file
     return Emulator(ctypes.CDLL(str(target)))
 
@@ -604,6 +606,7 @@ def mutant_root(tmp, name):
     root = Path(tmp) / name.replace(" ", "_")
     shutil.copytree(CSRC / "emu", root / "emu")
     shutil.copytree(CSRC / "cuda", root / "cuda", ignore=shutil.ignore_patterns("*.cu", "*.h"))
+    shutil.copy(CSRC / "elementwise.h", root)
     source = (root / "cuda" / file).read_text()
     assert source.count(text) == 1, f"{name}: the text to mutate is not in {file} exactly once"
     (root / "cuda" / file).write_text(source.replace(text, mutant))
