@@ -323,9 +323,26 @@ def test_ewc_penalty(emu, size, dtype, kind):
         agree(g, leaf.grad)
 
 
-def test_ewc_penalty_of_no_tensors_is_zero(emu):
-    """The launcher plans no block and still writes lam * 0 (the binding rejects an empty list before)."""
+def test_hundreds_of_tensors(emu):
+    """One launch over 300 tensors (one block each; the merge kernels one block per tensor)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [randn(i % 7 + 1, torch.bfloat16 if i % 3 else torch.float32, gen) for i in range(300)]
+    anchors = [randn(p.shape, p.dtype, gen) for p in params]
+    fisher = [torch.rand(p.shape, generator=gen) for p in params]
+    (penalty,) = under_seeds(emu, lambda: [emu.ewc_penalty(params, anchors, fisher, 0.3)])
+    agree(penalty, ewc_penalty_ref(params, anchors, fisher, 0.3))
+    (rows,) = under_seeds(emu, lambda: [emu.grad_moments(params, 2.0)])
+    agree(rows, grad_moments_ref(params, 2.0))
+
+
+def test_empty_lists(emu):
+    """The launchers plan no block for an empty list: nothing is launched but the sums (lam * 0)."""
     assert emu.ewc_penalty([], [], [], 0.5).item() == 0.0
+    assert emu.ewc_penalty([], [], [], 0.5, grads=[]).item() == 0.0
+    emu.fisher_update([], [], 0.9, 1.0, False)
+    emu.scale_grads([], torch.zeros(0))
+    assert emu.grad_ema_stats([], [], [], torch.tensor(1.0), torch.zeros(0)).numel() == 0
+    emu.grad_ema_protect([], [], [], torch.tensor(1.0), torch.zeros(0), torch.zeros(0), torch.tensor(False), 0.5)
 
 
 @pytest.mark.parametrize("size", SIZES)
