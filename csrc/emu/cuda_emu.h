@@ -12,7 +12,7 @@
 //  * __shfl_{down,up,xor,}_sync exchange within a 32-lane warp and synchronise that warp only; all 32 lanes must
 //    reach the same call site (full mask only);
 //  * a seeded random schedule: the scheduler runs a random runnable thread, and every read of threadIdx, every
-//    shuffle, atomic and 16-bit conversion may preempt the running thread (probability 1/4), so a missing
+//    shuffle and every atomic may preempt the running thread (probability 1/4), so a missing
 //    barrier or a read-after-write race through shared memory changes the result from one seed to the next;
 //  * __nv_bfloat16 / __half rounded to nearest even (the double conversions round once, as cvt.rn.*.f64 does),
 //    the _rz variants by truncation; CUDA's fmax/fmin (a NaN operand yields the other, max(-0, +0) = +0);
