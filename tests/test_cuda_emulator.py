@@ -277,14 +277,9 @@ def odd_view(numel, dtype, gen, kind):
     return randn(numel, dtype, gen)
 
 
-LISTS = {
-    "one": lambda size: [size],
-    "many": lambda size: [size, 3, 0, CHUNK + 1, 1, size + 5, 2 * CHUNK, 7, 0],
-}
-
-
 def shapes_of(size, layout):
-    return LISTS[layout](size)
+    """One tensor of `size` elements ("one"), or a list around it ("many": empty tensors, a chunk + 1, two chunks)."""
+    return [size] if layout == "one" else [size, 3, 0, CHUNK + 1, 1, size + 5, 2 * CHUNK, 7, 0]
 
 
 # ---------------------------------------------------------------------------------------------------- ops
