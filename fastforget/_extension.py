@@ -216,9 +216,10 @@ def _compile(spec: BuildSpec) -> None:
     (spec.directory / STAMP).write_text(json.dumps(stamp) + "\n")
 
 
-def build(load: bool = True) -> Path:
+def build() -> Path:
     """Builds the kernels into the cache (once: a build that exists is reused) and loads them; returns the library.
     Raises BuildError saying why it cannot."""
+    global LOADED_FROM, LOAD_ERROR
     from filelock import FileLock  # a dependency of torch
 
     spec = build_spec()
@@ -232,24 +233,23 @@ def build(load: bool = True) -> Path:
             lock.acquire()
         try:
             if not (spec.directory / STAMP).exists():  # the process that held the lock may have built it
-                _compile(spec)
-                load = load and LOADED_FROM != str(spec.library)  # cpp_extension.load has loaded it
+                _compile(spec)  # cpp_extension.load also loads the library into this process
+                LOADED_FROM, LOAD_ERROR = str(spec.library), None
         finally:
             lock.release()
-    if load and LOADED_FROM != str(spec.library):
+    if LOADED_FROM != str(spec.library):
         _load(spec.library)
     return spec.library
 
 
 def ensure_built() -> str | None:
     """Builds and loads the kernels unless loaded already (tried once per process); the reason when they cannot."""
-    global _build_tried, LOAD_ERROR, LOADED_FROM
+    global _build_tried, LOAD_ERROR
     if LOADED_FROM or LOAD_ERROR or _build_tried:
         return LOAD_ERROR
     _build_tried = True
     try:
-        library = build()
-        LOADED_FROM = LOADED_FROM or str(library)
+        build()
     except Exception as error:  # a build must never crash the op that asked for it: it falls back instead
         LOAD_ERROR = f"fastforget's C++ kernels are not built: {error}; {_how_to_fix()}"
     return LOAD_ERROR
