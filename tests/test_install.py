@@ -16,7 +16,6 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-import time
 import zipfile
 from pathlib import Path
 
@@ -40,10 +39,9 @@ def _copy_checkout(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory):
-    """A fresh venv that sees this interpreter's packages, with fastforget installed by `pip install <checkout>`."""
-    root = tmp_path_factory.mktemp("install")
+def make_venv(root: Path, *pip_args: str) -> dict:
+    """A fresh venv in `root` that sees this interpreter's packages, with fastforget installed from a copy of the
+    checkout by `pip install <pip_args> <copy>` (default build isolation)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "v")], check=True, timeout=120)
     python = root / "v" / "bin" / "python"
     where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
@@ -51,13 +49,32 @@ def venv(tmp_path_factory):
     base = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "base_site_packages.pth").write_text("\n".join(sorted(base)) + "\n")
     source = _copy_checkout(root / "src")
-    start = time.monotonic()
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-warn-conflicts", str(source)],
-        capture_output=True, text=True, timeout=600, cwd=root,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-warn-conflicts", *pip_args]
+    install = subprocess.run([*command, str(source)], capture_output=True, text=True, timeout=600, cwd=root)
     assert install.returncode == 0, install.stdout + install.stderr
-    return {"python": python, "root": root, "source": source, "install_seconds": time.monotonic() - start}
+    return {"python": python, "root": root, "source": source}
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    return make_venv(tmp_path_factory.mktemp("install"))
+
+
+def test_editable_install_builds_from_the_checkout(tmp_path):
+    """`pip install -e` with build isolation: the package, its Triton kernels and the C++ sources the just-in-time
+    build compiles all come from the checkout."""
+    editable = make_venv(tmp_path, "-e")
+    code = """
+        import fastforget, fastforget.kernels
+        from fastforget import _build
+        print(fastforget.__file__, fastforget.kernels.__file__, _build.source_root())
+    """
+    completed = run(editable, code, tmp_path / "cache")
+    assert completed.returncode == 0, completed.stderr
+    package, kernels, sources = (Path(p).resolve() for p in completed.stdout.split())
+    source = editable["source"].resolve()
+    expected = (source / "fastforget/__init__.py", source / "kernels/__init__.py", source / "csrc")
+    assert (package, kernels, sources) == expected
 
 
 def run(venv, code: str, cache: Path, timeout=BUILD_TIMEOUT, env=None, background=False):
