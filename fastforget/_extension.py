@@ -261,7 +261,8 @@ def status() -> str:
         return LOAD_ERROR
     if LOADED_FROM:
         return f"kernels from {LOADED_FROM}"
-    return f"built on first use into {cache_root() / 'extensions'} (or now: python -m fastforget build)"
+    folder = cache_root() / "extensions"
+    return f"the kernels are built on first use, into {folder} (or now: python -m fastforget build)"
 
 
 def _load_at_import() -> None:

@@ -100,7 +100,7 @@ def available_backends() -> dict:
         if usable:
             reason = "runs on " + " and ".join(f"{d} tensors" for d in usable)
             if backend in ("cpu", "cuda") and not _extension.LOADED_FROM:
-                reason += f" once built: {_extension.status()}"
+                reason += f"; {_extension.status()}"
             status[backend] = BackendStatus(True, reason)
         else:
             why = "; ".join(reasons.values()) if reasons else "no CUDA device is available"
