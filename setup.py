@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -51,14 +51,12 @@ setup(
     name="fastforget",
     version=VERSION,
     description="Fused multi-tensor kernels for EWC, rehearsal, LoRA and gradient protection",
+    # every package under fastforget/ (a checkout's fastforget/kernels symlink aside), plus the two mapped folders
     packages=[
-        "fastforget",
-        "fastforget.ops",
-        "fastforget.optim",
+        *find_packages(include=["fastforget", "fastforget.*"], exclude=["fastforget.kernels*"]),
         "fastforget.kernels",
-        "fastforget.demo",
         "fastforget._csrc",
-    ],  # fmt: skip
+    ],
     # the repository keeps Triton kernels in kernels/ and C++/CUDA sources in csrc/; installed, they live inside
     # the package (the just-in-time build compiles fastforget/_csrc)
     package_dir={"fastforget.kernels": "kernels", "fastforget._csrc": "csrc"},

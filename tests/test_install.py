@@ -135,6 +135,9 @@ def test_wheel_is_pure_python_with_the_sources(tmp_path):
         if path.suffix in (".h", ".cpp", ".cu", ".cuh"):
             assert f"fastforget/_csrc/{path.relative_to(REPO / 'csrc')}" in names, path
     assert {"fastforget/kernels/__init__.py", "fastforget/_extension.py", "fastforget/_build.py"} <= names
+    for init in sorted((REPO / "fastforget").rglob("__init__.py")):  # every subpackage, e.g. fastforget/replay
+        if "kernels" not in init.relative_to(REPO).parts:
+            assert str(init.relative_to(REPO)) in names, init
     assert not any(name.endswith(".so") for name in names)
     requires = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py3')[0]}.dist-info/METADATA").decode()
     assert "Requires-Dist: ninja" in requires and "Requires-Dist: torch>=2.11" in requires
