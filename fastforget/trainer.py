@@ -202,8 +202,8 @@ class ProtectedTrainer(DefenceAttributes):
                     if penalty is not None:
                         penalties.append(float(penalty))
             skipped = self._optimizer_step()
-            if self.fused and self.optimizer.ewc is not None:
-                penalties.append(float(self.optimizer.penalty))  # of this step, from the fused pass
+            if self.fused and any("quadratic" in d.fused_terms for d in self.optimizer.defences):
+                penalties.append(float(self.optimizer.penalty))  # of this step, from the fused pass (EWC's)
         self.steps += not skipped
         replay_loss = terms.pop("replay_loss", None)
         return {
@@ -224,6 +224,14 @@ class ProtectedTrainer(DefenceAttributes):
         self.scaler.step(self.optimizer)  # skips the step when unscale_ found an inf/NaN gradient
         self.scaler.update()
         return self.scaler.get_scale() < scale  # update() lowers the scale exactly when the step was skipped
+
+    def protection_state_dict(self):
+        """{name: state} of the defences with state (as ``ProtectionMixin.protection_state_dict``)."""
+        return self.defences.state_dict()
+
+    def load_protection_state_dict(self, state):
+        """Restore a ``protection_state_dict()``: every part or none (validated as a whole)."""
+        self.defences.load_state_dict(state)
 
     def end_task(self, loader, *, estimator="empirical", max_batches=None, progress=False):
         """After a task, each defence's ``end_task`` in order: the EWC consolidates at the current parameters over
