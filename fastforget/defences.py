@@ -280,6 +280,14 @@ class Replay(Defence):
         self.buffer.load_state_dict(state)
 
 
+def _kl_backend(backend):
+    from fastforget.dispatch import BACKENDS
+
+    if not any(backend == b and type(backend) is type(b) for b in ("auto", *BACKENDS)):
+        raise ValueError(f"kl_backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 class KLAnchor(Defence):
     """The KL anchor to the base model: the task loss becomes ``ff.anchored_lm_loss`` on the final hidden states,
     mean CE + weight T^2 KL(p_base || p_theta), fused and chunked (no logits materialised). The base's hidden
@@ -293,13 +301,7 @@ class KLAnchor(Defence):
             self.weight = check.check_real("kl_to_base", weight, minimum=0.0)
         except ValueError:
             raise ValueError(f"kl_to_base must be a finite number >= 0, got {weight!r}") from None
-        try:
-            self.backend = check.check_backend("kl_backend", backend)
-        except ValueError:
-            from fastforget.dispatch import BACKENDS
-
-            raise ValueError(f"kl_backend must be 'auto' or one of {BACKENDS}, got {backend!r}") from None
-        self.base_model = base_model
+        self.backend, self.base_model = _kl_backend(backend), base_model
 
     def __repr__(self):
         return f"KLAnchor(weight={self.weight}, base_model={type(self.base_model).__name__}, backend={self.backend!r})"
@@ -394,8 +396,7 @@ def build_defences(
     weight = check.check_real("replay_weight", replay_weight, minimum=0.0)
     batch = check.optional(check.check_int, "replay_batch_size", replay_batch_size, minimum=1)
     anchor = None if kl_to_base is None else KLAnchor(kl_to_base, base_model, kl_backend)
-    if kl_to_base is None:
-        check.check_backend("kl_backend", kl_backend)
+    _kl_backend(kl_backend)
     built = [ewc, si, protector, None if replay is None else Replay(replay, weight, batch), anchor]
     return [d for d in built if d is not None] + extra
 
