@@ -60,6 +60,7 @@ class LossTerm:
     name: str
     value: torch.Tensor
     weight: float = 1.0
+    parts: dict | None = None  # a task loss's components for the logs ({"task_loss": ..., "kl_loss": ...}), detached
 
 
 @dataclasses.dataclass
@@ -71,6 +72,7 @@ class LossContext:
     loss_of(stored): the consumer's loss of a batch as a ``ff.ReplayBuffer`` returns it from ``sample``.
     outputs: for ``task_loss``, the model's outputs on ``batch`` (``LMHeadInputs`` for language models); and
     outputs_of(model): the same outputs for another model (the caller runs it under no_grad where it wants).
+    split: the consumer logs a task loss's components (``LossTerm.parts``).
     """
 
     model: torch.nn.Module
@@ -80,6 +82,7 @@ class LossContext:
     unwrapped: torch.nn.Module | None = None
     outputs: Any = None
     outputs_of: Callable[[torch.nn.Module], Any] | None = None
+    split: bool = False
 
 
 class TaskData:
@@ -292,7 +295,9 @@ class KLAnchor(Defence):
     """The KL anchor to the base model: the task loss becomes ``ff.anchored_lm_loss`` on the final hidden states,
     mean CE + weight T^2 KL(p_base || p_theta), fused and chunked (no logits materialised). The base's hidden
     states come from ``base_model`` (a frozen copy of the model before the task) or, for a fastforget LoRA model,
-    from the same model under ``ff.lora_disabled``, in a no-grad forward. Needs the consumer's ``LMHeadInputs``."""
+    from the same model under ``ff.lora_disabled``, in a no-grad forward. Needs the consumer's ``LMHeadInputs``.
+    Asked for its parts (``ctx.split``), it computes the cross-entropy alone in one more no-grad, chunked pass over
+    the LM head: ``task_loss`` (CE) and ``kl_loss`` (the KL term, weight T^2 KL)."""
 
     name = "kl_to_base"
 
@@ -336,7 +341,14 @@ class KLAnchor(Defence):
             out.hidden, out.weight, out.labels, bias=out.bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
             kl_weight=self.weight, shift=out.shift, backend=self.backend,
         )  # fmt: skip
-        return LossTerm("kl_loss", value)
+        parts = None
+        if ctx.split:
+            with torch.no_grad():
+                ce = anchored_lm_loss(
+                    out.hidden, out.weight, out.labels, bias=out.bias, shift=out.shift, backend=self.backend
+                )
+            parts = {"task_loss": ce, "kl_loss": value.detach() - ce}
+        return LossTerm("kl_loss", value, parts=parts)
 
 
 # -------------------------------------------------------------------------------------- the consumers' list

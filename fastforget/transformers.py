@@ -16,7 +16,10 @@ Per optimizer step, in ``ff.ProtectedTrainer``'s order:
 never materialising the logits) on the final hidden states; the base model's come from ``base_model`` (a frozen
 copy) or, for a fastforget LoRA model, from the same model under ``ff.lora_disabled``, in a no-grad forward.
 
-The Trainer's logs gain ``ewc_penalty``, ``replay_loss`` and ``kl_loss`` (means since the last log);
+The Trainer's logs gain ``task_loss`` (the task's loss alone), ``replay_loss``, ``kl_loss`` (the KL term alone, one
+more no-grad LM-head pass computes the CE apart) and ``ewc_penalty``: means per optimizer step since the last log,
+over the ranks, each micro-batch counted as the Trainer counts it under gradient accumulation (``loss`` stays the
+Trainer's: everything differentiated);
 ``protection_time_ms`` holds the last step's EWC and protection times. ``end_task(dataset=None)`` consolidates the
 EWC over a dataset (default: the train dataset) through the Trainer's evaluation dataloader and collator, then
 offers its examples to the replay buffer. The EWC, protector and replay states are saved in every checkpoint
@@ -48,6 +51,7 @@ except ImportError as error:  # fastforget itself imports without it; this modul
     raise ImportError(
         "fastforget.transformers needs Hugging Face transformers: pip install 'transformers>=5' (or fastforget[hf])"
     ) from error
+from transformers.trainer_pt_utils import nested_gather  # noqa: E402
 
 STATE_FILE = "fastforget_state.pt"
 
@@ -92,7 +96,9 @@ class ProtectionMixin(DefenceAttributes):
             d.check_model(self.model)
         self.defences, self.ewc_estimator = built, ewc_estimator
         self.protection_time_ms = {}
-        self._protection_logs = collections.defaultdict(list)  # name -> values since the last log
+        # name -> each micro-batch's (or step's) share of its optimizer step's value, since the last log
+        self._protection_logs = collections.defaultdict(list)
+        self._steps_since_log = 0
 
     # -------------------------------------------------------------------------------------------- training
 
@@ -103,6 +109,13 @@ class ProtectionMixin(DefenceAttributes):
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
+    def _step_share(self, value, num_items_in_batch):
+        """A micro-batch's loss as its share of the optimizer step's: the Trainer divides a per-batch mean by the
+        accumulation steps, a loss it normalises over the accumulated batch (num_items_in_batch) it takes as is."""
+        if self._scaled_for_accumulation(num_items_in_batch):
+            return value.detach()
+        return value.detach() / self.current_gradient_accumulation_steps
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         anchor = self.defences.task_loss
         if anchor is not None and model.training:
@@ -111,6 +124,9 @@ class ProtectionMixin(DefenceAttributes):
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+            if model.training:
+                task = result[0] if return_outputs else result
+                self._protection_logs["task_loss"].append(self._step_share(task, num_items_in_batch))
         adding = self.defences.with_hook("loss") if model.training else []
         if not adding:
             return result
@@ -123,8 +139,8 @@ class ProtectionMixin(DefenceAttributes):
             term = d.loss(ctx)
             if term is None:
                 continue
-            self._protection_logs[term.name].append(term.value.detach())
             # the term, a mean, must end up divided by the accumulation steps once, as the Trainer's own loss
+            self._protection_logs[term.name].append(term.value.detach() / self.current_gradient_accumulation_steps)
             steps = self.current_gradient_accumulation_steps if self._scaled_for_accumulation(num_items_in_batch) else 1
             loss = loss + term.weight / steps * term.value
         return (loss, outputs) if return_outputs else loss
@@ -146,14 +162,22 @@ class ProtectionMixin(DefenceAttributes):
 
         ctx = LossContext(
             model, inputs, unwrapped=self.accelerator.unwrap_model(model), outputs=outputs_of(model),
-            outputs_of=outputs_of,
+            outputs_of=outputs_of, split=True,
         )  # fmt: skip
         term = anchor.task_loss(ctx)
-        loss = term.value
-        if num_items_in_batch is not None and self._scaled_for_accumulation(num_items_in_batch):
+
+        def normalised(loss):
+            if num_items_in_batch is None or not self._scaled_for_accumulation(num_items_in_batch):
+                return loss
             counted = (labels[..., 1:] != -100).sum()
-            loss = loss * counted / num_items_in_batch
-        self._protection_logs[term.name].append(loss.detach())
+            ranks = 1  # num_items_in_batch counts every rank's tokens when averaged across devices: as the Trainer
+            if self.args.average_tokens_across_devices:
+                ranks = self.accelerator.num_processes // self.get_tp_size()
+            return loss * counted / num_items_in_batch * ranks
+
+        loss = normalised(term.value)
+        for name, part in (term.parts or {term.name: term.value}).items():
+            self._protection_logs[name].append(self._step_share(normalised(part), num_items_in_batch))
         return (loss, None) if return_outputs else loss
 
     def _stored_loss(self, model, stored):
@@ -176,6 +200,7 @@ class ProtectionMixin(DefenceAttributes):
 
     def _protect_gradients(self):
         self.protection_time_ms = {}
+        self._steps_since_log += 1
         applied = self.defences.applied_by(self.optimizer)  # a ProtectedAdamW applies its own, after clipping
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         for d in getattr(optimizer, "defences", ()):
@@ -194,10 +219,17 @@ class ProtectionMixin(DefenceAttributes):
                 self.protection_time_ms[d.step_timer] = (time.perf_counter() - start) * 1e3
 
     def log(self, logs, start_time=None):
-        for key, values in self._protection_logs.items():
-            if values:
-                logs[key] = float(torch.stack(values).float().mean())
-                values.clear()
+        """A training log (one with the Trainer's ``loss``) gains each term's mean per optimizer step since the
+        last one, over every rank (as the Trainer's own loss): task_loss, replay_loss, kl_loss (the KL term alone),
+        ewc_penalty, and other defences' terms."""
+        if "loss" in logs:
+            steps = max(1, self._steps_since_log)
+            for key, values in self._protection_logs.items():
+                if values:
+                    total = torch.stack([v.float() for v in values]).sum()
+                    logs[key] = float(nested_gather(total, self.args.parallel_mode).mean()) / steps
+                    values.clear()
+            self._steps_since_log = 0
         return super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------- between tasks
