@@ -51,7 +51,6 @@ except ImportError as error:  # fastforget itself imports without it; this modul
     raise ImportError(
         "fastforget.transformers needs Hugging Face transformers: pip install 'transformers>=5' (or fastforget[hf])"
     ) from error
-from transformers.trainer_pt_utils import nested_gather  # noqa: E402
 
 STATE_FILE = "fastforget_state.pt"
 
@@ -224,11 +223,11 @@ class ProtectionMixin(DefenceAttributes):
         ewc_penalty, and other defences' terms."""
         if "loss" in logs:
             steps = max(1, self._steps_since_log)
-            for key, values in self._protection_logs.items():
-                if values:
-                    total = torch.stack([v.float() for v in values]).sum()
-                    logs[key] = float(nested_gather(total, self.args.parallel_mode).mean()) / steps
-                    values.clear()
+            logged = self._protection_logs.items()
+            sums = {key: float(torch.stack([x.float() for x in v]).sum()) for key, v in logged if v}
+            for key, value in _mean_over_ranks(sums).items():
+                logs[key] = value / steps
+            self._protection_logs.clear()
             self._steps_since_log = 0
         return super().log(logs, start_time)
 
@@ -285,6 +284,18 @@ class ProtectionMixin(DefenceAttributes):
                 raise ValueError(f"{checkpoint} has no {STATE_FILE}: it was not saved by a ProtectionMixin trainer")
             self.load_protection_state_dict(torch.load(path, weights_only=True))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _mean_over_ranks(values):
+    """{key: mean over the ranks that logged it} when the Trainer runs on several processes (one all_gather_object,
+    so that a rank may lack a key, e.g. with an empty replay buffer, without the collectives getting out of step);
+    `values` itself in one process. The Trainer calls log() on every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, values)
+    keys = dict.fromkeys(key for rank in gathered for key in rank)
+    return {key: sum(r[key] for r in gathered if key in r) / sum(key in r for r in gathered) for key in keys}
 
 
 def _final_hidden(model, forward):

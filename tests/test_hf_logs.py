@@ -7,13 +7,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_utils import run_ranks
 
 import fastforget as ff
+from fastforget.testing import import_installed_kernels_package
 
+import_installed_kernels_package()  # as conftest does: the ranks of run_ranks import this module without it
 pytest.importorskip("transformers")
 from test_hf_trainer import arguments, collate, dataset, llama  # noqa: E402
 
-from fastforget.transformers import ProtectedHFTrainer  # noqa: E402
+from fastforget.transformers import ProtectedHFTrainer, _mean_over_ranks  # noqa: E402
 
 ACCUMULATION, KL, REPLAY_WEIGHT = 2, 0.5, 0.5
 
@@ -92,3 +95,14 @@ def test_logged_terms_are_the_step_means_of_each_term(tmp_path, anchored):
         if anchored:
             assert logged["kl_loss"] == pytest.approx(kl, rel=1e-3)
         assert logged["loss"] == pytest.approx(total, rel=1e-3)  # the Trainer's own: what was differentiated
+
+
+def _rank_means(rank, world_size):
+    """Rank 0 logged a replay loss, rank 1 did not (its buffer was empty): no collective may get out of step."""
+    return _mean_over_ranks({"task_loss": 1.0 + rank, "replay_loss": 4.0} if rank == 0 else {"task_loss": 1.0 + rank})
+
+
+def test_terms_are_averaged_over_the_ranks_that_logged_them(tmp_path):
+    assert _mean_over_ranks({"task_loss": 2.0}) == {"task_loss": 2.0}  # one process: as is
+    for result in run_ranks(_rank_means, tmp_path, timeout=60):
+        assert result == {"task_loss": 1.5, "replay_loss": 4.0}
