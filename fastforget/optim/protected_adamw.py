@@ -15,10 +15,20 @@ and SI state bitwise unchanged, with no host synchronisation. ``p.grad`` is neve
 The attached parts are ``ff.defences.Defence`` objects: each step asks every one for its operands
 (``fused_operands``, over all params with a gradient), runs the fused pass per param group on them, then calls
 ``after_fused_step``; ``defences=[...]`` attaches more (e.g. your own, see docs/defences.md).
+
+Under FSDP2 (DTensor parameters sharded over a 1-D mesh, see ``fastforget.distributed``) the fused pass runs on
+the local shards (``to_local()``); the per-tensor reductions cross ranks: mode "tensor" protection's gradient
+moments are merged exactly (the protector's Chan et al. merge), the EWC penalty is summed. ``exp_avg`` and
+``exp_avg_sq`` are DTensors sharded like their parameters (``step`` a plain scalar, as in ``torch.optim.AdamW``),
+created at construction: ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` /
+``set_optimizer_state_dict`` then save and load them as they are, instead of initialising a fresh optimizer with
+a zero-gradient step that would reach the attached defences.
 """
 
 import torch
+import torch.distributed as dist
 
+from fastforget import distributed as dist_util
 from fastforget._dtypes import accumulate_dtype
 from fastforget.defences import FUSED_TERMS, Defence, FusedOperands
 from fastforget.ops.protected_adamw_step import _hyperparameters, run_protected_adamw_step
@@ -38,6 +48,9 @@ class ProtectedAdamW(torch.optim.Optimizer):
     through ``fused_operands`` (see ``ff.defences.FusedOperands``); one defence per fused term ("quadratic",
     "protection", "path_integral"). A defence without fused operands (empty ``fused_terms``: replay, the KL
     anchor) is refused: it belongs to the trainer. ``self.defences`` lists them all.
+
+    Parameters are plain tensors, or all DTensors sharded over one 1-D mesh (FSDP2's ``fully_shard``; the
+    attached parts over the same sharded parameters).
 
     Every optimizer parameter must be covered by each attached part (checked here). ``foreach`` and ``fused``
     are accepted for compatibility and ignored: the step is always the fused multi-tensor op. ``amsgrad``,
@@ -62,13 +75,17 @@ class ProtectedAdamW(torch.optim.Optimizer):
         self._check_group(defaults)
         super().__init__(params, defaults)
         members = [(g, p) for g, group in enumerate(self.param_groups) for p in group["params"]]
-        for g, p in members:
-            if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
-                raise ValueError(f"param group {g} holds a DTensor (FSDP2); ProtectedAdamW runs on plain tensors")
+        names = [
+            f"param_groups[{g}][{i}]" for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))
+        ]
+        self.process_group = dist_util.check_parameters(names, [p for _, p in members])  # FSDP2 only
         self.defences = _check_defences([ewc, protector, si], defences, members)
         self.backend = backend
-        device = members[0][1].device if members else None
+        device = dist_util.local(members[0][1]).device if members else None
         self.penalty = torch.zeros((), device=device)
+        if self.process_group is not None:  # see the module doc: DCP must find the state, not make it with a step
+            for _, p in members:
+                self._state_of(p)
 
     @staticmethod
     def _check_group(group):
@@ -94,8 +111,11 @@ class ProtectedAdamW(torch.optim.Optimizer):
         return next((d for d in getattr(self, "defences", ()) if d.name == name), None)
 
     def add_param_group(self, param_group):
-        if getattr(self, "defences", None):
-            raise ValueError("with ewc/protector/si attached, pass every param group to __init__ (checked there)")
+        if getattr(self, "defences", None) or getattr(self, "process_group", None) is not None:
+            raise ValueError(
+                "with ewc/protector/si attached or sharded (FSDP2) parameters, pass every param group to __init__"
+                " (checked there)"
+            )
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
@@ -104,15 +124,17 @@ class ProtectedAdamW(torch.optim.Optimizer):
     def _state_of(self, p):
         state = self.state[p]
         if not state:
-            acc = accumulate_dtype([p])
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=acc, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=acc, device=p.device)
+            acc, shard = accumulate_dtype([p]), dist_util.local(p)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=shard.device)
+            for key in ("exp_avg", "exp_avg_sq"):  # sharded like p under FSDP2
+                state[key] = dist_util.like(torch.zeros(shard.shape, dtype=acc, device=shard.device), p)
         return state
 
     def load_state_dict(self, state_dict):
         """Loads a state dict of this class or of ``torch.optim.AdamW``; the moments keep their saved precision
-        (fp32 for 16-bit params, where torch would cast them to the param dtype), the step moves to the param."""
+        (fp32 for 16-bit params, where torch would cast them to the param dtype), the step moves to the param.
+        Under FSDP2 the moments may be full tensors or DTensors (as DCP loads them): they are sharded like their
+        parameters."""
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -121,9 +143,12 @@ class ProtectedAdamW(torch.optim.Optimizer):
             if i in saved:
                 state = self.state[p]
                 acc = accumulate_dtype([p])
+                device = dist_util.local(p).device
                 for key in ("exp_avg", "exp_avg_sq"):
-                    state[key] = saved[i][key].to(p.device, acc, copy=True).contiguous()
-                state["step"] = torch.as_tensor(saved[i]["step"], dtype=torch.float32).to(p.device, copy=True)
+                    moment = dist_util.local(dist_util.copy_like(saved[i][key], p, acc))
+                    state[key] = dist_util.like(moment.contiguous(), p)
+                step = dist_util.local(torch.as_tensor(saved[i]["step"], dtype=torch.float32))
+                state["step"] = step.to(device, copy=True)
         for group in self.param_groups:
             self._check_group(group)
 
@@ -148,7 +173,7 @@ class ProtectedAdamW(torch.optim.Optimizer):
         present = [p for _, params in groups for p in params]
         if not present:
             return loss
-        device = present[0].device
+        device = dist_util.local(present[0]).device
         if found_inf is not None:
             found_inf = found_inf.to(device, torch.float32).reshape(())
         if grad_scale is not None:
@@ -164,20 +189,29 @@ class ProtectedAdamW(torch.optim.Optimizer):
                 penalty = penalty + self._group_step(group, params, picked, grad_scale, found_inf)
         for d in self.defences:
             d.after_fused_step(present, found_inf)
+        if self.process_group is not None and operands.anchors:  # each rank's penalty is over its shards
+            dist.all_reduce(penalty, group=self.process_group)
         if operands.penalty_offset is not None:
             penalty = penalty + operands.penalty_offset
         self.penalty = penalty
         return loss
 
     def _group_step(self, group, params, operands, grad_scale, found_inf):
+        """The fused pass over one group, on the local shards under FSDP2 (the elementwise work needs nothing
+        else; the per-tensor factors and alphas are global already). Returns this rank's share of the penalty."""
         states = [self._state_of(p) for p in params]
         o = operands
+
+        def shards(tensors):
+            return [dist_util.local(t) for t in tensors]
+
         beta1, beta2 = group["betas"]
         return run_protected_adamw_step(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states], o.anchors, o.fisher, o.factors, o.ema_mean, o.ema_var, o.alpha, o.var_scale,
-            o.omega, grad_scale, found_inf, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
-            o.lam, o.threshold, bool(group["maximize"]), backend=self.backend,
+            shards(params), shards(p.grad for p in params), shards(s["exp_avg"] for s in states),
+            shards(s["exp_avg_sq"] for s in states), [s["step"] for s in states], shards(o.anchors), shards(o.fisher),
+            o.factors, shards(o.ema_mean), shards(o.ema_var), o.alpha, o.var_scale, shards(o.omega), grad_scale,
+            found_inf, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], o.lam, o.threshold,
+            bool(group["maximize"]), backend=self.backend,
         )  # fmt: skip
 
 
