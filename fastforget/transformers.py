@@ -18,9 +18,12 @@ copy) or, for a fastforget LoRA model, from the same model under ``ff.lora_disab
 
 The Trainer's logs gain ``ewc_penalty``, ``replay_loss`` and ``kl_loss`` (means since the last log);
 ``protection_time_ms`` holds the last step's EWC and protection times. ``end_task(dataset=None)`` consolidates the
-EWC over a dataset (default: the train dataset) through the Trainer's evaluation dataloader and collator, then
-offers its examples to the replay buffer. The EWC, protector and replay states are saved in every checkpoint
-(``fastforget_state.pt``) and restored by ``train(resume_from_checkpoint=...)``.
+EWC over a dataset (default: the train dataset) through the Trainer's evaluation dataloader and collator, on the
+model as the Trainer wrapped it (under DDP: the Fisher of the union of the ranks' parts, the same on every rank), then
+offers its examples to the replay buffer. The EWC, protector and replay states are saved beside the weights by
+``save_model`` and in every checkpoint (``fastforget_state.pt``, see ``fastforget.checkpoint``: written atomically
+before the Trainer completes the checkpoint), restored by ``train(resume_from_checkpoint=...)`` (``True``: the newest
+complete checkpoint) or ``load_protection(folder)``.
 
 With ``optimizers=(ff.optim.ProtectedAdamW(..., ewc=ewc, protector=protector), None)`` the optimizer applies EWC and
 protection inside its fused step and the mixin does not (never twice); the Trainer then clips the task gradient
@@ -38,6 +41,7 @@ import time
 import torch
 
 from fastforget._batch import to_device
+from fastforget.checkpoint import STATE_FILE, last_complete_checkpoint, load_state, save_state  # noqa: F401
 from fastforget.dispatch import BACKENDS
 from fastforget.fisher import scalar_loss
 from fastforget.lora import lora_disabled, lora_modules
@@ -49,8 +53,6 @@ except ImportError as error:  # fastforget itself imports without it; this modul
     raise ImportError(
         "fastforget.transformers needs Hugging Face transformers: pip install 'transformers>=5' (or fastforget[hf])"
     ) from error
-
-STATE_FILE = "fastforget_state.pt"
 
 
 def hf_batch_loss(model, batch):
@@ -231,10 +233,9 @@ class ProtectionMixin:
         if self.ewc is not None:
             start = time.perf_counter()
             loader = self.get_eval_dataloader(dataset)
-            model = self.accelerator.unwrap_model(self.model)
             self.ewc.consolidate(
                 loader, batch_loss=hf_batch_loss, estimator=self.ewc_estimator, max_batches=self.ewc_max_batches,
-                model=model, progress=False,
+                model=self._wrapped_model(), progress=False,
             )  # fmt: skip
             timings["consolidate"] = (time.perf_counter() - start) * 1e3
         if self.replay is not None:
@@ -243,6 +244,15 @@ class ProtectionMixin:
                 self.replay.add(_example_parts([dataset[i] for i in range(first, min(first + 256, len(dataset)))]))
             timings["fill"] = (time.perf_counter() - start) * 1e3
         return {"time_ms": timings}
+
+    def _wrapped_model(self):
+        """The model as the Trainer trains it (DDP / FSDP wrapper): the Fisher is reduced over its process group,
+        each rank estimating on its part of the (sharded) evaluation dataloader. Under DDP before the first
+        train() the model is not wrapped yet: it is prepared here as train() would (train() then keeps it)."""
+        distributed = self.args.parallel_mode == transformers.training_args.ParallelMode.DISTRIBUTED
+        if distributed and self.model_wrapped is self.model and not self.is_fsdp_enabled:
+            self.model_wrapped = self.accelerator.prepare_model(self.model)
+        return self.model_wrapped
 
     # ---------------------------------------------------------------------------------------------- checkpoints
 
@@ -254,28 +264,75 @@ class ProtectionMixin:
         }
 
     def load_protection_state_dict(self, state):
-        for name, part in (("ewc", self.ewc), ("protector", self.protector), ("replay", self.replay)):
+        """Load every part or none: the parts must match this trainer's defences, and if one part's
+        load_state_dict rejects its state, the parts loaded before it are put back."""
+        parts = [(name, part) for name, part in (("ewc", self.ewc), ("protector", self.protector),
+                                                 ("replay", self.replay))]  # fmt: skip
+        for name, part in parts:
             if (part is None) != (name not in state):
                 raise ValueError(f"the checkpoint's protection state {'lacks' if part else 'has'} a {name!r} part")
-            if part is not None:
-                part.load_state_dict(state[name])
+        loaded = []
+        try:
+            for name, part in parts:
+                if part is not None:
+                    previous = part.state_dict()
+                    part.load_state_dict(state[name])
+                    loaded.append((part, previous))
+        except Exception:
+            for part, previous in reversed(loaded):
+                part.load_state_dict(previous)
+            raise
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        if self.args.should_save:
-            torch.save(self.protection_state_dict(), os.path.join(folder, STATE_FILE))
+    def save_protection(self, folder):
+        """Write the defences' state into `folder` (every rank calls it; see ``fastforget.checkpoint``): the
+        shared state by the saving rank (``args.should_save``), or through DCP by every rank when it is sharded
+        (FSDP2), and with several processes each rank's replay buffer to its own file."""
+        save_state(
+            self.protection_state_dict(), folder, rank=self.args.process_index, world_size=self.args.world_size,
+            writer=self.args.should_save,
+        )  # fmt: skip
+
+    def load_protection(self, folder):
+        """Restore the defences' state from `folder`: a Trainer checkpoint or a ``save_model`` folder. A missing
+        or torn state file raises ValueError naming the folder; the state is validated as a whole before anything
+        changes (``load_protection_state_dict``)."""
+        state = load_state(
+            os.fspath(folder), self.protection_state_dict(), rank=self.args.process_index,
+            world_size=self.args.world_size,
+        )  # fmt: skip
+        self.load_protection_state_dict(state)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The Trainer's save_model, with the defences' state (``fastforget_state.pt``) beside the weights.
+
+        This is also where checkpoints get it: transformers' ``Trainer._save_checkpoint`` (5.x) calls
+        ``save_model(checkpoint folder)`` first, then saves the optimizer, scheduler and RNG states, then writes
+        ``trainer_state.json``, and only then rotates old checkpoints away (``save_total_limit``). The state is
+        therefore complete on disk (written atomically) before the checkpoint can count as complete and before
+        the previous one may be deleted; overriding ``_save_checkpoint`` itself could only write after rotation.
+        It is written before the weights, so that a ``push_to_hub`` at the end of a user's call carries it."""
+        self.save_protection(self.args.output_dir if output_dir is None else output_dir)
+        return super().save_model(output_dir, _internal_call)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
+        """The Trainer's train; resuming also restores the defences' state. ``resume_from_checkpoint=True`` picks
+        the newest *complete* checkpoint of ``output_dir`` (its ``trainer_state.json`` and fastforget state both
+        whole), skipping newer ones that a kill left unfinished, with a warning naming them."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+            checkpoint, skipped = last_complete_checkpoint(
+                self.args.output_dir, world_size=self.args.world_size,
+                per_rank=self.replay is not None and self.args.world_size > 1,
+            )  # fmt: skip
+            for folder, reasons in skipped:
+                transformers.utils.logging.get_logger(__name__).warning(
+                    f"not resuming from {folder}, which is incomplete ({'; '.join(reasons)})"
+                )
+            if checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in output_dir {self.args.output_dir}")
         if isinstance(checkpoint, (str, os.PathLike)):
-            path = os.path.join(checkpoint, STATE_FILE)
-            if not os.path.exists(path):
-                raise ValueError(f"{checkpoint} has no {STATE_FILE}: it was not saved by a ProtectionMixin trainer")
-            self.load_protection_state_dict(torch.load(path, weights_only=True))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            self.load_protection(checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
 
 def _final_hidden(model, forward):
