@@ -145,3 +145,83 @@ def test_save_model_writes_the_defences_state_and_load_protection_restores_it(tm
     with pytest.raises(ValueError, match="protection state has a 'protector' part"):
         other.load_protection(tmp_path / "model")
     assert other.ewc.tasks == 0 and all(torch.equal(x, y) for x, y in zip(other.ewc.state_dict()["fisher"], ewc_before))
+
+
+def assert_same(a, b, where="state"):
+    """Nested dicts / lists of tensors and plain values, equal bitwise."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_under_ddp_sft_fisher_weights_replay_checkpoints_and_fsdp2_dcp(tmp_path):
+    """One torchrun launch, 2 gloo processes (tests/trainers_ddp.py): TRL's SFTTrainer + ProtectionMixin + EWC
+    gives both ranks the same Fisher -- the single-process Fisher over all the texts -- and the same weights;
+    per-rank replay buffers survive save_model / load_protection, and resume skips a checkpoint that lacks one
+    rank's file and continues bitwise; an FSDP2-sharded EWC
+    and protector go through DCP (no fastforget_state.pt) and load back on 2 ranks and into one process."""
+    pytest.importorskip("trl")
+    from distributed_utils import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}"]
+    run = subprocess.run(
+        [*torchrun, str(Path(__file__).with_name("trainers_ddp.py")), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    # SFTTrainer: the same Fisher (before and after training) and weights on both ranks
+    sft = [r["sft"] for r in ranks]
+    for key in ("fisher_before", "fisher_after", "weights"):
+        assert_same(sft[0][key], sft[1][key], key)
+    import trainers_ddp
+
+    single = trainers_ddp.sft_trainer(tmp_path / "single", trainers_ddp.llama())
+    single.end_task()
+    for got, want in zip(sft[0]["fisher_before"], single.ewc.state_dict()["fisher"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    assert sum(float(f.sum()) for f in sft[0]["fisher_after"]) != sum(float(f.sum()) for f in want)
+
+    # per-rank replay buffers: each rank's own file, restored on each rank
+    replay = [r["replay"] for r in ranks]
+    for folder in (tmp_path / "replay" / "model", tmp_path / "replay" / "run" / "checkpoint-2"):
+        files = set(os.listdir(folder))
+        assert {checkpoint.STATE_FILE, checkpoint.rank_file(0), checkpoint.rank_file(1)} <= files, folder
+        assert "replay" not in torch.load(folder / checkpoint.STATE_FILE, weights_only=True)
+    for rank in replay:
+        assert_same(rank["replay_saved"], rank["replay_loaded"], "load_protection")
+        assert_same(rank["replay_saved"], rank["replay_resumed"], "resume")  # from checkpoint-2, the complete one
+        assert_same(rank["weights"], rank["weights_resumed"], "resumed weights")
+        assert_same(rank["ewc_saved"], rank["ewc_loaded"], "ewc")
+    assert not torch.equal(replay[0]["replay_saved"]["generator"], replay[1]["replay_saved"]["generator"])
+
+    # FSDP2: DCP, every rank its shards; loads back on 2 ranks and into one process (resharded)
+    fsdp = [r["fsdp"] for r in ranks]
+    for rank in fsdp:
+        assert_same(rank["ewc"], rank["ewc_loaded"], "ewc")
+        assert_same(rank["protector"], rank["protector_loaded"], "protector")
+        assert rank["penalty"] == rank["penalty_loaded"]
+    assert not (tmp_path / "fsdp" / checkpoint.STATE_FILE).exists()
+    assert (tmp_path / "fsdp" / checkpoint.SHARDED_STATE_DIR / ".metadata").exists()
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    ewc, protector = ff.EWC(plain, lam=0.5), ff.GradientProtector(plain, mode="element")
+    loaded = checkpoint.load_state(
+        str(tmp_path / "fsdp"), {"ewc": ewc.state_dict(), "protector": protector.state_dict()}
+    )
+    ewc.load_state_dict(loaded["ewc"])
+    protector.load_state_dict(loaded["protector"])
+    assert_same(fsdp[0]["ewc"], ewc.state_dict(), "ewc in one process")
+    assert_same(fsdp[0]["protector"], protector.state_dict(), "protector in one process")
