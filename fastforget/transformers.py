@@ -332,7 +332,28 @@ class ProtectionMixin:
                 raise ValueError(f"no complete checkpoint to resume from in output_dir {self.args.output_dir}")
         if isinstance(checkpoint, (str, os.PathLike)):
             self.load_protection(checkpoint)
+        if not any(isinstance(c, _DefencesHoldTheTrainedParameters) for c in self.callback_handler.callbacks):
+            self.add_callback(_DefencesHoldTheTrainedParameters(self))
         return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+
+class _DefencesHoldTheTrainedParameters(transformers.TrainerCallback):
+    """At the start of training, once the Trainer has prepared (wrapped, sharded) the model: the EWC and the
+    protector must hold the parameters it trains. Accelerate's FSDP2 preparation replaces a module's parameters
+    by sharded ones; defences built before it would then read and write tensors nobody trains, silently."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trained = {id(p) for p in self.trainer.model.parameters()}
+        for label, part in (("ewc", self.trainer.ewc), ("protector", self.trainer.protector)):
+            if part is not None and any(id(p) not in trained for p in part.params):
+                raise ValueError(
+                    f"the {label} holds parameters that the trained model does not have (the Trainer replaced them "
+                    "when it prepared the model, as accelerate's FSDP2 does, or it was built over another model): "
+                    "build it over the model the Trainer trains (under FSDP2: fully_shard the model first)"
+                )
 
 
 def _final_hidden(model, forward):

@@ -225,3 +225,14 @@ def test_under_ddp_sft_fisher_weights_replay_checkpoints_and_fsdp2_dcp(tmp_path)
     protector.load_state_dict(loaded["protector"])
     assert_same(fsdp[0]["ewc"], ewc.state_dict(), "ewc in one process")
     assert_same(fsdp[0]["protector"], protector.state_dict(), "protector in one process")
+
+
+def test_defences_over_parameters_the_trainer_does_not_train_are_rejected(tmp_path):
+    """As when accelerate's FSDP2 preparation replaces the parameters: an EWC over other tensors raises at the
+    start of training instead of protecting nothing."""
+    trainer = child.build(tmp_path)
+    other = child.build(tmp_path).model  # the same architecture, other tensors
+    trainer.ewc = ff.EWC(other, lam=1.0)
+    with pytest.raises(ValueError, match="the ewc holds parameters that the trained model does not have"):
+        trainer.train()
+    assert trainer.state.global_step == 0
