@@ -11,8 +11,7 @@ Files, beside the model's weights (``Trainer.save_model``) or inside a Trainer c
 Each file is written to ``<name>.tmp``, flushed and ``fsync``'ed, then renamed over its final name (``os.replace``,
 atomic on POSIX) and its folder ``fsync``'ed so that the rename itself is durable: a final name always holds a
 complete state, and a kill leaves at most a stray ``.tmp``. A DCP folder is written to ``fastforget_state.tmp/``
-(DCP writes its ``.metadata`` last) and renamed by rank 0 once every rank has finished. With several processes
-the ranks meet at a barrier after writing, so the state is complete on disk before any rank goes on.
+(DCP writes its ``.metadata`` last) and renamed by rank 0 once every rank has finished.
 
 A Trainer checkpoint is *complete* when its ``trainer_state.json`` (the Trainer writes it last, before it deletes
 older checkpoints) parses and every fastforget file the run needs is there: ``last_complete_checkpoint`` picks the
@@ -104,8 +103,8 @@ def save_state(state, folder, *, rank=0, world_size=1, writer=True):
     """Write `state` (a dict of parts: 'ewc', 'protector', 'replay', ...) into `folder`, every rank calling.
 
     `writer`: whether this rank writes the shared file (the Trainer's ``args.should_save``). With world_size > 1 each
-    rank writes its PER_RANK parts to its own file, and the ranks meet at a barrier at the end; a shared state that
-    holds DTensors (FSDP2) goes through DCP on every rank."""
+    rank writes its PER_RANK parts to its own file; a shared state that holds DTensors (FSDP2) goes through DCP on
+    every rank (collectives: then every rank must call)."""
     os.makedirs(folder, exist_ok=True)
     own = {name: state[name] for name in PER_RANK if name in state and world_size > 1}
     shared = {name: part for name, part in state.items() if name not in own}
@@ -115,8 +114,6 @@ def save_state(state, folder, *, rank=0, world_size=1, writer=True):
         _write_atomically(shared, os.path.join(folder, STATE_FILE))
     if own:
         _write_atomically(own, os.path.join(folder, rank_file(rank)))
-    if world_size > 1:
-        dist.barrier()
 
 
 def _torn(path):
