@@ -266,8 +266,7 @@ class ProtectionMixin:
     def load_protection_state_dict(self, state):
         """Load every part or none: the parts must match this trainer's defences, and if one part's
         load_state_dict rejects its state, the parts loaded before it are put back."""
-        parts = [(name, part) for name, part in (("ewc", self.ewc), ("protector", self.protector),
-                                                 ("replay", self.replay))]  # fmt: skip
+        parts = (("ewc", self.ewc), ("protector", self.protector), ("replay", self.replay))
         for name, part in parts:
             if (part is None) != (name not in state):
                 raise ValueError(f"the checkpoint's protection state {'lacks' if part else 'has'} a {name!r} part")
