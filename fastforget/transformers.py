@@ -246,11 +246,13 @@ class ProtectionMixin:
         return {"time_ms": timings}
 
     def _wrapped_model(self):
-        """The model as the Trainer trains it (DDP / FSDP wrapper): the Fisher is reduced over its process group,
-        each rank estimating on its part of the (sharded) evaluation dataloader. Under DDP before the first
-        train() the model is not wrapped yet: it is prepared here as train() would (train() then keeps it)."""
-        distributed = self.args.parallel_mode == transformers.training_args.ParallelMode.DISTRIBUTED
-        if distributed and self.model_wrapped is self.model and not self.is_fsdp_enabled:
+        """In distributed training, the model as the Trainer trains it (DDP / FSDP wrapper): the Fisher is reduced
+        over its process group, each rank estimating on its part of the (sharded) evaluation dataloader. Under DDP
+        before the first train() the model is not wrapped yet: it is prepared here as train() would (train() then
+        keeps it). In one process: the bare model (not a DataParallel or torch.compile wrapper)."""
+        if self.args.parallel_mode != transformers.training_args.ParallelMode.DISTRIBUTED:
+            return self.accelerator.unwrap_model(self.model)
+        if self.model_wrapped is self.model and not self.is_fsdp_enabled:
             self.model_wrapped = self.accelerator.prepare_model(self.model)
         return self.model_wrapped
 
