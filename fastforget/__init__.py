@@ -3,6 +3,7 @@
 from fastforget import (
     _extension,  # noqa: F401  (loads the C++/CUDA kernels when built)
     _schemas,  # noqa: F401  (defines every op before kernels register on them)
+    defences,
     ops,
     optim,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "SeedGradientProtector",
     "SynapticIntelligence",
     "apply_lora",
+    "defences",
     "available_backends",
     "estimate_fisher",
     "load_peft_adapter",
