@@ -21,9 +21,12 @@ more no-grad LM-head pass computes the CE apart) and ``ewc_penalty``: means per 
 over the ranks, each micro-batch counted as the Trainer counts it under gradient accumulation (``loss`` stays the
 Trainer's: everything differentiated);
 ``protection_time_ms`` holds the last step's EWC and protection times. ``end_task(dataset=None)`` consolidates the
-EWC over a dataset (default: the train dataset) through the Trainer's evaluation dataloader and collator, then
-offers its examples to the replay buffer. The EWC, protector and replay states are saved in every checkpoint
-(``fastforget_state.pt``) and restored by ``train(resume_from_checkpoint=...)``.
+EWC over a dataset (default: the train dataset) through the Trainer's evaluation dataloader and collator, on the
+model as the Trainer wrapped it (under DDP: the Fisher of the union of the ranks' parts, the same on every rank), then
+offers its examples to the replay buffer. The EWC, protector and replay states are saved beside the weights by
+``save_model`` and in every checkpoint (``fastforget_state.pt``, see ``fastforget.checkpoint``: written atomically
+before the Trainer completes the checkpoint), restored by ``train(resume_from_checkpoint=...)`` (``True``: the newest
+complete checkpoint) or ``load_protection(folder)``.
 
 With ``optimizers=(ff.optim.ProtectedAdamW(..., ewc=ewc, protector=protector), None)`` the optimizer applies EWC and
 protection inside its fused step and the mixin does not (never twice); the Trainer then clips the task gradient
@@ -42,6 +45,7 @@ import torch
 
 from fastforget import _validation as check
 from fastforget._batch import to_device
+from fastforget.checkpoint import STATE_FILE, last_complete_checkpoint, load_state, save_state  # noqa: F401
 from fastforget.defences import DefenceAttributes, Defences, LMHeadInputs, LossContext, TaskData, build_defences
 from fastforget.fisher import scalar_loss
 
@@ -51,8 +55,6 @@ except ImportError as error:  # fastforget itself imports without it; this modul
     raise ImportError(
         "fastforget.transformers needs Hugging Face transformers: pip install 'transformers>=5' (or fastforget[hf])"
     ) from error
-
-STATE_FILE = "fastforget_state.pt"
 
 
 def hf_batch_loss(model, batch):
@@ -247,7 +249,7 @@ class ProtectionMixin(DefenceAttributes):
                 yield _example_parts([dataset[i] for i in range(first, min(first + 256, len(dataset)))])
 
         task = TaskData(
-            self.model_wrapped, lambda: self.get_eval_dataloader(dataset), buffer_batches, batch_loss=hf_batch_loss,
+            self._wrapped_model(), lambda: self.get_eval_dataloader(dataset), buffer_batches, batch_loss=hf_batch_loss,
             estimator=self.ewc_estimator, max_batches=self.ewc_max_batches,
         )  # fmt: skip
         timings = {}
@@ -257,6 +259,17 @@ class ProtectionMixin(DefenceAttributes):
             if d.task_timer is not None:
                 timings[d.task_timer] = (time.perf_counter() - start) * 1e3
         return {"time_ms": timings}
+
+    def _wrapped_model(self):
+        """In distributed training, the model as the Trainer trains it (DDP / FSDP wrapper): the Fisher is reduced
+        over its process group, each rank estimating on its part of the (sharded) evaluation dataloader. Under DDP
+        before the first train() the model is not wrapped yet: it is prepared here as train() would (train() then
+        keeps it). In one process: the bare model (not a DataParallel or torch.compile wrapper)."""
+        if self.args.parallel_mode != transformers.training_args.ParallelMode.DISTRIBUTED:
+            return self.accelerator.unwrap_model(self.model)
+        if self.model_wrapped is self.model and not self.is_fsdp_enabled:
+            self.model_wrapped = self.accelerator.prepare_model(self.model)
+        return self.model_wrapped
 
     # ---------------------------------------------------------------------------------------------- checkpoints
 
@@ -268,22 +281,79 @@ class ProtectionMixin(DefenceAttributes):
         """Restore a ``protection_state_dict()``: every part or none (validated as a whole)."""
         self.defences.load_state_dict(state)
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        if self.args.should_save:
-            torch.save(self.protection_state_dict(), os.path.join(folder, STATE_FILE))
+    def save_protection(self, folder):
+        """Write the defences' state into `folder` (every rank calls it; see ``fastforget.checkpoint``): the
+        shared state by the saving rank (``args.should_save``), or through DCP by every rank when it is sharded
+        (FSDP2), and with several processes each rank's replay buffer to its own file."""
+        save_state(
+            self.protection_state_dict(), folder, rank=self.args.process_index, world_size=self.args.world_size,
+            writer=self.args.should_save,
+        )  # fmt: skip
+
+    def load_protection(self, folder):
+        """Restore the defences' state from `folder`: a Trainer checkpoint or a ``save_model`` folder. A missing
+        or torn state file raises ValueError naming the folder; the state is validated as a whole before anything
+        changes (``load_protection_state_dict``)."""
+        state = load_state(
+            os.fspath(folder), self.protection_state_dict(), rank=self.args.process_index,
+            world_size=self.args.world_size,
+        )  # fmt: skip
+        self.load_protection_state_dict(state)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The Trainer's save_model, with the defences' state (``fastforget_state.pt``) beside the weights.
+
+        This is also where checkpoints get it: transformers' ``Trainer._save_checkpoint`` (5.x) calls
+        ``save_model(checkpoint folder)`` first, then saves the optimizer, scheduler and RNG states, then writes
+        ``trainer_state.json``, and only then rotates old checkpoints away (``save_total_limit``). The state is
+        therefore complete on disk (written atomically) before the checkpoint can count as complete and before
+        the previous one may be deleted; overriding ``_save_checkpoint`` itself could only write after rotation.
+        It is written before the weights, so that a ``push_to_hub`` at the end of a user's call carries it."""
+        self.save_protection(self.args.output_dir if output_dir is None else output_dir)
+        if _internal_call:  # a checkpoint: every rank's files are on disk before rank 0 writes trainer_state.json
+            self.accelerator.wait_for_everyone()
+        return super().save_model(output_dir, _internal_call)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
+        """The Trainer's train; resuming also restores the defences' state. ``resume_from_checkpoint=True`` picks
+        the newest *complete* checkpoint of ``output_dir`` (its ``trainer_state.json`` and fastforget state both
+        whole), skipping newer ones that a kill left unfinished, with a warning naming them."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+            checkpoint, skipped = last_complete_checkpoint(
+                self.args.output_dir, world_size=self.args.world_size,
+                per_rank=self.replay is not None and self.args.world_size > 1,
+            )  # fmt: skip
+            for folder, reasons in skipped:
+                transformers.utils.logging.get_logger(__name__).warning(
+                    f"not resuming from {folder}, which is incomplete ({'; '.join(reasons)})"
+                )
+            if checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in output_dir {self.args.output_dir}")
         if isinstance(checkpoint, (str, os.PathLike)):
-            path = os.path.join(checkpoint, STATE_FILE)
-            if not os.path.exists(path):
-                raise ValueError(f"{checkpoint} has no {STATE_FILE}: it was not saved by a ProtectionMixin trainer")
-            self.load_protection_state_dict(torch.load(path, weights_only=True))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            self.load_protection(checkpoint)
+        if not any(isinstance(c, _DefencesHoldTheTrainedParameters) for c in self.callback_handler.callbacks):
+            self.add_callback(_DefencesHoldTheTrainedParameters(self))
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+
+class _DefencesHoldTheTrainedParameters(transformers.TrainerCallback):
+    """At the start of training, once the Trainer has prepared (wrapped, sharded) the model: the EWC and the
+    protector must hold the parameters it trains. Accelerate's FSDP2 preparation replaces a module's parameters
+    by sharded ones; defences built before it would then read and write tensors nobody trains, silently."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trained = {id(p) for p in self.trainer.model.parameters()}
+        for label, part in (("ewc", self.trainer.ewc), ("protector", self.trainer.protector)):
+            if part is not None and any(id(p) not in trained for p in part.params):
+                raise ValueError(
+                    f"the {label} holds parameters that the trained model does not have (the Trainer replaced them "
+                    "when it prepared the model, as accelerate's FSDP2 does, or it was built over another model): "
+                    "build it over the model the Trainer trains (under FSDP2: fully_shard the model first)"
+                )
 
 
 def _mean_over_ranks(values):
