@@ -51,15 +51,25 @@ def _sources(root):
     return [*sorted((root / "emu").glob("*")), *sorted((root / "cuda").glob("*.cuh")), root / "elementwise.h"]
 
 
+def _cache_dir():
+    """~/.cache/fastforget/cuda_emu ($XDG_CACHE_HOME honoured), or the temporary directory where that is read-only."""
+    for base in (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")), Path(tempfile.gettempdir())):
+        try:
+            (base / "fastforget" / "cuda_emu").mkdir(parents=True, exist_ok=True)
+            return base / "fastforget" / "cuda_emu"
+        except OSError:
+            continue
+    raise OSError("no writable cache directory for the emulated launchers")
+
+
 def build_library(root=CSRC):
     """The emulated launchers built from root's emu/ and cuda/*.cuh, cached under ~/.cache by their hash."""
     digest = hashlib.sha256(" ".join([CXX, *FLAGS]).encode())
     for path in _sources(root):
         digest.update(path.name.encode() + path.read_bytes())
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastforget" / "cuda_emu"
+    cache = _cache_dir()
     target = cache / f"libffemu-{digest.hexdigest()[:16]}.so"
     if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / target.name
             cmd = [CXX, *FLAGS, f"-I{root / 'emu'}", str(root / "emu" / "emu_launchers.cpp"), "-o", str(built)]
