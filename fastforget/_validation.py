@@ -2,7 +2,8 @@
 
 import math
 import numbers
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -102,7 +103,7 @@ def check_choice(name: str, value, choices):
 
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool (True or False), not {type(value).__name__}")
     return value
 
 
@@ -146,6 +147,45 @@ def check_no_overlap(name: str, tensors: list) -> None:
             raise ValueError(f"{name}[{min(i, j)}] and {name}[{max(i, j)}] overlap in memory")
 
 
+def _span(t):
+    """[start, end) byte addresses of t's memory (its extent for a strided view)."""
+    start = t.data_ptr()
+    extent = t.numel() if t.is_contiguous() else sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1
+    return start, start + extent * t.element_size()
+
+
+def check_writes(written, read=()) -> None:
+    """In-place ops: no written tensor shares memory with another written one or with any read one (a read
+    operand that aliases an output would be read before or after its update depending on the backend's order).
+
+    ``written`` / ``read``: sequences of (name, tensor list); None entries and empty tensors are skipped. Errors
+    name both tensors, e.g. "fisher[2] shares memory with grads[2]". Not checked while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    spans = []
+    for is_written, groups in ((True, written), (False, read)):
+        for name, tensors in groups:
+            for i, t in enumerate(tensors):
+                if t is None or t.numel() == 0:
+                    continue
+                if is_written and torch._debug_has_internal_overlap(t) == 1:
+                    raise ValueError(
+                        f"{name}[{i}] has elements that share memory (an expanded view?); it cannot be written"
+                    )
+                spans.append((*_span(t), is_written, f"{name}[{i}]"))
+    spans.sort(key=lambda s: s[0])
+    open_end = {True: (0, None), False: (0, None)}  # the furthest-reaching written / read span seen so far
+    for start, end, is_written, label in spans:
+        for other_written in (True, False) if is_written else (True,):
+            other_end, other = open_end[other_written]
+            if start < other_end and is_written and other_written:
+                raise ValueError(f"{other} and {label} overlap in memory; tensors written in place must not")
+            if start < other_end:
+                raise ValueError(f"{label} shares memory with {other}, which is written in place")
+        if end > open_end[is_written][0]:
+            open_end[is_written] = (end, label)
+
+
 # The Triton launchers' own checks (kernels/), like csrc/common.h's: a direct torch.ops call skips the checks above,
 # and a kernel must not read out of bounds. RuntimeError, as the C++ bindings raise.
 
@@ -176,6 +216,43 @@ def check_stacks(fisher, grads) -> None:
             raise RuntimeError(
                 f"fastforget: grads[{i}] has shape {tuple(g.shape)}; expected {tuple(f.shape)} or (k, ...)"
             )
+
+
+def check_state(owner: str, state, keys) -> None:
+    """A state dict is a mapping holding every key in `keys` (ValueError naming the missing ones)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{owner} state must be a dict (a state_dict()), not {type(state).__name__}")
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(f"{owner} state lacks {missing}: it was not saved by a {owner}")
+
+
+def _available_ram() -> int:
+    """Bytes the kernel could hand out now: MemAvailable (free pages plus reclaimable cache) where Linux reports
+    it, else the free pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_allocation(what: str, nbytes: int, device) -> None:
+    """Refuse to allocate, on the user's behalf, more than the device has free (CPU: available RAM)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu":
+        free = _available_ram()
+    else:
+        return
+    if nbytes > free:
+        raise ValueError(
+            f"{what} would need {nbytes / 2**30:.1f} GiB but {device.type} has {free / 2**30:.1f} GiB free"
+        )
 
 
 def check_backend(name: str, value) -> str:

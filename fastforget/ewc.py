@@ -32,6 +32,7 @@ import torch
 
 from fastforget import _validation as check
 from fastforget import distributed as dist_util
+from fastforget.defences import Defence, FusedOperands, TaskData, parameter_rows
 from fastforget.fisher import ESTIMATORS, estimate_fisher, fisher_stats, trainable_parameters
 from fastforget.ops.ewc_penalty import ewc_penalty, ewc_penalty_
 
@@ -48,12 +49,17 @@ _warned = set()
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-class EWC:
+class EWC(Defence):
     """Elastic Weight Consolidation over a model's trainable parameters.
 
     ``penalty()`` (autograd) and ``apply_()`` (one fused pass into ``.grad``) return 0 before anything has been
     consolidated, so the same training loop runs on the first task.
+
+    As a ``ff.defences.Defence``: ``protect_gradients`` is ``apply_()``, ``fused_operands`` hands ProtectedAdamW the
+    anchors and Fisher (its "quadratic" term), ``end_task`` is ``consolidate`` on the task's data.
     """
+
+    name, step_timer, task_timer, fused_terms = "ewc", "ewc", "consolidate", ("quadratic",)
 
     def __init__(self, model, lam=0.4, *, mode="online", decay=1.0, state_dtype=torch.float32, backend="auto"):
         if mode not in MODES:
@@ -124,6 +130,37 @@ class EWC:
 
     def _device(self):
         return dist_util.local(self.params[0]).device
+
+    # -------------------------------------------------------------------------------------- as a defence
+
+    def protect_gradients(self, scale=1.0):
+        """``apply_()`` on gradients that are `scale` x the true ones (an fp16 GradScaler's, not unscaled yet):
+        the EWC term goes in multiplied by `scale` too; returns the (true) penalty."""
+        lam = self.lam
+        self.lam = lam * scale
+        try:
+            return self.apply_().detach() / scale
+        finally:
+            self.lam = lam
+
+    def fused_operands(self, params, grad_scale=None, found_inf=None):
+        """ProtectedAdamW's operands for `params` (some of ``self.params``): their anchors and Fisher, ``lam`` and
+        the separate mode's constant ``lam C`` as the penalty offset; nothing before the first task."""
+        if not self.tasks:
+            return FusedOperands()
+        rows = parameter_rows(self, params)
+        return FusedOperands(
+            anchors=[self.anchors[i] for i in rows], fisher=[self.fisher[i] for i in rows], lam=self.lam,
+            penalty_offset=self._offset(),
+        )  # fmt: skip
+
+    def end_task(self, task: TaskData):
+        """``consolidate`` over the task's loader, on the model as wrapped (under DDP the Fisher reduces over its
+        process group)."""
+        self.consolidate(
+            task.loader, task.loss_fn, batch_loss=task.batch_loss, estimator=task.estimator,
+            max_batches=task.max_batches, progress=task.progress, model=task.model,
+        )  # fmt: skip
 
     @staticmethod
     def _local(tensors):

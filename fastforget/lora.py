@@ -20,6 +20,7 @@ import sys
 import torch
 from torch import nn
 
+from fastforget import _validation as check
 from fastforget.dispatch import BACKENDS
 from fastforget.lora_quantized import add_lora_
 from fastforget.ops.lora_linear import lora_linear
@@ -73,12 +74,7 @@ class LoRALinear(nn.Module):
         kind = base_kind(base)
         if kind is None:
             raise TypeError(f"LoRALinear adapts an nn.Linear, not a {type(base).__name__} (supported: {_SUPPORTED})")
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        _check_adapter(r, alpha, dropout, use_rslora, backend)
         self.fan_in_fan_out, self.quantized = kind == "conv1d", kind == "quantized"
         self.base_layer = base.requires_grad_(False)
         if kind == "conv1d":
@@ -201,6 +197,19 @@ def all_linear_names(model):
     return names
 
 
+def _check_adapter(r, alpha, dropout, use_rslora, backend):
+    """The adapter's hyperparameters, checked before anything (a layer, a model) is changed."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"r must be an integer >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    check.check_bool("use_rslora", use_rslora)
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}")
+
+
 def apply_lora(model, target_modules=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0, use_rslora=False, *,
                backend="auto"):  # fmt: skip
     """Replace the matching linear submodules of ``model`` by LoRALinear, in place; freeze everything else.
@@ -209,8 +218,10 @@ def apply_lora(model, target_modules=("q_proj", "v_proj"), r=8, alpha=16, dropou
     ``"0"`` a Sequential's first child), ``"all-linear"`` (PEFT's selection: every nn.Linear, Conv1D and quantized
     linear layer but a transformers model's output head) or a predicate ``(name, module) -> bool``. Every matched
     module must be an nn.Linear, a transformers Conv1D or a bitsandbytes Linear4bit / Linear8bitLt (``TypeError``
-    naming it otherwise); matching nothing raises ``ValueError``. Returns ``model``.
+    naming it otherwise); matching nothing raises ``ValueError``. Returns ``model``. A rejected call leaves the
+    model as it was (nothing frozen, nothing replaced).
     """
+    _check_adapter(r, alpha, dropout, use_rslora, backend)
     if isinstance(target_modules, str):
         if target_modules.lower() != ALL_LINEAR:
             raise TypeError(

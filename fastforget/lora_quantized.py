@@ -8,7 +8,10 @@ then ``result + lora_B(lora_A(dropout(x))) * scaling``), with keep the dropout's
     y += S B^T                                in place (addmm_, beta = 1): no second M x out tensor
     dS = s dY B,   dx += (dS A) * keep,   dA = dS^T (x * keep),   dB = dY^T S
 
-where dY passes through to the base layer's backward unchanged. bitsandbytes is not imported here.
+where dY passes through to the base layer's backward unchanged. Under ``torch.autocast`` the branch is computed in
+the autocast dtype, as PEFT's bnb layers compute it there (they skip their cast of x, and F.linear casts x, A and B):
+x, A and B are cast to that dtype, the GEMMs run in it (fp32 accumulation), and A's and B's gradients reach the
+fp32 adapter in fp32. bitsandbytes is not imported here.
 """
 
 import math
@@ -16,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from fastforget import _autocast
 from fastforget.ops.lora_linear import dropout_keep_mask
 
 
@@ -57,11 +61,18 @@ class _AddLoRA(torch.autograd.Function):
 def add_lora_(y, x, lora_A, lora_B, scale, dropout_p=0.0, training=True):
     """``y + scale * (dropout(x) A^T) B^T`` for the output ``y`` of a quantized base layer, written into y.
 
-    x (..., in) is cast to the adapter's dtype first, as PEFT does; y (..., out) is updated in place unless it is a
-    view (PEFT clones a 4-bit layer's output for that case), and returned."""
+    x (..., in) is cast to the adapter's dtype first, as PEFT does (under torch.autocast x, lora_A and lora_B are
+    cast to the autocast dtype instead); y (..., out) is updated in place unless it is a view (PEFT clones a 4-bit
+    layer's output for that case), and returned."""
     if y._is_view():
         y = y.clone()
-    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).to(lora_A.dtype)
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    device_type = x.device.type
+    compute = _autocast.dtype(device_type)
+    if compute is None or lora_A.dtype == torch.float64:  # autocast leaves fp64 alone
+        x2d = x2d.to(lora_A.dtype)
+    else:
+        x2d, lora_A, lora_B = _autocast.cast(compute, device_type, x2d, lora_A, lora_B)
     keep = dropout_keep_mask(x2d.shape, dropout_p, x.device) if training and dropout_p > 0 else None
     s = scale / (1 - dropout_p) if keep is not None else scale
     return _AddLoRA.apply(y, x2d, lora_A, lora_B, keep, float(s))

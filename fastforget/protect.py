@@ -46,6 +46,7 @@ import torch
 from fastforget import _validation as check
 from fastforget import distributed as dist_util
 from fastforget._dtypes import accumulate_dtype
+from fastforget.defences import Defence, FusedOperands, check_covers, parameter_rows
 from fastforget.fisher import trainable_parameters
 from fastforget.ops.grad_ema import run_grad_ema_protect
 from fastforget.ops.grad_moments import _inv_scale_tensor, run_grad_moments
@@ -88,13 +89,18 @@ class SeedGradientProtector:
         return torch.sigmoid(torch.var(torch.stack(history)))
 
 
-class GradientProtector:
+class GradientProtector(Defence):
     """Streaming gradient-variance protection over a model's trainable parameters (see the module doc).
 
     ``protect_()`` after ``backward()`` returns one importance per parameter, aligned with ``self.names``: the
     tensor's importance (mode "tensor") or the largest of its elements' (mode "element"); NaN for parameters
     without a gradient this step, and for every parameter on a skipped (non-finite) step in mode "element".
+
+    As a ``ff.defences.Defence``: ``protect_gradients`` is ``protect_()``; ``fused_operands`` /
+    ``after_fused_step`` run it inside ProtectedAdamW's step (its "protection" term).
     """
+
+    name, step_timer, fused_terms = "protector", "protect", ("protection",)
 
     def __init__(
         self, model_or_params, window=100, threshold=0.1, mode="tensor", normalize="none", temperature=1.0,
@@ -124,6 +130,7 @@ class GradientProtector:
         device = self.params[0].device
         count = len(self.params)
         if mode == "tensor":
+            check.check_allocation(f"a GradientProtector with window {window}", count * window * 3 * 8, device)
             self.ring = torch.zeros(count, window, 3, dtype=torch.float64, device=device)  # (n, mean, M2) per step
             self.head = torch.zeros(count, dtype=torch.int64, device=device)  # next slot of each tensor's ring
         else:
@@ -203,29 +210,112 @@ class GradientProtector:
         self.steps[rows] = steps + (~self.found_inf).long()
         return importance
 
+    # -------------------------------------------------------------------------------------- as a defence
+
+    def protect_gradients(self, scale=1.0):
+        """``protect_()`` on gradients that are `scale` x the true ones: the statistics are those of g / scale."""
+        self.protect_(inv_scale=1.0 / scale)
+
+    def check_fusable(self, members):
+        if self.mode == "element" and self.normalize != "none":
+            raise ValueError(
+                "a mode 'element' protector with normalize='max' needs each tensor's max variance before any "
+                "element is scaled; ProtectedAdamW fuses normalize='none' only"
+            )
+        check_covers(self.params, members, "protector")
+
+    def fused_operands(self, params, grad_scale=None, found_inf=None):
+        """ProtectedAdamW's operands for `params` (those of ``self.params`` with a gradient): mode "tensor"
+        updates the ring with their moments (``tensor_factors``; not on a found_inf step) and hands the factors;
+        mode "element" hands its mean and variance, to be updated in the fused pass, and each tensor's alpha."""
+        positions = parameter_rows(self, params)
+        rows = torch.tensor(positions, device=self.found_inf.device)
+        if self.mode == "tensor":
+            inv_scale = torch.ones((), device=params[0].device) if grad_scale is None else 1 / grad_scale
+            skip = None if found_inf is None else found_inf != 0
+            grads = [dist_util.local(p.grad) for p in params]  # under FSDP2 the moments merge across ranks
+            _, factors = self.tensor_factors(grads, rows, inv_scale, skip)
+            return FusedOperands(factors=factors.to(torch.float32), threshold=self.threshold)
+        alpha = torch.maximum(1 / (self.steps[rows] + 1).to(self.mean[0].dtype), torch.tensor(1 - self.beta))
+        return FusedOperands(
+            ema_mean=[self.mean[i] for i in positions], ema_var=[self.var[i] for i in positions], alpha=alpha,
+            var_scale=torch.full_like(alpha, 1 / self.temperature), threshold=self.threshold,
+        )  # fmt: skip
+
+    def after_fused_step(self, params, found_inf=None):
+        """After the fused pass: mode "element" counts the step for `params` unless found_inf is set; either mode
+        records found_inf."""
+        skip = torch.zeros((), dtype=torch.bool, device=self.found_inf.device) if found_inf is None else found_inf != 0
+        if self.mode == "element":
+            rows = torch.tensor(parameter_rows(self, params), device=self.found_inf.device)
+            self.steps[rows] = self.steps[rows] + (~skip).long()
+        self.found_inf = skip.to(self.found_inf.device)
+
     def state_dict(self):
         state = {"names": list(self.names), "mode": self.mode, "window": self.window}
         return state | self._state()
 
     def load_state_dict(self, state):
-        """Restore a state_dict (checked first: names, mode, window, shapes; nothing changes on error)."""
+        """Restore a state_dict, checked as a whole first (keys, names, mode, window, every tensor's type, shape
+        and invariants: ring counts and M2 >= 0, heads in [0, window), finite means, variances >= 0, step counts
+        >= 0); nothing changes on error."""
+        check.check_state("GradientProtector", state, ("names", "window"))
         if list(state["names"]) != self.names:
             raise ValueError("the state was saved for other parameters (names differ)")
         if state.get("mode", "tensor") != self.mode:
             raise ValueError(f"the state is of mode {state.get('mode', 'tensor')!r} but this protector {self.mode!r}")
         if state["window"] != self.window:
             raise ValueError(f"the state has window {state['window']} but this protector {self.window}")
+        check.check_state("GradientProtector", state, self._state())
         restored = {}
         for key, current in self._state().items():
             value = state[key]
             if isinstance(current, list):
-                if len(value) != len(current) or any(v.shape != c.shape for v, c in zip(value, current)):
-                    raise ValueError(f"corrupt GradientProtector state: {key} has the wrong shapes")
+                if not isinstance(value, (list, tuple)) or len(value) != len(current):
+                    raise ValueError(
+                        f"corrupt GradientProtector state: {key} has the wrong shapes (not a list of {len(current)} "
+                        "tensors)"
+                    )
+                for name, v, c in zip(self.names, value, current):
+                    _check_state_tensor(f"{key} of {name!r}", v, c.shape, floating=True)
                 # full tensors or DTensors (as DCP loads them), sharded like the current state
                 restored[key] = [dist_util.copy_like(v, c, c.dtype) for v, c in zip(value, current)]
             else:
-                if value.shape != current.shape:
-                    raise ValueError(f"corrupt GradientProtector state: {key} has the wrong shape")
+                _check_state_tensor(key, value, current.shape, floating=current.is_floating_point())
                 restored[key] = value.to(current.device, current.dtype, copy=True)
+        _check_invariants(restored, self.window)
         for key, value in restored.items():
             setattr(self, key, value)
+
+
+def _check_state_tensor(label, value, shape, floating):
+    kind = "floating point" if floating else "integer"
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() != floating or value.is_complex():
+        raise TypeError(f"corrupt GradientProtector state: {label} is not a {kind} tensor")
+    if value.shape != shape:
+        raise ValueError(
+            f"corrupt GradientProtector state: {label} has the wrong shape {tuple(value.shape)}, not {tuple(shape)}"
+        )
+
+
+def _check_invariants(state, window):
+    """What the protector's own steps guarantee; a state breaking them would poison every later step."""
+    problems = []
+    if "ring" in state:
+        n, mean, m2 = state["ring"].unbind(-1)
+        if not bool(state["ring"].isfinite().all()) or bool((n < 0).any()) or bool((m2 < 0).any()):
+            problems.append("ring holds a non-finite value, a negative count or a negative M2")
+        head = state["head"]
+        if bool((head < 0).any()) or bool((head >= window).any()):
+            problems.append(f"head holds a slot outside [0, {window})")
+    if "steps" in state:
+        if bool((state["steps"] < 0).any()):
+            problems.append("steps holds a negative count")
+        for key in ("mean", "var"):
+            for i, t in enumerate(state[key]):
+                local = dist_util.local(t)
+                if not bool(local.isfinite().all()) or key == "var" and bool((local < 0).any()):
+                    problems.append(f"{key}[{i}] holds a non-finite{' or negative' if key == 'var' else ''} value")
+                    break
+    if problems:
+        raise ValueError(f"corrupt GradientProtector state: {problems[0]}")

@@ -22,22 +22,35 @@ State: omega and theta_start, one fp32 tensor each per parameter (fp64 for fp64 
 import torch
 
 from fastforget import _validation as check
+from fastforget import distributed as dist_util
 from fastforget._dtypes import accumulate_dtype
+from fastforget.defences import Defence, FusedOperands, parameter_rows
 from fastforget.fisher import trainable_parameters
 
 
-class SynapticIntelligence:
-    """Synaptic Intelligence over a model's trainable parameters (see the module doc)."""
+class SynapticIntelligence(Defence):
+    """Synaptic Intelligence over a model's trainable parameters (see the module doc).
 
-    def __init__(self, model, xi=1e-3):
+    ``ewc``: an ``ff.EWC`` over the same parameters that ``end_task`` adds each task's importance to (its surrogate
+    loss); None: ``end_task`` only resets the path integral. As a ``ff.defences.Defence`` it runs inside
+    ``ff.optim.ProtectedAdamW``'s step only (its "path_integral" term: the update is needed).
+    """
+
+    name, task_timer, fused_terms, fused_only = "si", "si", ("path_integral",), True
+
+    def __init__(self, model, xi=1e-3, *, ewc=None):
         self.names, self.params = trainable_parameters(model)
-        self.xi = check.check_scalar("xi", xi)
-        if self.xi <= 0:
-            raise ValueError(f"xi must be > 0, got {xi}")
+        self.xi = check.check_real("xi", xi, above=0.0)
+        if ewc is not None and list(ewc.names) != self.names:
+            raise ValueError("ewc protects other parameters than this SynapticIntelligence (names differ)")
+        self.ewc = ewc
         check.check_one_device("parameters", self.params)
         for i, p in enumerate(self.params):
             check.check_dtype("parameters", i, p, check.FLOAT_DTYPES)
-        self.omega = [torch.zeros(p.shape, dtype=accumulate_dtype([p]), device=p.device) for p in self.params]
+        self.omega = [  # sharded like the parameters under FSDP2 (DTensors), as theta_start is
+            dist_util.like(torch.zeros(dist_util.local(p).shape, dtype=accumulate_dtype([p]), device=p.device), p)
+            for p in self.params
+        ]
         self.theta_start = [p.detach().to(accumulate_dtype([p]), copy=True) for p in self.params]
 
     def __repr__(self):
@@ -65,6 +78,14 @@ class SynapticIntelligence:
             s.copy_(p)
         return importance
 
+    def fused_operands(self, params, grad_scale=None, found_inf=None):
+        """ProtectedAdamW's operands for `params`: their omega, accumulated in the fused pass."""
+        return FusedOperands(omega=[self.omega[i] for i in parameter_rows(self, params)])
+
+    def end_task(self, task):
+        """``consolidate(self.ewc)``: the task's importance goes to the EWC (no data needed)."""
+        self.consolidate(self.ewc)
+
     def state_dict(self):
         """Tensors and plain values only (loads with ``torch.load(weights_only=True)``)."""
         return {
@@ -76,9 +97,7 @@ class SynapticIntelligence:
 
     def load_state_dict(self, state):
         """Restore a state_dict bitwise (checked first: keys, names, shapes; nothing changes on error)."""
-        missing = {"names", "xi", "omega", "theta_start"} - set(state)
-        if missing:
-            raise KeyError(f"SynapticIntelligence state_dict lacks {sorted(missing)}")
+        check.check_state("SynapticIntelligence", state, ("names", "xi", "omega", "theta_start"))
         if list(state["names"]) != self.names:
             raise ValueError("the state was saved for other parameters (names differ)")
         for key in ("omega", "theta_start"):
@@ -88,7 +107,10 @@ class SynapticIntelligence:
             for name, t, p in zip(self.names, value, self.params):
                 if not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point():
                     raise ValueError(f"corrupt SynapticIntelligence state: {key} of {name!r} is not shaped like it")
-        xi = check.check_scalar("xi", state["xi"])
-        self.omega = [t.to(w.device, w.dtype, copy=True) for t, w in zip(state["omega"], self.omega)]
-        self.theta_start = [t.to(s.device, s.dtype, copy=True) for t, s in zip(state["theta_start"], self.theta_start)]
+                if not bool(t.isfinite().all()):
+                    raise ValueError(f"corrupt SynapticIntelligence state: {key} of {name!r} is not finite")
+        xi = check.check_real("xi", state["xi"], above=0.0)
+        # full tensors or DTensors (as DCP loads them): on each tensor's device, sharded like it
+        self.omega = [dist_util.copy_like(t, w, w.dtype) for t, w in zip(state["omega"], self.omega)]
+        self.theta_start = [dist_util.copy_like(t, s, s.dtype) for t, s in zip(state["theta_start"], self.theta_start)]
         self.xi = xi

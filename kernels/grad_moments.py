@@ -110,6 +110,8 @@ def _merge_moments_kernel(partials, shifts, first_blocks, block_counts, out, ACC
 
 def grad_moments(grads, inv_scale):
     check.check_numel("inv_scale", inv_scale, 1)
+    if not grads:  # as the C++ kernels: no rows
+        return inv_scale.new_empty((0, 3), dtype=torch.float32)
     grads = contiguous(grads)
     acc = accumulate_dtype(grads)
     device = grads[0].device

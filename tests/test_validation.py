@@ -63,7 +63,7 @@ def test_check_choice_backend_bool_optional():
     with pytest.raises(ValueError, match="^backend must be one of 'auto'"):
         check.check_backend("backend", "gpu")
     assert check.check_bool("flag", False) is False
-    with pytest.raises(TypeError, match="^flag must be True or False"):
+    with pytest.raises(TypeError, match=r"^flag must be a bool \(True or False\)"):
         check.check_bool("flag", 0)
     assert check.optional(check.check_int, "n", None, minimum=1) is None
     with pytest.raises(ValueError, match="^n must be >= 1"):

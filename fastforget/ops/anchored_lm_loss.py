@@ -28,8 +28,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from fastforget import _autocast, dispatch
 from fastforget import _validation as check
-from fastforget import dispatch
 from fastforget._dtypes import FLOAT_DTYPES
 from fastforget._schemas import FLAVOURS, qualname
 
@@ -190,7 +190,13 @@ def anchored_lm_loss(
     hidden, weight and bias. Errors: TypeError for wrong types or dtypes (all float tensors of hidden's dtype),
     ValueError for shapes, devices, a label outside [0, V) that is not ignore_index (naming the first), a negative
     or non-finite kl_weight, a non-positive or non-finite temperature, non-finite token_weights.
+
+    Under ``torch.autocast`` it computes what the unfused formula computes there: hidden, weight, bias, ref_hidden
+    and ref_weight are cast to the autocast dtype for the logits' GEMMs (F.linear's rule), the softmax, CE and KL
+    run in fp32 on those logits (the rule of log_softmax, cross_entropy and kl_div), and the loss is fp32;
+    gradients reach fp32 masters in fp32.
     """
+    hidden, weight, bias, ref_hidden, ref_weight = _autocast.cast_inputs(hidden, weight, bias, ref_hidden, ref_weight)
     kl_weight, temperature = _check_inputs(
         hidden, weight, labels, bias, ref_hidden, ref_weight, kl_weight, temperature, kl, ignore_index,
         token_weights, shift, chunk_size,
@@ -301,6 +307,12 @@ def _register(flavour):
         return hidden.new_empty((), dtype=acc), *grads
 
     rows_op = getattr(torch.ops.fastforget, rows.split("::")[1]).default
+
+    # torch.autocast, as on the unfused formula: the GEMMs' inputs in the autocast dtype, the row math (softmax,
+    # CE, KL) on fp32 logits; token_weights and scale are fp32 in any case
+    lower, fp32 = _autocast.LOWER, _autocast.FP32
+    _autocast.register(fused.split("::")[1], (lower, lower, lower, None, lower, lower, lower, fp32) + (None,) * 6)
+    _autocast.register(rows.split("::")[1], (fp32, fp32, None, fp32, fp32) + (None,) * 4)
     device_types = ("cpu", "cuda")
     torch.library.register_kernel(fused, device_types, _chunked(rows_op))
 

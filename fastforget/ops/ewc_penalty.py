@@ -113,7 +113,7 @@ def ewc_penalty_(params, anchors, fisher, lam, *, backend="auto"):
     for i, g in enumerate(grads):
         if g is not None and (g.dtype not in _PARAM_DTYPES or g.layout != torch.strided):
             check.check_dtype("grads", i, g, _PARAM_DTYPES)  # raises, naming the index
-    check.check_no_overlap("grads", grads)
+    check.check_writes([("grads", grads)], [("params", params), ("anchors", anchors), ("fisher", fisher)])
     if not params:
         return torch.zeros(())
     backend = dispatch.resolve(backend, params[0].device, "ewc_penalty_")

@@ -74,12 +74,11 @@ def fisher_update_(fisher, grads, decay=1.0, scale=1.0, *, absolute=False, backe
     finite and >= 0, so F stays >= 0. Fisher tensors must not overlap in memory. Nothing is written on bad input.
     """
     fisher, grads, decay, scale = _check_inputs(fisher, grads, decay, scale)
-    check.check_no_overlap("fisher", fisher)
+    check.check_bool("absolute", absolute)
+    check.check_writes([("fisher", fisher)], [("grads", grads)])
     if not fisher:
         return
     backend = dispatch.resolve(backend, fisher[0].device, "fisher_update_")
-    if not isinstance(absolute, bool):
-        raise TypeError(f"absolute must be a bool, not {type(absolute).__name__}")
     if backend == "reference":
         return fisher_update_ref(fisher, grads, decay, scale, absolute)
     with torch.no_grad():

@@ -122,7 +122,7 @@ def grad_ema_protect_(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     check.check_distinct("grads", grads)
-    check.check_no_overlap("grads", grads)
+    check.check_writes([("grads", grads), ("mean", mean), ("var", var)])
     if not grads:
         return torch.zeros(0), torch.zeros((), dtype=torch.bool)
     device = grads[0].device

@@ -4,9 +4,13 @@
 
 returned as a (len(grads), 3) tensor in the accumulation dtype (fp32, fp64 for fp64 lists). Computed in one pass
 over each gradient with no sum(x^2) - sum(x)^2 cancellation (shifted data, corrected two-pass blocks, Chan et al.
-merges in a fixed order): bitwise reproducible, accurate for gradients like 1e4 + 1e-3 noise. A non-finite
-gradient gives a non-finite row. ``inv_scale`` undoes an AMP GradScaler's scale (a float or a 0-dim tensor).
+merges in a fixed order): bitwise reproducible, accurate for gradients like 1e4 + 1e-3 noise. A row whose mean
+or M2 is not finite -- a NaN/Inf gradient, or values whose deviations overflow the accumulation dtype (|x| near
+3e38 in fp32) -- has mean = M2 = NaN on every backend. ``inv_scale`` undoes an AMP GradScaler's scale (a float
+or a 0-dim tensor).
 """
+
+import math
 
 import torch
 
@@ -57,11 +61,16 @@ def run_grad_moments(grads, inv_scale, backend):
     """grad_moments without the argument checks, for callers whose gradients are valid by construction."""
     backend = dispatch.resolve(backend, grads[0].device, "grad_moments")
     if backend == "reference":
-        return grad_moments_ref(grads, inv_scale)
-    return dispatch.native_op("grad_moments", backend)(grads, inv_scale)
+        rows = grad_moments_ref(grads, inv_scale)
+    else:
+        rows = dispatch.native_op("grad_moments", backend)(grads, inv_scale)
+    # one rule for overflow: the backends' intermediate steps overflow differently (a shifted pass gives NaN
+    # where the fp64 reference gives mean 0 and M2 inf), so any non-finite statistic makes both NaN
+    finite = rows[:, 1:].isfinite().all(dim=1, keepdim=True)
+    return torch.cat([rows[:, :1], torch.where(finite, rows[:, 1:], math.nan)], dim=1)
 
 
 for _flavour in FLAVOURS:
     torch.library.register_fake(qualname("grad_moments", _flavour))(
-        lambda grads, inv_scale: grads[0].new_empty((len(grads), 3), dtype=accumulate_dtype(grads))
+        lambda grads, inv_scale: inv_scale.new_empty((len(grads), 3), dtype=accumulate_dtype(grads))
     )

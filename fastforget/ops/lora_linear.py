@@ -32,8 +32,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from fastforget import _autocast, dispatch
 from fastforget import _validation as check
-from fastforget import dispatch
 from fastforget._dtypes import FLOAT_DTYPES
 from fastforget._schemas import FLAVOURS, qualname
 
@@ -103,7 +103,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, training=
     Returns a tensor shaped (*x.shape[:-1], out_features) in x's dtype. Errors: ``TypeError`` for a non-tensor,
     a dtype other than x's or an unsupported one; ``ValueError`` for mismatched shapes, devices, r = 0, or a
     dropout_p outside [0, 1).
+
+    Under ``torch.autocast`` x, weight, bias, lora_A and lora_B are first cast to the autocast dtype, as F.linear's
+    are (fp64 ones excepted): the result is in that dtype and the gradients reach fp32 masters in fp32.
     """
+    x, weight, bias, lora_A, lora_B = _autocast.cast_inputs(x, weight, bias, lora_A, lora_B)
     _check_inputs(x, weight, bias, lora_A, lora_B, scale, dropout_p, training)
     x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: x may have no elements (a vmap of 0 samples)
     keep = dropout_keep_mask(x2d.shape, dropout_p, x.device) if training and dropout_p > 0 else None
@@ -299,6 +303,11 @@ def _register(flavour):
         return tuple(x.new_empty(shape) if need else None for shape, need in zip(shapes, output_mask))
 
     backward_op = getattr(torch.ops.fastforget, backward.split("::")[1]).default
+
+    # torch.autocast: the forward casts its floating inputs as F.linear does; the backward runs in the dtypes the
+    # forward saved (as torch's backward ops do), with autocast off inside its kernels
+    _autocast.register(forward.split("::")[1], (_autocast.LOWER,) * 5 + (None, None))
+    _autocast.register(backward.split("::")[1], (None,) * 9)
 
     # The native flavour's autograd is C++ (csrc/lora_linear_autograd.cpp), so eager calls run no Python; that file
     # also gives both flavours' backward ops torch's not-implemented autograd, so a double backward raises. The

@@ -183,10 +183,12 @@ def _checked(params, grads, exp_avg, exp_avg_sq, steps, anchors, fisher, factors
     if bool(ema_mean) != (alpha is not None) or bool(ema_mean) != (var_scale is not None):
         raise ValueError("ema_mean/ema_var, alpha and var_scale come together (protection mode 'element')")
     grad_scale, found_inf = _one_element("grad_scale", grad_scale, device), _one_element("found_inf", found_inf, device)
-    written = [*params, *exp_avg, *exp_avg_sq, *ema_mean, *ema_var, *omega]
-    for name, tensors in (("params", params), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        check.check_no_overlap(name, tensors)
-    check.check_no_overlap("params + exp_avg + exp_avg_sq + ema_mean + ema_var + omega (the written tensors)", written)
+    check.check_writes(
+        [("params", params), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("steps", steps),
+         ("ema_mean", ema_mean), ("ema_var", ema_var), ("omega", omega)],
+        [("grads", grads), ("anchors", anchors), ("fisher", fisher), ("factors", [factors]), ("alpha", [alpha]),
+         ("var_scale", [var_scale]), ("grad_scale", [grad_scale]), ("found_inf", [found_inf])],
+    )  # fmt: skip
     return (params, grads, exp_avg, exp_avg_sq, steps, anchors, fisher, factors, ema_mean, ema_var, alpha, var_scale,
             omega, grad_scale, found_inf)  # fmt: skip
 

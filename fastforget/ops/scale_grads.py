@@ -29,7 +29,9 @@ def scale_grads_(grads, factors, *, backend="auto"):
     if factors.numel() != len(grads):
         raise ValueError(f"factors has {factors.numel()} entries but grads has {len(grads)} tensors")
     check.check_distinct("grads", grads)
-    check.check_no_overlap("grads", grads)
+    if grads and factors.device != grads[0].device:
+        raise ValueError(f"factors is on {factors.device} but the grads are on {grads[0].device}")
+    check.check_writes([("grads", grads)], [("factors", [factors])])
     if grads:
         run_scale_grads(grads, factors, backend)
 

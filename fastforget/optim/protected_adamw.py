@@ -11,11 +11,26 @@ The step's EWC penalty (with the separate mode's constant) is kept in ``self.pen
 without a host synchronisation). Under a ``torch.amp.GradScaler`` the scaler's ``grad_scale``/``found_inf`` reach
 the fused step (like torch's fused AdamW): a step with an inf/NaN gradient leaves parameters, moments, protector
 and SI state bitwise unchanged, with no host synchronisation. ``p.grad`` is never modified.
+
+The attached parts are ``ff.defences.Defence`` objects: each step asks every one for its operands
+(``fused_operands``, over all params with a gradient), runs the fused pass per param group on them, then calls
+``after_fused_step``; ``defences=[...]`` attaches more (e.g. your own, see docs/defences.md).
+
+Under FSDP2 (DTensor parameters sharded over a 1-D mesh, see ``fastforget.distributed``) the fused pass runs on
+the local shards (``to_local()``); the per-tensor reductions cross ranks: mode "tensor" protection's gradient
+moments are merged exactly (the protector's Chan et al. merge), the EWC penalty is summed. ``exp_avg`` and
+``exp_avg_sq`` are DTensors sharded like their parameters (``step`` a plain scalar, as in ``torch.optim.AdamW``),
+created at construction: ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` /
+``set_optimizer_state_dict`` then save and load them as they are, instead of initialising a fresh optimizer with
+a zero-gradient step that would reach the attached defences.
 """
 
 import torch
+import torch.distributed as dist
 
+from fastforget import distributed as dist_util
 from fastforget._dtypes import accumulate_dtype
+from fastforget.defences import FUSED_TERMS, Defence, FusedOperands
 from fastforget.ops.protected_adamw_step import _hyperparameters, run_protected_adamw_step
 
 _REJECTED = {
@@ -25,21 +40,17 @@ _REJECTED = {
 }
 
 
-def _index(owner, label, params):
-    """Position of each optimizer param in `owner.params`; raises naming a param that `owner` does not cover."""
-    where = {id(p): i for i, p in enumerate(owner.params)}
-    for group, p in params:
-        if id(p) not in where:
-            raise ValueError(
-                f"param group {group} holds a parameter of shape {tuple(p.shape)} that the {label} does not cover;"
-                f" build the {label} over the same parameters as the optimizer"
-            )
-    return where
-
-
 class ProtectedAdamW(torch.optim.Optimizer):
     """AdamW with optional ``ewc`` (``ff.EWC``), ``protector`` (``ff.GradientProtector``, mode "tensor" or
     "element" with normalize "none") and ``si`` (``ff.SynapticIntelligence``), applied in its fused step.
+
+    ``defences``: more ``ff.defences.Defence`` objects (after those three), each handing the step its operands
+    through ``fused_operands`` (see ``ff.defences.FusedOperands``); one defence per fused term ("quadratic",
+    "protection", "path_integral"). A defence without fused operands (empty ``fused_terms``: replay, the KL
+    anchor) is refused: it belongs to the trainer. ``self.defences`` lists them all.
+
+    Parameters are plain tensors, or all DTensors sharded over one 1-D mesh (FSDP2's ``fully_shard``; the
+    attached parts over the same sharded parameters).
 
     Every optimizer parameter must be covered by each attached part (checked here). ``foreach`` and ``fused``
     are accepted for compatibility and ignored: the step is always the fused multi-tensor op. ``amsgrad``,
@@ -51,7 +62,7 @@ class ProtectedAdamW(torch.optim.Optimizer):
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *, maximize=False,
         foreach=None, capturable=False, differentiable=False, fused=None, ewc=None, protector=None, si=None,
-        backend="auto",
+        defences=None, backend="auto",
     ):  # fmt: skip
         if isinstance(lr, torch.Tensor):
             raise TypeError("lr must be a Python float (a tensor lr belongs to capturable, which is not supported)")
@@ -63,21 +74,18 @@ class ProtectedAdamW(torch.optim.Optimizer):
         )  # fmt: skip
         self._check_group(defaults)
         super().__init__(params, defaults)
-        if protector is not None and protector.mode == "element" and protector.normalize != "none":
-            raise ValueError(
-                "a mode 'element' protector with normalize='max' needs each tensor's max variance before any "
-                "element is scaled; ProtectedAdamW fuses normalize='none' only"
-            )
         members = [(g, p) for g, group in enumerate(self.param_groups) for p in group["params"]]
-        for g, p in members:
-            if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
-                raise ValueError(f"param group {g} holds a DTensor (FSDP2); ProtectedAdamW runs on plain tensors")
-        self.ewc, self.protector, self.si, self.backend = ewc, protector, si, backend
-        self._ewc_index = _index(ewc, "EWC", members) if ewc is not None else None
-        self._protector_index = _index(protector, "protector", members) if protector is not None else None
-        self._si_index = _index(si, "SynapticIntelligence", members) if si is not None else None
-        device = members[0][1].device if members else None
+        names = [
+            f"param_groups[{g}][{i}]" for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))
+        ]
+        self.process_group = dist_util.check_parameters(names, [p for _, p in members])  # FSDP2 only
+        self.defences = _check_defences([ewc, protector, si], defences, members)
+        self.backend = backend
+        device = dist_util.local(members[0][1]).device if members else None
         self.penalty = torch.zeros((), device=device)
+        if self.process_group is not None:  # see the module doc: DCP must find the state, not make it with a step
+            for _, p in members:
+                self._state_of(p)
 
     @staticmethod
     def _check_group(group):
@@ -87,9 +95,27 @@ class ProtectedAdamW(torch.optim.Optimizer):
         if isinstance(group["lr"], torch.Tensor):
             raise TypeError("lr must be a Python float (a tensor lr belongs to capturable, which is not supported)")
 
+    @property
+    def ewc(self):
+        return self._named("ewc")
+
+    @property
+    def protector(self):
+        return self._named("protector")
+
+    @property
+    def si(self):
+        return self._named("si")
+
+    def _named(self, name):
+        return next((d for d in getattr(self, "defences", ()) if d.name == name), None)
+
     def add_param_group(self, param_group):
-        if any(getattr(self, part, None) is not None for part in ("ewc", "protector", "si")):
-            raise ValueError("with ewc/protector/si attached, pass every param group to __init__ (checked there)")
+        if getattr(self, "defences", None) or getattr(self, "process_group", None) is not None:
+            raise ValueError(
+                "with ewc/protector/si attached or sharded (FSDP2) parameters, pass every param group to __init__"
+                " (checked there)"
+            )
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
@@ -98,15 +124,17 @@ class ProtectedAdamW(torch.optim.Optimizer):
     def _state_of(self, p):
         state = self.state[p]
         if not state:
-            acc = accumulate_dtype([p])
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=acc, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=acc, device=p.device)
+            acc, shard = accumulate_dtype([p]), dist_util.local(p)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=shard.device)
+            for key in ("exp_avg", "exp_avg_sq"):  # sharded like p under FSDP2
+                state[key] = dist_util.like(torch.zeros(shard.shape, dtype=acc, device=shard.device), p)
         return state
 
     def load_state_dict(self, state_dict):
         """Loads a state dict of this class or of ``torch.optim.AdamW``; the moments keep their saved precision
-        (fp32 for 16-bit params, where torch would cast them to the param dtype), the step moves to the param."""
+        (fp32 for 16-bit params, where torch would cast them to the param dtype), the step moves to the param.
+        Under FSDP2 the moments may be full tensors or DTensors (as DCP loads them): they are sharded like their
+        parameters."""
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -115,9 +143,12 @@ class ProtectedAdamW(torch.optim.Optimizer):
             if i in saved:
                 state = self.state[p]
                 acc = accumulate_dtype([p])
+                device = dist_util.local(p).device
                 for key in ("exp_avg", "exp_avg_sq"):
-                    state[key] = saved[i][key].to(p.device, acc, copy=True).contiguous()
-                state["step"] = torch.as_tensor(saved[i]["step"], dtype=torch.float32).to(p.device, copy=True)
+                    moment = dist_util.local(dist_util.copy_like(saved[i][key], p, acc))
+                    state[key] = dist_util.like(moment.contiguous(), p)
+                step = dist_util.local(torch.as_tensor(saved[i]["step"], dtype=torch.float32))
+                state["step"] = step.to(device, copy=True)
         for group in self.param_groups:
             self._check_group(group)
 
@@ -142,74 +173,64 @@ class ProtectedAdamW(torch.optim.Optimizer):
         present = [p for _, params in groups for p in params]
         if not present:
             return loss
-        device = present[0].device
+        device = dist_util.local(present[0]).device
         if found_inf is not None:
             found_inf = found_inf.to(device, torch.float32).reshape(())
         if grad_scale is not None:
             grad_scale = grad_scale.to(device, torch.float32).reshape(())
-        protection = self._protection(present, grad_scale, found_inf)
+        operands = FusedOperands.combine(
+            (d, d.fused_operands(present, grad_scale, found_inf)) for d in self.defences
+        )  # fmt: skip
+        position = {id(p): i for i, p in enumerate(present)}
         penalty = torch.zeros((), device=device)
         for group, params in groups:
             if params:
-                penalty = penalty + self._group_step(group, params, protection, grad_scale, found_inf)
-        self._after_protection(present, found_inf)
-        if self.ewc is not None and self.ewc.tasks:
-            penalty = penalty + self.ewc._offset()
+                picked = operands.pick([position[id(p)] for p in params])
+                penalty = penalty + self._group_step(group, params, picked, grad_scale, found_inf)
+        for d in self.defences:
+            d.after_fused_step(present, found_inf)
+        if self.process_group is not None and operands.anchors:  # each rank's penalty is over its shards
+            dist.all_reduce(penalty, group=self.process_group)
+        if operands.penalty_offset is not None:
+            penalty = penalty + operands.penalty_offset
         self.penalty = penalty
         return loss
 
-    def _protection(self, present, grad_scale, found_inf):
-        """Per present param (by id): its factor (mode "tensor", from one grad_moments pass) or its (alpha,
-        var_scale) (mode "element"); None without a protector."""
-        pr = self.protector
-        if pr is None:
-            return None
-        row_tensor = torch.tensor([self._protector_index[id(p)] for p in present], device=pr.found_inf.device)
-        if pr.mode == "tensor":
-            inv_scale = torch.ones((), device=present[0].device) if grad_scale is None else 1 / grad_scale
-            skip = None if found_inf is None else found_inf != 0
-            _, factors = pr.tensor_factors([p.grad for p in present], row_tensor, inv_scale, skip)
-            self._rows = row_tensor
-            return {id(p): k for k, p in enumerate(present)}, factors.to(torch.float32)
-        steps = pr.steps[row_tensor]
-        alpha = torch.maximum(1 / (steps + 1).to(pr.mean[0].dtype), torch.tensor(1 - pr.beta))
-        self._rows = row_tensor
-        return {id(p): k for k, p in enumerate(present)}, alpha
-
-    def _after_protection(self, present, found_inf):
-        pr = self.protector
-        if pr is None:
-            return
-        skip = torch.zeros((), dtype=torch.bool, device=pr.found_inf.device) if found_inf is None else found_inf != 0
-        if pr.mode == "element":
-            pr.steps[self._rows] = pr.steps[self._rows] + (~skip).long()
-        pr.found_inf = skip.to(pr.found_inf.device)
-
-    def _group_step(self, group, params, protection, grad_scale, found_inf):
+    def _group_step(self, group, params, operands, grad_scale, found_inf):
+        """The fused pass over one group, on the local shards under FSDP2 (the elementwise work needs nothing
+        else; the per-tensor factors and alphas are global already). Returns this rank's share of the penalty."""
         states = [self._state_of(p) for p in params]
-        ewc, pr, si = self.ewc, self.protector, self.si
-        anchors, fisher, lam = [], [], 0.0
-        if ewc is not None and ewc.tasks:
-            rows = [self._ewc_index[id(p)] for p in params]
-            anchors, fisher, lam = [ewc.anchors[i] for i in rows], [ewc.fisher[i] for i in rows], ewc.lam
-        factors = alpha = var_scale = None
-        ema_mean, ema_var = [], []
-        threshold = 0.0
-        if pr is not None:
-            where, values = protection
-            picked = values[torch.tensor([where[id(p)] for p in params], device=values.device)]
-            threshold = pr.threshold
-            if pr.mode == "tensor":
-                factors = picked
-            else:
-                rows = [self._protector_index[id(p)] for p in params]
-                ema_mean, ema_var = [pr.mean[i] for i in rows], [pr.var[i] for i in rows]
-                alpha, var_scale = picked, torch.full_like(picked, 1 / pr.temperature)
-        omega = [si.omega[self._si_index[id(p)]] for p in params] if si is not None else []
+        o = operands
+
+        def shards(tensors):
+            return [dist_util.local(t) for t in tensors]
+
         beta1, beta2 = group["betas"]
         return run_protected_adamw_step(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states], anchors, fisher, factors, ema_mean, ema_var, alpha, var_scale, omega,
-            grad_scale, found_inf, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], lam,
-            threshold, bool(group["maximize"]), backend=self.backend,
+            shards(params), shards(p.grad for p in params), shards(s["exp_avg"] for s in states),
+            shards(s["exp_avg_sq"] for s in states), [s["step"] for s in states], shards(o.anchors), shards(o.fisher),
+            o.factors, shards(o.ema_mean), shards(o.ema_var), o.alpha, o.var_scale, shards(o.omega), grad_scale,
+            found_inf, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], o.lam, o.threshold,
+            bool(group["maximize"]), backend=self.backend,
         )  # fmt: skip
+
+
+def _check_defences(parts, defences, members):
+    """The attached defences (the ewc/protector/si arguments, then `defences`), each checked to run in the fused
+    step over the optimizer's (group, param) `members`, one per fused term."""
+    attached = [d for d in parts if d is not None] + ([] if defences is None else list(defences))
+    filled = {}
+    for i, d in enumerate(attached):
+        if not isinstance(d, Defence):
+            raise TypeError(f"defence {i} is a {type(d).__name__}, not a ff.defences.Defence")
+        d.check_fusable(members)
+        for term in d.fused_terms:
+            if term not in FUSED_TERMS:
+                raise ValueError(f"{type(d).__name__} declares fused term {term!r}; the step has {tuple(FUSED_TERMS)}")
+            if term in filled:
+                raise ValueError(
+                    f"{type(filled[term]).__name__} and {type(d).__name__} both fill the fused step's {term!r} term;"
+                    " it takes one defence per term"
+                )
+            filled[term] = d
+    return attached
