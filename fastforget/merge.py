@@ -23,19 +23,23 @@ _ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lo
 
 
 def _peft_lora_layers(model):
-    """PEFT's LoRA layers of `model` (none without peft installed)."""
+    """PEFT's LoRA layers of `model`, as (name, layer) (none without peft installed)."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
         return []
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
 def _adapter_scales(model):
     """The tensors whose scaling by alpha scales every LoRA update of `model` by alpha: each adapter's B (the update
     is scale * B A; DoRA's magnitude is refused, its update is not linear in B)."""
-    tensors = [module.lora_B for _, module in lora_modules(model)]
-    for layer in _peft_lora_layers(model):
+    modules, peft_layers = lora_modules(model), _peft_lora_layers(model)
+    merged = [name for name, m in modules + peft_layers if m.merged]
+    if merged:
+        raise ValueError(f"wise_ft: the adapter of {merged[0]!r} is merged into its base weight; unmerge it first")
+    tensors = [module.lora_B for _, module in modules]
+    for _, layer in peft_layers:
         for adapter in layer.active_adapters:
             if adapter in getattr(layer, "lora_magnitude_vector", {}):
                 raise ValueError(f"wise_ft: adapter {adapter!r} is a DoRA adapter; its update is not linear in B")
@@ -47,7 +51,7 @@ def _adapter_scales(model):
 
 
 def _is_adapter(name):
-    return any(f".{key}." in f".{name}." or name.endswith(f".{key}") for key in _ADAPTER_KEYS)
+    return any(f".{key}." in f".{name}." for key in _ADAPTER_KEYS)
 
 
 def _named_trainable(model):

@@ -110,6 +110,15 @@ def test_wise_ft_peft_lora_scales_the_adapters():
         assert_close(p, (0.6 * p_base.double() + 0.4 * p_tuned.double()).float())
 
 
+def test_wise_ft_refuses_a_merged_adapter():
+    model = ff.apply_lora(make_model(0), target_modules=["0", "2"], r=2)
+    model[0].merge()
+    before = params_of(model)
+    with pytest.raises(ValueError, match="'0' is merged"):
+        ff.wise_ft(model, alpha=0.5)
+    assert_unchanged(model, before)
+
+
 def test_wise_ft_lora_with_other_trainable_parameters_needs_base():
     model = ff.apply_lora(make_model(0), target_modules=["0"], r=2)
     model[2].weight.requires_grad_(True)  # a fully trained head beside the adapter
