@@ -4,7 +4,7 @@
     Fisher-weighted:     out = sum_k w_k F~_k theta_k / sum_k w_k F~_k,   F~_k = max(F_k, floor_k)
 
 The linear form with K = 2, w = (1 - alpha, alpha) is WiSE-FT's interpolation (Wortsman et al. 2022); the Fisher
-form is Matena & Raffel's Fisher merging ("Merging Models with Fisher-Weighted Averaging", NeurIPS 2022, eq. 3),
+form is Matena & Raffel's Fisher merging ("Merging Models with Fisher-Weighted Averaging", NeurIPS 2022),
 whose reference implementation (mmatena/model_merging, merging.py) guards the denominator by flooring the Fisher
 (default 1e-6) of the first ("target") model, or of every model, rather than adding an epsilon: a parameter no
 model's Fisher sees then takes the target model's value instead of 0/0. ``floors[k]`` is that floor per model.
