@@ -32,6 +32,27 @@ inline void check_stacks(at::TensorList fisher, at::TensorList grads) {
   }
 }
 
+// weight_merge's lists: models (and fisher, unless empty) hold K = weights.size() lists of out.size() tensors,
+// model-major, each shaped like its out[i] and on its device; floors has K entries when fisher is given.
+inline void check_merge_lists(at::TensorList out, at::TensorList models, at::TensorList fisher, size_t num_weights,
+                              size_t num_floors) {
+  TORCH_CHECK(num_weights > 0, "fastforget: weight_merge needs at least one model");
+  TORCH_CHECK(models.size() == num_weights * out.size(), "fastforget: models has ", models.size(),
+              " tensors; expected ", num_weights, " x ", out.size());
+  TORCH_CHECK(fisher.empty() || fisher.size() == models.size(), "fastforget: fisher has ", fisher.size(),
+              " tensors; expected 0 or ", models.size());
+  TORCH_CHECK(fisher.empty() ? num_floors == 0 : num_floors == num_weights, "fastforget: floors has ", num_floors,
+              " entries; expected ", fisher.empty() ? 0 : num_weights);
+  for (size_t j = 0; j < models.size(); ++j) {
+    const at::Tensor& target = out[j % out.size()];
+    for (const at::Tensor* t : {&models[j], fisher.empty() ? &models[j] : &fisher[j]}) {
+      TORCH_CHECK(t->sizes() == target.sizes() && t->device() == target.device(), "fastforget: source ", j,
+                  " of weight_merge has shape ", t->sizes(), " on ", t->device(), "; expected ", target.sizes(),
+                  " on ", target.device());
+    }
+  }
+}
+
 // A per-list tensor argument (one scalar, or one value per tensor of the list) has exactly `expected` elements: the
 // kernels index it by tensor, so a short one would be read out of bounds.
 inline void check_numel(const char* name, const at::Tensor& t, size_t expected) {

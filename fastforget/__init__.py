@@ -13,6 +13,7 @@ from fastforget.ewc import EWC
 from fastforget.fisher import estimate_fisher
 from fastforget.lora import LoRALinear, apply_lora, lora_disabled, lora_state_dict, merge_lora
 from fastforget.lora_peft import load_peft_adapter, save_peft_adapter
+from fastforget.merge import fisher_merge, wise_ft
 from fastforget.ops import *  # noqa: F403  (every op and its reference: ops.__all__)
 from fastforget.protect import GradientProtector, SeedGradientProtector
 from fastforget.replay import ReplayBuffer
@@ -39,11 +40,13 @@ __all__ = [
     "defences",
     "available_backends",
     "estimate_fisher",
+    "fisher_merge",
     "load_peft_adapter",
     "lora_state_dict",
     "merge_lora",
     "lora_disabled",
     "save_peft_adapter",
     "optim",
+    "wise_ft",
     *ops.__all__,
 ]

@@ -27,6 +27,10 @@ SCHEMAS = {
     ),
     # fisher = decay * fisher + scale * grads^2 (|grads| when absolute: MAS's importance), in place, one pass
     "fisher_update": "(Tensor(a!)[] fisher, Tensor[] grads, float decay, float scale, bool absolute=False) -> ()",
+    # out[i] = sum_k w_k theta_k[i] (fisher empty), or sum_k w_k F~_k theta_k / sum_k w_k F~_k with
+    # F~_k = max(F_k, floors[k]) (Matena & Raffel 2022); models / fisher hold K lists of len(out), model-major
+    # (models[k * len(out) + i]); out[i] may be one of its own sources; math in fp32 (fp64 for fp64 outputs)
+    "weight_merge": "(Tensor(a!)[] out, Tensor[] models, Tensor[] fisher, float[] weights, float[] floors) -> ()",
     # per tensor (count, mean, M2) of inv_scale * grad: a (len(grads), 3) tensor in the accumulation dtype
     "grad_moments": "(Tensor[] grads, Tensor inv_scale) -> Tensor",
     # grads[i] *= factors[i], in place, one pass

@@ -9,4 +9,5 @@ from fastforget.kernels import (  # noqa: F401
     lora_linear,
     protected_adamw_step,
     scale_grads,
+    weight_merge,
 )

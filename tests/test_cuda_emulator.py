@@ -29,6 +29,7 @@ from fastforget.ops.grad_ema import grad_ema_protect_ref, grad_ema_stats_ref
 from fastforget.ops.grad_moments import grad_moments_ref
 from fastforget.ops.protected_adamw_step import protected_adamw_step_ref
 from fastforget.ops.scale_grads import scale_grads_ref
+from fastforget.ops.weight_merge import weight_merge_ref
 from fastforget.testing import TOLERANCES, assert_close
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -162,6 +163,19 @@ class Emulator:
         f = factors.to(_acc(grads)).contiguous()
         self._call("ff_emu_scale_grads", *self._lists([work]), _ptr(f), int(f.dtype == torch.float64))
         _copy_back(grads, work)
+
+    def weight_merge(self, out, models, weights, fisher=None, floors=None):
+        acc = _acc(out)
+        work = _contiguous(out)
+        sources = [_contiguous(m) for m in models]
+        flat, flat_fisher = [t for m in sources for t in m], [t for f in fisher or [] for t in _contiguous(f)]
+        count = len(flat)
+        src = self._lists([flat, flat_fisher])[1:]  # (numel, ptr, dtype) of the count (model, Fisher) records
+        coefs = torch.tensor([*weights, *(floors or [])], dtype=acc)
+        self._call("ff_emu_weight_merge", *self._lists([work]), ctypes.c_int64(count), *src,
+                   ctypes.c_int64(len(weights)), _ptr(coefs), int(fisher is not None),
+                   int(acc == torch.float64))  # fmt: skip
+        _copy_back(out, work)
 
     def grad_ema_stats(self, grads, mean, var, inv_scale, alpha):
         acc = _acc(mean)
@@ -345,6 +359,7 @@ def test_empty_lists(emu):
     assert emu.ewc_penalty([], [], [], 0.5).item() == 0.0
     assert emu.ewc_penalty([], [], [], 0.5, grads=[]).item() == 0.0
     emu.fisher_update([], [], 0.9, 1.0, False)
+    emu.weight_merge([], [[], []], [0.5, 0.5])
     emu.scale_grads([], torch.zeros(0))
     assert emu.grad_ema_stats([], [], [], torch.tensor(1.0), torch.zeros(0)).numel() == 0
     emu.grad_ema_protect([], [], [], torch.tensor(1.0), torch.zeros(0), torch.zeros(0), torch.tensor(False), 0.5)
@@ -371,6 +386,45 @@ def test_fisher_update(emu, size, dtype, samples, absolute):
     fisher_update_ref(expected, grads, 0.9, 0.25, absolute)
     for f, e in zip(fisher, expected):
         agree(f, e)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fisher", [False, True], ids=["linear", "fisher"])
+@pytest.mark.parametrize("layout", ["one", "many"])
+def test_weight_merge(emu, size, dtype, fisher, layout):
+    gen = torch.Generator().manual_seed(size)
+    shapes = shapes_of(size, layout)
+    models = [[randn(n, d, gen) for n in shapes] for d in (dtype, torch.bfloat16, torch.float32)]
+    fishers = [[torch.rand(n, generator=gen).to(d) for n in shapes] for d in (torch.float32, dtype, dtype)]
+    weights, floors = [0.2, 0.5, 0.3], [1e-6, 0.0, 0.0]
+    kwargs = dict(fisher=fishers, floors=floors) if fisher else {}
+
+    def run():
+        out = [torch.zeros(n, dtype=dtype) for n in shapes]
+        emu.weight_merge(out, models, weights, **kwargs)
+        return out
+
+    out = under_seeds(emu, run)
+    expected = [torch.zeros(n, dtype=dtype) for n in shapes]
+    weight_merge_ref(expected, models, weights, **kwargs)
+    for o, e in zip(out, expected):
+        agree(o, e)
+
+
+def test_weight_merge_in_place(emu):
+    """out is one of its sources (WiSE-FT): every element is read before it is written."""
+    gen = torch.Generator().manual_seed(0)
+    base, tuned = [randn(3 * CHUNK + 1, torch.bfloat16, gen)], [randn(3 * CHUNK + 1, torch.bfloat16, gen)]
+    expected = [tuned[0].clone()]
+    weight_merge_ref(expected, [base, tuned], [0.3, 0.7])
+
+    def run():
+        params = [tuned[0].clone()]
+        emu.weight_merge(params, [base, params], [0.3, 0.7])
+        return params
+
+    agree(under_seeds(emu, run)[0], expected[0])
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -25,6 +25,7 @@ LIST_DTYPES = ("fp32", "bf16", "fp16", "fp64") if os.environ.get("FF_PTX_ALL") =
 MULTI_TENSOR_KERNELS = (
     "_ewc_kernel",
     "_fisher_update_kernel",
+    "_weight_merge_kernel",
     "_max_var_kernel",
     "_protect_kernel",
     "_block_moments_kernel",
@@ -109,6 +110,7 @@ def _workloads():
         lora_linear,
         protected_adamw_step,
         scale_grads,
+        weight_merge,
     )
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -131,6 +133,10 @@ def _workloads():
         yield label, grad_ema.grad_ema_protect, protect_args
         yield label, grad_moments.grad_moments, (tensors(), one)
         yield label, scale_grads.scale_grads, (tensors(), alpha)
+        out, other = tensors(), tensors()
+        yield label, weight_merge.weight_merge, (out, [*tensors(state), *out], [], [0.5, 0.5], [])  # WiSE-FT
+        yield label, weight_merge.weight_merge, ([*out], [*out, *other], [*tensors(state), *tensors()], [0.5, 0.5],
+                                                 [1e-6, 0.0])  # fmt: skip
     for label in ("fp32", "bf16"):  # the protected AdamW step: plain, EWC + per-tensor factors, EWC + element + SI
         params = [torch.zeros(2 * 4096 + 100, dtype=dtypes[label]), torch.zeros(4097, dtype=dtypes[label])[1:]]
 

@@ -11,6 +11,7 @@
 #include "multi_tensor.cuh"
 #include "protected_adamw_step.cuh"
 #include "scale_grads.cuh"
+#include "weight_merge.cuh"
 
 namespace fastforget::gpu {
 
@@ -24,6 +25,8 @@ template void plan_blocks<GradMomentsMeta>(int64_t*, int64_t);
 template int64_t meta_words<GradMomentsMeta>(int64_t, int64_t);
 template void plan_blocks<ScaleGradsMeta>(int64_t*, int64_t);
 template int64_t meta_words<ScaleGradsMeta>(int64_t, int64_t);
+template void plan_blocks<MergeMeta>(int64_t*, int64_t);
+template int64_t meta_words<MergeMeta>(int64_t, int64_t);
 
 // The launchers instantiate every kernel (including sum_partials_kernel) and device helper.
 template cudaError_t launch_ewc_penalty<float>(const int64_t*, int64_t, int64_t, double, bool, float*, float*,
@@ -53,6 +56,10 @@ template cudaError_t launch_grad_moments<double>(const int64_t*, int64_t, int64_
                                                  cudaStream_t);
 template cudaError_t launch_scale_grads<float>(const int64_t*, int64_t, int64_t, const float*, cudaStream_t);
 template cudaError_t launch_scale_grads<double>(const int64_t*, int64_t, int64_t, const double*, cudaStream_t);
+template cudaError_t launch_weight_merge<float>(const int64_t*, int64_t, int64_t, const int64_t*, int64_t,
+                                                const float*, bool, cudaStream_t);
+template cudaError_t launch_weight_merge<double>(const int64_t*, int64_t, int64_t, const int64_t*, int64_t,
+                                                 const double*, bool, cudaStream_t);
 template void plan_blocks<AdamwMeta>(int64_t*, int64_t);
 template int64_t meta_words<AdamwMeta>(int64_t, int64_t);
 template cudaError_t launch_protected_adamw_step<float>(const int64_t*, int64_t, int64_t, bool, int, bool,

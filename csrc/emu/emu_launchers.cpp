@@ -19,6 +19,7 @@
 #include "../cuda/multi_tensor.cuh"
 #include "../cuda/protected_adamw_step.cuh"
 #include "../cuda/scale_grads.cuh"
+#include "../cuda/weight_merge.cuh"
 
 namespace gpu = fastforget::gpu;
 
@@ -88,6 +89,20 @@ int ff_emu_scale_grads(int64_t n, const int64_t* numel, const int64_t* ptr, cons
     using acc_t = decltype(zero);
     return gpu::launch_scale_grads<acc_t>(m.words.data(), n, m.num_blocks, static_cast<const acc_t*>(factors),
                                           nullptr);
+  });
+}
+
+// out: n tensors (role 0 only); sources: count = num_models * n (model, Fisher) records packed as the binding does.
+int ff_emu_weight_merge(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype, int64_t count,
+                        const int64_t* src_numel, const int64_t* src_ptr, const int64_t* src_dtype,
+                        int64_t num_models, const void* coefs, int fisher, int acc_fp64) {
+  const Packed m = pack<gpu::MergeMeta>(n, numel, ptr, dtype, gpu::SetIndex{});
+  std::vector<int64_t> sources(count * gpu::MergeSource::kWords);
+  gpu::pack_merge_sources(sources.data(), count, src_numel, src_ptr, src_dtype);
+  return dispatch(acc_fp64, [&](auto zero) {
+    using acc_t = decltype(zero);
+    return gpu::launch_weight_merge<acc_t>(m.words.data(), n, m.num_blocks, sources.data(), num_models,
+                                           static_cast<const acc_t*>(coefs), fisher != 0, nullptr);
   });
 }
 

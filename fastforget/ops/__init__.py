@@ -28,3 +28,6 @@ __all__ = [
 from fastforget.ops.protected_adamw_step import protected_adamw_step, protected_adamw_step_ref  # noqa: E402
 
 __all__ += ["protected_adamw_step", "protected_adamw_step_ref"]
+from fastforget.ops.weight_merge import weight_merge_, weight_merge_ref  # noqa: E402
+
+__all__ += ["weight_merge_", "weight_merge_ref"]
