@@ -79,6 +79,18 @@ SCHEMAS = {
         " float beta1, float beta2, float eps, float weight_decay, float lam, float threshold, bool maximize)"
         " -> Tensor"
     ),
+    # MoFO's radix-select pass: per tensor, a (len(exp_avg), 65536) int32 count of the digit (b >> shift) & 0xffff
+    # of b = the bit pattern of |exp_avg| over the elements with b >> (shift + 16) == prefix[t] (all of them when
+    # shift + 16 is the bit width)
+    "mofo_histogram": "(Tensor[] exp_avg, Tensor prefix, int shift) -> Tensor",
+    # MoFO's masked AdamW update (moments and steps already updated, k = steps[t]): unless found_inf, theta <-
+    # theta (1 - lr wd) - the Adam step where bits(|exp_avg|) >= thresholds[t] (int64; -1: nowhere); SI's omega
+    # -= g_task delta_theta when omega is given
+    "mofo_update": (
+        "(Tensor(a!)[] params, Tensor[] exp_avg, Tensor[] exp_avg_sq, Tensor[] steps, Tensor thresholds,"
+        " Tensor[] grads, Tensor(b!)[] omega, Tensor? grad_scale, Tensor? found_inf, float lr, float beta1,"
+        " float beta2, float eps, float weight_decay, bool maximize) -> ()"
+    ),
 }
 
 FLAVOURS = ("", "_triton")
