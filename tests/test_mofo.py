@@ -16,6 +16,7 @@ from test_optim_fsdp import phases, train
 from test_optim_fsdp import snapshot as fsdp_snapshot
 
 import fastforget as ff
+from fastforget.ops import mofo as mofo_ops
 from fastforget.ops.mofo import mofo_thresholds, threshold_values
 from fastforget.testing import assert_close
 
@@ -274,3 +275,16 @@ def test_fsdp2_threshold_is_over_the_whole_tensor(tmp_path):
         values = threshold_values(result["thresholds"], torch.float32)
         for m, value in zip(result["moments"], values):
             assert value.view(torch.int32) == topk_threshold(m, int(m.numel() * 0.3)).view(torch.int32)
+
+
+@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="C++ kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_histogram_pass_matches_its_reference(dtype):
+    """The pass FSDP2 runs per rank (the one-process select is one op): every digit of every pass, both kernels."""
+    tensors = tensors_with_ties(dtype)
+    prefix = torch.zeros(len(tensors), dtype=torch.int64)
+    for shift, digit_bits in mofo_ops._digits(tensors):
+        got = mofo_ops.mofo_histogram(tensors, prefix, shift, digit_bits, "cpu")
+        want = mofo_ops.mofo_histogram_ref(tensors, prefix, shift, digit_bits)
+        assert torch.equal(got, want)
+        prefix = (prefix << digit_bits) + want.argmax(1)  # follow the fullest bin down

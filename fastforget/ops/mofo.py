@@ -10,11 +10,12 @@ ties at the threshold included (``>=``, as the reference); k = 0 (a tensor small
 reference's ``topk(...)[0].min()`` of an empty tensor raises) updates no element by Adam, the decay still applies.
 
 The threshold is exact: a radix select over the bit patterns of |m| (a non-negative float's bit pattern orders
-like its value), 16 bits per pass (two passes for fp32, four for fp64): each pass counts, per tensor, the next
-digit of the elements that match the digits chosen so far (``mofo_histogram``, one launch over the whole list),
-then picks the digit holding the k-th largest element with a cumulative sum on the device (no host sync, no sort,
-no per-tensor ``torch.topk``). Under FSDP2 each pass's histograms are summed over the shards (``all_reduce``):
-the threshold is over the whole tensor. The masked update is ``mofo_update``.
+like its value), 11 bits per pass (three passes for fp32: bits 31-21, 20-10, 9-0; six for fp64): each pass counts,
+per tensor, the next digit of the elements that match the digits chosen so far (``mofo_histogram``, one launch
+over the whole list, 2048 bins per tensor), then picks the digit holding the k-th largest element with a
+cumulative sum on the device (no host sync, no sort, no per-tensor ``torch.topk``). Under FSDP2 each pass's
+histograms are summed over the shards (``all_reduce``): the threshold is over the whole tensor.
+The masked update is ``mofo_update``.
 """
 
 import torch
@@ -24,7 +25,7 @@ from fastforget import dispatch
 from fastforget._dtypes import accumulate_dtype
 from fastforget._schemas import FLAVOURS, qualname
 
-DIGIT_BITS = 16
+DIGIT_BITS = 11
 BINS = 1 << DIGIT_BITS
 NONE_SELECTED = -1  # a threshold no element reaches (k = 0)
 
@@ -38,14 +39,20 @@ def _width(exp_avg):
     return 64 if exp_avg[0].dtype == torch.float64 else 32
 
 
-def mofo_histogram_ref(exp_avg, prefix, shift):
-    """Plain torch, per tensor: bincount of the digit (b >> shift) & 0xffff of the matching elements."""
+def _digits(exp_avg):
+    """(shift, digit_bits) of each pass, most significant first."""
+    width = _width(exp_avg)
+    return [(max(top - DIGIT_BITS, 0), top - max(top - DIGIT_BITS, 0)) for top in range(width, 0, -DIGIT_BITS)]
+
+
+def mofo_histogram_ref(exp_avg, prefix, shift, digit_bits):
+    """Plain torch, per tensor: bincount of the digit (b >> shift) & (2^digit_bits - 1) of the matching elements."""
     rows = []
     for t, m in enumerate(exp_avg):
         bits = _abs_bits(m).reshape(-1)
-        if shift + DIGIT_BITS < _width(exp_avg):
-            bits = bits[(bits >> (shift + DIGIT_BITS)) == prefix[t]]
-        rows.append(torch.bincount((bits >> shift) & (BINS - 1), minlength=BINS))
+        if shift + digit_bits < _width(exp_avg):
+            bits = bits[(bits >> (shift + digit_bits)) == prefix[t]]
+        rows.append(torch.bincount((bits >> shift) & ((1 << digit_bits) - 1), minlength=BINS))
     return torch.stack(rows).to(torch.int32)
 
 
@@ -81,10 +88,10 @@ def _backend(backend, device):
     return resolved if resolved == "cpu" else "reference"
 
 
-def mofo_histogram(exp_avg, prefix, shift, backend):
+def mofo_histogram(exp_avg, prefix, shift, digit_bits, backend):
     if _backend(backend, exp_avg[0].device) == "reference":
-        return mofo_histogram_ref(exp_avg, prefix, shift)
-    return dispatch.native_op("mofo_histogram", "cpu")(exp_avg, prefix, shift)
+        return mofo_histogram_ref(exp_avg, prefix, shift, digit_bits)
+    return dispatch.native_op("mofo_histogram", "cpu")(exp_avg, prefix, shift, digit_bits)
 
 
 def mofo_update(*args, backend):
@@ -103,18 +110,20 @@ def mofo_thresholds(exp_avg, ks, *, backend="auto", process_group=None):
     ``threshold_values`` turns the result into floats."""
     count = len(exp_avg)
     device = exp_avg[0].device
+    if process_group is None and _backend(backend, device) != "reference":
+        return dispatch.native_op("mofo_thresholds", "cpu")(exp_avg, ks)
     need = ks.clamp(min=1)
     prefix = torch.zeros(count, dtype=torch.int64, device=device)
     zero = torch.zeros(count, 1, dtype=torch.int64, device=device)
-    for shift in range(_width(exp_avg) - DIGIT_BITS, -1, -DIGIT_BITS):
-        hist = mofo_histogram(exp_avg, prefix, shift, backend)
+    for shift, digit_bits in _digits(exp_avg):
+        hist = mofo_histogram(exp_avg, prefix, shift, digit_bits, backend)
         if process_group is not None:
             dist.all_reduce(hist, group=process_group)
         at_least = hist.flip(1).cumsum(1, dtype=torch.int64).flip(1)  # elements whose digit is >= b
         digit = (at_least >= need[:, None]).sum(1) - 1  # the largest digit with >= need elements at or above it
         above = torch.cat([at_least[:, 1:], zero], 1).gather(1, digit[:, None]).squeeze(1)
         need = need - above  # still to find among the elements with this digit
-        prefix = prefix * BINS + digit
+        prefix = (prefix << digit_bits) + digit
     return torch.where(ks > 0, prefix, NONE_SELECTED)
 
 
@@ -127,6 +136,7 @@ def threshold_values(thresholds, dtype):
 
 for _flavour in FLAVOURS:
     torch.library.register_fake(qualname("mofo_histogram", _flavour))(
-        lambda exp_avg, prefix, shift: prefix.new_empty((len(exp_avg), BINS), dtype=torch.int32)
+        lambda exp_avg, prefix, shift, digit_bits: prefix.new_empty((len(exp_avg), BINS), dtype=torch.int32)
     )
+    torch.library.register_fake(qualname("mofo_thresholds", _flavour))(lambda exp_avg, ks: torch.empty_like(ks))
     torch.library.register_fake(qualname("mofo_update", _flavour))(lambda *args: None)
