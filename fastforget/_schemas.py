@@ -83,6 +83,21 @@ SCHEMAS = {
         " float beta1, float beta2, float eps, float weight_decay, float lam, float threshold, bool maximize)"
         " -> Tensor"
     ),
+    # MoFO's radix-select pass: per tensor, a (len(exp_avg), 2048) int32 count of the digit (b >> shift) &
+    # (2^digit_bits - 1) of b = the bit pattern of |exp_avg| over the elements with b >> (shift + digit_bits) ==
+    # prefix[t] (all of them when shift + digit_bits is the bit width); digit_bits <= 11
+    "mofo_histogram": "(Tensor[] exp_avg, Tensor prefix, int shift, int digit_bits) -> Tensor",
+    # per tensor, the bit pattern (int64) of the ks[t]-th largest |exp_avg[t]|, -1 where ks[t] == 0: every
+    # mofo_histogram pass and the digit choices in one call (one process)
+    "mofo_thresholds": "(Tensor[] exp_avg, Tensor ks) -> Tensor",
+    # MoFO's masked AdamW update (moments and steps already updated, k = steps[t]): unless found_inf, theta <-
+    # theta (1 - lr wd) - the Adam step where bits(|exp_avg|) >= thresholds[t] (int64; -1: nowhere); SI's omega
+    # -= g_task delta_theta when omega is given
+    "mofo_update": (
+        "(Tensor(a!)[] params, Tensor[] exp_avg, Tensor[] exp_avg_sq, Tensor[] steps, Tensor thresholds,"
+        " Tensor[] grads, Tensor(b!)[] omega, Tensor? grad_scale, Tensor? found_inf, float lr, float beta1,"
+        " float beta2, float eps, float weight_decay, bool maximize) -> ()"
+    ),
 }
 
 FLAVOURS = ("", "_triton")

@@ -12,6 +12,13 @@ without a host synchronisation). Under a ``torch.amp.GradScaler`` the scaler's `
 the fused step (like torch's fused AdamW): a step with an inf/NaN gradient leaves parameters, moments, protector
 and SI state bitwise unchanged, with no host synchronisation. ``p.grad`` is never modified.
 
+MoFO (Chen et al., TMLR 2025): a param group with ``mofo_fraction`` set updates, in each of its tensors with at
+least ``mofo_min_ndim`` dimensions (default 2: weight matrices; biases and norm weights update fully, as the
+authors' ``AdamW_MoFO``), only the elements whose |exp_avg| is among the tensor's top ``int(numel * fraction)``;
+the moments, the decay and the defences apply to every element (see ``fastforget.ops.mofo``). Such tensors take
+two passes: the fused step with lr 0 (moments, defences, steps), the exact threshold by a radix select, then the
+masked update with SI's path integral.
+
 The attached parts are ``ff.defences.Defence`` objects: each step asks every one for its operands
 (``fused_operands``, over all params with a gradient), runs the fused pass per param group on them, then calls
 ``after_fused_step``; ``defences=[...]`` attaches more (e.g. your own, see docs/defences.md).
@@ -28,9 +35,11 @@ a zero-gradient step that would reach the attached defences.
 import torch
 import torch.distributed as dist
 
+from fastforget import _validation as check
 from fastforget import distributed as dist_util
 from fastforget._dtypes import accumulate_dtype
 from fastforget.defences import FUSED_TERMS, Defence, FusedOperands
+from fastforget.ops.mofo import mofo_thresholds, mofo_update
 from fastforget.ops.protected_adamw_step import _hyperparameters, run_protected_adamw_step
 
 _REJECTED = {
@@ -55,6 +64,10 @@ class ProtectedAdamW(torch.optim.Optimizer):
     Every optimizer parameter must be covered by each attached part (checked here). ``foreach`` and ``fused``
     are accepted for compatibility and ignored: the step is always the fused multi-tensor op. ``amsgrad``,
     ``capturable`` and ``differentiable`` raise ``ValueError``. ``backend``: the op's backend (see ff.dispatch).
+
+    ``mofo_fraction`` (per group; None: off): MoFO's fraction in (0, 1] (the paper recommends 0.05-0.2) of each
+    filtered tensor's elements that take the Adam update, by |exp_avg|; ``mofo_min_ndim`` (per group, default 2):
+    the tensors with at least that many dimensions are filtered (1: every tensor but scalars; 0: every tensor).
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands grad_scale / found_inf to step() (torch's fused AdamW)
@@ -62,7 +75,7 @@ class ProtectedAdamW(torch.optim.Optimizer):
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *, maximize=False,
         foreach=None, capturable=False, differentiable=False, fused=None, ewc=None, protector=None, si=None,
-        defences=None, backend="auto",
+        defences=None, backend="auto", mofo_fraction=None, mofo_min_ndim=2,
     ):  # fmt: skip
         if isinstance(lr, torch.Tensor):
             raise TypeError("lr must be a Python float (a tensor lr belongs to capturable, which is not supported)")
@@ -70,7 +83,7 @@ class ProtectedAdamW(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True,
+            decoupled_weight_decay=True, mofo_fraction=mofo_fraction, mofo_min_ndim=mofo_min_ndim,
         )  # fmt: skip
         self._check_group(defaults)
         super().__init__(params, defaults)
@@ -94,6 +107,11 @@ class ProtectedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"ProtectedAdamW: {why}")
         if isinstance(group["lr"], torch.Tensor):
             raise TypeError("lr must be a Python float (a tensor lr belongs to capturable, which is not supported)")
+        if group.get("mofo_fraction") is not None:
+            check.check_probability("mofo_fraction", group["mofo_fraction"], zero=False)
+            check.check_int("mofo_min_ndim", group.get("mofo_min_ndim", 2), minimum=0)
+            if not group["eps"] > 0:  # the lr-0 first pass computes 0 * m / (sqrt(v) + eps): NaN at m = v = eps = 0
+                raise ValueError(f"mofo_fraction needs eps > 0, got eps={group['eps']}")
 
     @property
     def ewc(self):
@@ -135,7 +153,11 @@ class ProtectedAdamW(torch.optim.Optimizer):
         (fp32 for 16-bit params, where torch would cast them to the param dtype), the step moves to the param.
         Under FSDP2 the moments may be full tensors or DTensors (as DCP loads them): they are sharded like their
         parameters."""
+        mofo = [{k: group[k] for k in _MOFO_KEYS} for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, before in zip(self.param_groups, mofo):  # a torch.optim.AdamW state dict has no MoFO keys
+            for key, value in before.items():
+                group.setdefault(key, value)
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
@@ -198,21 +220,50 @@ class ProtectedAdamW(torch.optim.Optimizer):
 
     def _group_step(self, group, params, operands, grad_scale, found_inf):
         """The fused pass over one group, on the local shards under FSDP2 (the elementwise work needs nothing
-        else; the per-tensor factors and alphas are global already). Returns this rank's share of the penalty."""
+        else; the per-tensor factors and alphas are global already); with MoFO, the filtered tensors' two passes
+        around the select (see the module doc). Returns this rank's share of the penalty."""
         states = [self._state_of(p) for p in params]
-        o = operands
 
         def shards(tensors):
             return [dist_util.local(t) for t in tensors]
 
         beta1, beta2 = group["betas"]
-        return run_protected_adamw_step(
-            shards(params), shards(p.grad for p in params), shards(s["exp_avg"] for s in states),
-            shards(s["exp_avg_sq"] for s in states), [s["step"] for s in states], shards(o.anchors), shards(o.fisher),
-            o.factors, shards(o.ema_mean), shards(o.ema_var), o.alpha, o.var_scale, shards(o.omega), grad_scale,
-            found_inf, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], o.lam, o.threshold,
-            bool(group["maximize"]), backend=self.backend,
+        lr, eps, weight_decay, maximize = float(group["lr"]), group["eps"], group["weight_decay"], group["maximize"]
+        maximize = bool(maximize)
+
+        def fused(positions, lr, with_si):
+            p, s, o = [params[i] for i in positions], [states[i] for i in positions], operands.pick(positions)
+            return run_protected_adamw_step(
+                shards(p), shards(q.grad for q in p), shards(x["exp_avg"] for x in s),
+                shards(x["exp_avg_sq"] for x in s), [x["step"] for x in s], shards(o.anchors), shards(o.fisher),
+                o.factors, shards(o.ema_mean), shards(o.ema_var), o.alpha, o.var_scale,
+                shards(o.omega) if with_si else [], grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay, o.lam,
+                o.threshold, maximize, backend=self.backend,
+            )  # fmt: skip
+
+        fraction = group.get("mofo_fraction")
+        every = list(range(len(params)))
+        filtered = [] if fraction is None else [i for i in every if params[i].dim() >= group.get("mofo_min_ndim", 2)]
+        if not filtered:
+            return fused(every, lr, True)
+        chosen = set(filtered)
+        full = [i for i in every if i not in chosen]
+        penalty = fused(full, lr, True) if full else 0.0
+        penalty = penalty + fused(filtered, 0.0, False)  # moments, defences and steps; theta unchanged
+        p, s = [params[i] for i in filtered], [states[i] for i in filtered]
+        exp_avg = shards(x["exp_avg"] for x in s)
+        ks = torch.tensor([int(q.numel() * fraction) for q in p], device=exp_avg[0].device)  # global numel
+        thresholds = mofo_thresholds(exp_avg, ks, backend=self.backend, process_group=self.process_group)
+        omega = shards(operands.pick(filtered).omega)
+        mofo_update(
+            shards(p), exp_avg, shards(x["exp_avg_sq"] for x in s), [x["step"] for x in s], thresholds,
+            shards(q.grad for q in p) if omega else [], omega, grad_scale, found_inf, lr, beta1, beta2, eps,
+            weight_decay, maximize, backend=self.backend,
         )  # fmt: skip
+        return penalty
+
+
+_MOFO_KEYS = ("mofo_fraction", "mofo_min_ndim")
 
 
 def _check_defences(parts, defences, members):
