@@ -175,7 +175,20 @@ class Defence:
     fused_only = False
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Called once by a trainer with the model it trains; raise if this defence cannot work on it."""
+        """Called once by a trainer with the model it trains; raise if this defence cannot work on it. By default: a
+        defence over parameters (``self.params``) must cover parameters of this model, or its work would go into
+        another model's gradients."""
+        params = getattr(self, "params", None)
+        if not params:
+            return
+        owned = {id(p) for p in model.parameters()}
+        names = getattr(self, "names", None) or [f"params[{i}]" for i in range(len(params))]
+        for name, p in zip(names, params):
+            if id(p) not in owned:
+                raise ValueError(
+                    f"the {type(self).__name__} covers {name!r}, which is not a parameter of the model being trained: "
+                    "build it over this model"
+                )
 
     def task_loss(self, ctx: LossContext) -> LossTerm | None:
         """The micro-batch's task loss computed by this defence instead of the consumer (at most one defence does),

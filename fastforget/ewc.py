@@ -210,6 +210,7 @@ class EWC(Defence):
             backend=self.backend,
             **kw,
         )
+        self._check_estimated(fisher)
         self._add_task([p.detach() for p in self.params], fisher)
         self.last_fisher_stats = {"estimator": estimator, **fisher_stats(fisher)}
         logger.info(
@@ -218,6 +219,26 @@ class EWC(Defence):
             self.lam,
         )  # fmt: skip
         return self.last_fisher_stats
+
+    def _check_estimated(self, fisher):
+        """A Fisher with a NaN/inf (a non-finite loss or gradient on the task's data) would make every later penalty
+        and gradient NaN: refused before the state changes, on every rank (the count is summed over the shards)."""
+        bad = torch.zeros((), dtype=torch.int64, device=self._device())
+        first = None
+        for name, f in zip(self.names, fisher):
+            local = dist_util.local(f)
+            count = (~local.isfinite()).sum() + (local < 0).sum()
+            if first is None and bool(count):
+                first = name
+            bad += count
+        if self.group is not None:
+            torch.distributed.all_reduce(bad, group=self.group)
+        if bool(bad):
+            where = f", first in {first!r}" if first is not None else ""
+            raise ValueError(
+                f"the estimated Fisher has {int(bad)} non-finite or negative elements{where} (a NaN/inf loss or "
+                "gradient on the task's data?); the EWC is unchanged"
+            )
 
     def load_importance(self, anchors, fisher):
         """Add one task from tensors computed elsewhere: one anchor and one Fisher per protected parameter,
@@ -297,9 +318,7 @@ class EWC(Defence):
 
         Everything is checked first -- the mode, every parameter name and shape, finite non-negative Fisher, a
         constant that is >= 0 (and 0 in online mode) -- naming the first problem; nothing changes on error."""
-        missing = {"mode", "tasks", "constant", "names", "anchors", "fisher"} - set(state)
-        if missing:
-            raise KeyError(f"EWC state_dict lacks {sorted(missing)}")
+        check.check_state("EWC", state, ("mode", "tasks", "constant", "names", "anchors", "fisher"))
         if state["mode"] != self.mode:
             raise ValueError(f"the state was saved in {state['mode']!r} mode but this EWC is {self.mode!r}")
         tasks, constant = state["tasks"], state["constant"]

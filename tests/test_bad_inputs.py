@@ -363,3 +363,81 @@ def test_rejected_apply_lora_leaves_the_model_as_it_was(kwargs, error, match):
     assert all(p.requires_grad for p in model.parameters())
     assert all(type(m) is torch.nn.Linear for m in (model[0], model[2]))
     assert _state_equal(model.state_dict(), before)
+
+
+def _adamw_pair():
+    model = _model()
+    opt = ff.optim.ProtectedAdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize(
+    ("make_state", "error", "match"),
+    [
+        (lambda m: torch.optim.AdamW(m.parameters(), amsgrad=True).state_dict(), ValueError, "amsgrad"),
+        (lambda m: _stepped(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m).state_dict(), ValueError,
+         "not an AdamW state"),
+        (lambda m: _other_adamw_state(), ValueError, "another model's"),
+        (lambda m: {"state": {}, "param_groups": [{**g, "lr": math.nan} for g in
+                    torch.optim.AdamW(m.parameters()).state_dict()["param_groups"]]}, ValueError, "lr must be finite"),
+        (lambda m: {"state": {}}, ValueError, r"lacks \['param_groups'\]"),
+    ],
+)  # fmt: skip
+def test_protected_adamw_state_loads_are_validated_as_a_whole(make_state, error, match):
+    model, opt = _adamw_pair()
+    before = _clone_state(opt.state_dict()["state"][0]), [dict(g) for g in opt.param_groups]
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(make_state(model))
+    assert _state_equal(opt.state_dict()["state"][0], before[0])
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in before[1]
+    ]
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()  # still steps
+
+
+def _other_adamw_state():
+    """The state of an AdamW over a model with the same number of tensors, other shapes."""
+    other = torch.nn.Sequential(torch.nn.Linear(4, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    return _stepped(torch.optim.AdamW(other.parameters()), other).state_dict()
+
+
+def _stepped(optimizer, model):
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [("lr", math.nan, "lr must be finite"), ("lr", -1.0, "lr must be >= 0"), ("betas", (1.0, 0.999), "betas must be"),
+     ("betas", (0.9,), r"betas must be a pair"), ("eps", math.inf, "eps must be finite")],
+)  # fmt: skip
+def test_protected_adamw_rechecks_groups_at_step_time(key, value, match):
+    model, opt = _adamw_pair()
+    model(torch.randn(5, 4)).sum().backward()
+    weights, state = _clone_state(dict(model.state_dict())), _clone_state(opt.state_dict()["state"][0])
+    opt.param_groups[0][key] = value  # by hand, a scheduler or a loaded state
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert _state_equal(dict(model.state_dict()), weights) and _state_equal(opt.state_dict()["state"][0], state)
+
+
+def test_ewc_refuses_a_nan_fisher_and_stays_unchanged():
+    model = _model()
+    ewc = ff.EWC(model, lam=1.0)
+    data = [(torch.full((4, 4), math.nan), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(ValueError, match="non-finite or negative elements"):
+        ewc.consolidate(data, torch.nn.functional.cross_entropy, progress=False)
+    assert ewc.tasks == 0 and ewc.anchors == [] and float(ewc.penalty()) == 0.0
+    with pytest.raises(ValueError, match=r"EWC state lacks \['tasks'"):
+        ewc.load_state_dict({"mode": "online"})
+
+
+def test_protected_trainer_refuses_an_ewc_over_another_model():
+    model, other = _model(), _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="EWC"):
+        ff.ProtectedTrainer(model, optimizer, torch.nn.functional.cross_entropy, ewc=ff.EWC(other))

@@ -223,7 +223,11 @@ def parts(model, seed=0):
     ewc.consolidate(make_batches(2, seed=7 + seed), F.cross_entropy, progress=False)
     replay = ff.ReplayBuffer(8, generator=torch.Generator().manual_seed(seed))
     replay.add(make_batches(1, seed=8 + seed)[0])
-    return ewc, replay, L2ToInit(moved(make_model(seed)), 1.0)
+    pull = L2ToInit(model, 1.0)
+    with torch.no_grad():  # anchors away from the parameters, different per seed
+        for a in pull.anchors:
+            a.add_(0.25 * (seed + 1))
+    return ewc, replay, pull
 
 
 def test_state_round_trips_through_the_protocol_all_or_nothing():

@@ -25,6 +25,8 @@ F), element protection +16 (m, v read and written), SI +8 (omega read and writte
 ``grad_moments`` pass first (+4: reads g).
 """
 
+from collections.abc import Sequence
+
 import torch
 
 from fastforget import _validation as check
@@ -140,6 +142,8 @@ def _one_element(name, value, device):
 
 def _hyperparameters(lr, betas, eps, weight_decay, lam, threshold):
     lr = check.check_scalar("lr", lr, minimum=0.0)
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     beta1, beta2 = (check.check_scalar(f"betas[{i}]", b, minimum=0.0) for i, b in enumerate(betas))
     if beta1 >= 1 or beta2 >= 1:
         raise ValueError(f"betas must be in [0, 1), got {tuple(betas)}")

@@ -107,6 +107,8 @@ class ProtectedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"ProtectedAdamW: {why}")
         if isinstance(group["lr"], torch.Tensor):
             raise TypeError("lr must be a Python float (a tensor lr belongs to capturable, which is not supported)")
+        # every step re-checks: a scheduler, a loaded state or a hand edit may have set lr = nan, betas = (1, .)
+        _hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], 0.0, 0.0)
         if group.get("mofo_fraction") is not None:
             check.check_probability("mofo_fraction", group["mofo_fraction"], zero=False)
             check.check_int("mofo_min_ndim", group.get("mofo_min_ndim", 2), minimum=0)
@@ -152,7 +154,9 @@ class ProtectedAdamW(torch.optim.Optimizer):
         """Loads a state dict of this class or of ``torch.optim.AdamW``; the moments keep their saved precision
         (fp32 for 16-bit params, where torch would cast them to the param dtype), the step moves to the param.
         Under FSDP2 the moments may be full tensors or DTensors (as DCP loads them): they are sharded like their
-        parameters."""
+        parameters. The whole state dict is checked first (groups, hyperparameters, every state entry's keys, shapes
+        and values); a rejected one changes nothing."""
+        self._check_state_dict(state_dict)
         mofo = [{k: group[k] for k in _MOFO_KEYS} for group in self.param_groups]
         super().load_state_dict(state_dict)
         for group, before in zip(self.param_groups, mofo):  # a torch.optim.AdamW state dict has no MoFO keys
@@ -173,6 +177,52 @@ class ProtectedAdamW(torch.optim.Optimizer):
                 state["step"] = step.to(device, copy=True)
         for group in self.param_groups:
             self._check_group(group)
+
+    def _check_state_dict(self, state_dict):
+        check.check_state("ProtectedAdamW", state_dict, ("state", "param_groups"))
+        saved_groups, saved = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state has {len(saved_groups)} param groups but this optimizer {len(self.param_groups)}"
+            )
+        for g, (mine, theirs) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(theirs.get("params", ())) != len(mine["params"]):
+                raise ValueError(
+                    f"param group {g} of the state has {len(theirs.get('params', ()))} params but this optimizer's "
+                    f"{len(mine['params'])}"
+                )
+            group = {**{k: mine[k] for k in _MOFO_KEYS}, **theirs}
+            missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in group]
+            if missing:
+                raise ValueError(f"param group {g} of the state lacks {missing}: not an AdamW state")
+            try:
+                self._check_group(group)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"param group {g} of the state: {error}") from None
+            for i, p in zip(theirs["params"], mine["params"]):
+                if i not in saved:
+                    continue
+                entry = saved[i]
+                if not isinstance(entry, dict) or not {"step", "exp_avg", "exp_avg_sq"} <= set(entry):
+                    keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+                    raise ValueError(f"state of param {i} has {keys}, not AdamW's step, exp_avg and exp_avg_sq")
+                for key in ("exp_avg", "exp_avg_sq"):
+                    t = entry[key]
+                    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                        raise TypeError(f"{key} of param {i} in the state is not a floating point tensor")
+                    if t.shape != p.shape:
+                        raise ValueError(
+                            f"{key} of param {i} in the state has shape {tuple(t.shape)} but the param "
+                            f"{tuple(p.shape)}: the state is another model's"
+                        )
+                    local = dist_util.local(t)
+                    if not bool(local.isfinite().all()) or key == "exp_avg_sq" and bool((local < 0).any()):
+                        raise ValueError(
+                            f"{key} of param {i} in the state is not finite{' and >= 0' * (key == 'exp_avg_sq')}"
+                        )
+                step = torch.as_tensor(entry["step"])
+                if step.numel() != 1 or not bool(step.isfinite().all()) or float(step) < 0:
+                    raise ValueError(f"step of param {i} in the state must be one finite number >= 0")
 
     # ------------------------------------------------------------------------------------------------ step
 
