@@ -64,6 +64,8 @@ class ForgettingCallback(transformers.TrainerCallback):
         max_batches: at most this many batches per dataset (over all ranks); None: the whole dataset.
         batch_size: examples per batch; None: ``args.per_device_eval_batch_size``.
         data_collator: None: the Trainer's.
+        baseline: ``{name: ce}`` the deltas are taken against (e.g. measured once before a sequence of ``train()``
+            calls, or on the base model); None: measured at each ``on_train_begin``.
         plot: write ``forgetting.png`` at the end of training (where matplotlib is installed).
 
     Tokens counted: where the batch's ``labels`` (shifted by one, as causal LMs shift them) are not -100; without
@@ -71,7 +73,7 @@ class ForgettingCallback(transformers.TrainerCallback):
     """
 
     def __init__(self, trainer, datasets, *, interval=None, max_batches=16, batch_size=None, data_collator=None,
-                 plot=True):  # fmt: skip
+                 baseline=None, plot=True):  # fmt: skip
         if not isinstance(trainer, transformers.Trainer):
             raise TypeError(f"trainer must be a transformers.Trainer, not {type(trainer).__name__}")
         self.interval = check.optional(check.check_int, "interval", interval, minimum=1)
@@ -82,7 +84,8 @@ class ForgettingCallback(transformers.TrainerCallback):
             raise TypeError(f"data_collator must be callable, not {type(data_collator).__name__}")
         self.trainer, self.data_collator = trainer, data_collator
         self.datasets = _check_datasets(datasets)
-        self.baseline = {}  # name -> ce at on_train_begin
+        self.fixed_baseline = None if baseline is None else _check_baseline(baseline, self.datasets)
+        self.baseline = {}  # name -> the ce the deltas are taken against
         self.history = []  # (step, {name: ce}) of this run
         self.plot_path = None
 
@@ -91,6 +94,9 @@ class ForgettingCallback(transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._every = self._resolve_interval(state)
         self.history, self.plot_path = [], None
+        if self.fixed_baseline is not None:
+            self.baseline = dict(self.fixed_baseline)
+            return
         resumed = _baseline_from(state.log_history, self.datasets) if state.global_step > 0 else None
         if resumed is not None:  # resuming from a checkpoint: keep the baseline of the run it continues
             self.baseline = resumed
@@ -259,6 +265,13 @@ def _check_datasets(datasets):
             raise ValueError(f"dataset {name!r} has no rows")
         checked[name] = (dataset, _format(name, dataset[0]))
     return checked
+
+
+def _check_baseline(baseline, datasets):
+    if not isinstance(baseline, Mapping) or set(baseline) != set(datasets):
+        found = sorted(baseline) if isinstance(baseline, Mapping) else type(baseline).__name__
+        raise ValueError(f"baseline must map every dataset name ({sorted(datasets)}) to its CE; got {found}")
+    return {name: check.check_real(f"baseline[{name!r}]", baseline[name]) for name in datasets}
 
 
 def _format(name, first):

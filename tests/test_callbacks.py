@@ -1,6 +1,7 @@
 """ForgettingCallback: its values against a hand computation of the token-weighted cross-entropy, the steps it logs
 at, a run with it bitwise the run without, the plot, the errors, and 2-process DDP against one process."""
 
+import math
 import os
 import subprocess
 import sys
@@ -139,6 +140,16 @@ def test_logged_at_every_interval_the_last_step_and_before_training(tmp_path):
         assert logged[-1][2] != 0.0  # the model changed
 
 
+def test_a_given_baseline_is_not_measured(tmp_path):
+    """baseline={name: ce}: no measurement at on_train_begin, the deltas against it."""
+    old = examples([9, 14, 5], seed=1)
+    trainer = trainer_for(llama(), tmp_path)
+    trainer.add_callback(ForgettingCallback(trainer, {"old": old}, interval=5, baseline={"old": 3.0}))
+    trainer.train()
+    ((step, ce, delta),) = entries(trainer, "old")
+    assert step == 5 and delta == pytest.approx(ce - 3.0, abs=1e-12)
+
+
 def test_default_interval_is_eval_steps_when_evaluating_by_steps(tmp_path):
     old = examples([9, 14, 5], seed=1)
     trainer = trainer_for(llama(), tmp_path, eval_dataset=old, eval_strategy="steps", eval_steps=3, logging_steps=1)
@@ -262,6 +273,9 @@ def test_bad_input_is_refused_at_construction(tmp_path):
         (ValueError, "max_batches must be >= 1", dict(datasets={"old": old}, max_batches=0)),
         (ValueError, "batch_size must be >= 1", dict(datasets={"old": old}, batch_size=0)),
         (TypeError, "data_collator must be callable", dict(datasets={"old": old}, data_collator=3)),
+        (ValueError, "baseline must map every dataset name", dict(datasets={"old": old}, baseline={"new": 1.0})),
+        (ValueError, "baseline must map every dataset name", dict(datasets={"old": old}, baseline=[1.0])),
+        (ValueError, r"baseline\['old'\] must be finite", dict(datasets={"old": old}, baseline={"old": math.nan})),
     ]
     for error, message, kwargs in cases:
         with pytest.raises(error, match=message):
