@@ -129,11 +129,10 @@ class ForgettingCallback(transformers.TrainerCallback):
             model.eval()
             with _rng_preserved(), torch.no_grad(), trainer.compute_loss_context_manager():
                 for row, (dataset, kind) in enumerate(self.datasets.values()):
-                    for i, batch in enumerate(self._batches(dataset, kind)):
-                        if i % world == rank:  # batch i belongs to rank i mod world
-                            loss, count = token_loss_sum(model, to_device(batch, trainer.args.device))
-                            sums[row, 0] += loss
-                            sums[row, 1] += count
+                    for batch in self._batches(dataset, kind, rank, world):
+                        loss, count = token_loss_sum(model, to_device(batch, trainer.args.device))
+                        sums[row, 0] += loss
+                        sums[row, 1] += count
         finally:
             for module, training in modes:
                 module.training = training
@@ -146,18 +145,19 @@ class ForgettingCallback(transformers.TrainerCallback):
             values[name] = loss / count
         return values
 
-    def _batches(self, dataset, kind):
-        """The dataset's batches, at most max_batches of them: ready batches as they are, examples collated."""
+    def _batches(self, dataset, kind, rank, world):
+        """This rank's batches of the dataset's first max_batches (batch i is rank i mod world's): ready batches as
+        they are, examples collated."""
         limit = len(dataset) if kind == "batches" else math.ceil(len(dataset) / self._batch_size())
         if self.max_batches is not None:
             limit = min(limit, self.max_batches)
         if kind == "batches":
-            for i in range(limit):
+            for i in range(rank, limit, world):
                 yield dataset[i]
             return
         collate = self.data_collator or self.trainer.data_collator
         size = self._batch_size()
-        for i in range(limit):
+        for i in range(rank, limit, world):
             examples = [dataset[j] for j in range(i * size, min((i + 1) * size, len(dataset)))]
             yield collate([{k: v for k, v in e.items() if not isinstance(v, str)} for e in examples])
 
