@@ -250,6 +250,26 @@ def test_with_trl_sft_trainer(tmp_path):
     assert all("mean_token_accuracy" in e and "forgetting/old/ce" not in e for e in regular)
 
 
+def test_beside_protected_hf_trainer_its_logs_stay_in_the_trainers_entries(tmp_path):
+    """ProtectedHFTrainer drains its ewc_penalty means into whatever it logs: they stay in its own entries."""
+    import fastforget as ff
+    from fastforget.transformers import ProtectedHFTrainer
+
+    model = llama()
+    ewc = ff.EWC(model, lam=10.0)
+    params = list(model.parameters())
+    ewc.load_importance([p.detach() + 0.01 for p in params], [torch.ones_like(p) for p in params])
+    args = trainer_for(model, tmp_path, max_steps=4).args
+    trainer = ProtectedHFTrainer(model=model, args=args, train_dataset=examples([10, 7, 12, 9], seed=5),
+                                 data_collator=collate, ewc=ewc)  # fmt: skip
+    trainer.add_callback(ForgettingCallback(trainer, {"old": examples([9, 14], seed=1)}, interval=1))
+    trainer.train()
+    regular = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in regular] == [2, 4] and all(e["ewc_penalty"] > 0 for e in regular)
+    assert [step for step, _, _ in entries(trainer, "old")] == [0, 1, 2, 3, 4]
+    assert not any("ewc_penalty" in e for e in trainer.state.log_history if "forgetting/old/ce" in e)
+
+
 # ------------------------------------------------------------------------------------------------------ errors
 
 
