@@ -326,9 +326,9 @@ def test_sft_trainer_with_its_defaults_ewc_replay_and_forgetting_callback(tmp_pa
     model = llama()
     ewc, replay = ff.EWC(model, lam=100.0), ff.ReplayBuffer(16, generator=torch.Generator().manual_seed(0))
     trainer = sft_trainer(tmp_path, model, task_a, ewc=ewc, replay=replay)
-    assert trainer.args.gradient_checkpointing and model.is_gradient_checkpointing
     trainer.add_callback(ForgettingCallback(trainer, {"old": old}, interval=1, plot=False))
     trainer.train()
+    assert model.is_activation_checkpointing  # the Trainer turned it on, as SFTConfig asks
 
     trainer.end_task(task_a.to_list())  # A's raw text, prepared by SFTTrainer's own processing
     fisher = ewc.state_dict()["fisher"]
