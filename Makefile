@@ -7,7 +7,7 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.fastforget-built
-NATIVE_SRC  := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+NATIVE_SRC  := setup.py fastforget/_build.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 DEMO_FLAGS  ?=
 
 .PHONY: demo check test bench bench-smoke nvcc-check lint build clean
@@ -47,8 +47,9 @@ $(DEPS_STAMP): Makefile  # a changed dependency list reinstalls
 		tokenizers trl
 	touch $@
 
+# The kernels ahead of time, in place (a user's `pip install` builds them just in time instead): offline and fast.
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	FASTFORGET_BUILD_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 clean:

@@ -1,57 +1,68 @@
-"""Builds fastforget and its native extension fastforget._C (C++ CPU kernels; CUDA kernels when torch has CUDA).
+"""Builds fastforget: a pure-Python wheel (py3-none-any) that ships the C++/CUDA sources as package data
+(fastforget/_csrc); the kernels are built just in time on first use, against the torch that runs them
+(fastforget/_extension.py).
 
 Environment:
-  FASTFORGET_SKIP_CUDA_BUILD=1  build the CPU kernels only, even when torch has CUDA
-  FASTFORGET_CPU_ARCH           -march of the C++ kernels (default: native, for the building machine); set it
-                                to e.g. x86-64-v2, or empty for the compiler's default, to build for other CPUs
+  FASTFORGET_BUILD_EXT=1        build the native extension fastforget._C now, into the wheel or in place; needs torch
+                                in the build environment: `FASTFORGET_BUILD_EXT=1 pip install --no-build-isolation .`
+  FASTFORGET_SKIP_CUDA_BUILD=1  with it: the CPU kernels only, even when torch has CUDA
+  FASTFORGET_CPU_ARCH           with it: -march of the C++ kernels (default native, for the building machine); e.g.
+                                x86-64-v2, or empty for the compiler's default, to build for other CPUs
   MAX_JOBS, TORCH_CUDA_ARCH_LIST are honoured by torch.utils.cpp_extension (ninja).
 """
 
-import glob
+import importlib.util
 import os
+import re
+from pathlib import Path
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
 
 
-def native_extension():
-    with_cuda = (
-        torch.version.cuda is not None and CUDA_HOME is not None and not os.environ.get("FASTFORGET_SKIP_CUDA_BUILD")
+def _load(module_path: str):
+    spec = importlib.util.spec_from_file_location(Path(module_path).stem, ROOT / module_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ahead_of_time_build():
+    """ext_modules and cmdclass of the fastforget._C build, from the same sources and flags as the JIT build."""
+    if os.environ.get("FASTFORGET_BUILD_EXT", "0") in ("", "0"):
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    build = _load("fastforget/_build.py")
+    with_cuda, _ = build.cuda_build_decision()
+    sources = [str(p.relative_to(ROOT)) for p in build.sources(ROOT / "csrc", with_cuda)]
+    flags = {"cxx": build.cxx_flags(), **({"nvcc": build.nvcc_flags()} if with_cuda else {})}
+    extension = (CUDAExtension if with_cuda else CppExtension)(
+        "fastforget._C", sources, include_dirs=[str(ROOT / "csrc")], extra_compile_args=flags
     )
-    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]  # csrc/*.cpp: any device
-    # -fopenmp makes at::parallel_for parallel; the GOMP symbols resolve to the OpenMP runtime torch already
-    # loaded (not linked here), so torch.set_num_threads governs our kernels too.
-    # -fno-trapping-math lets the compiler vectorise loops with float selects (we never read FP exception flags),
-    # -fno-math-errno loops with sqrt (we never read errno);
-    # -march (default native: the build is for this machine) lets it use AVX2/AVX-512 where the CPU has them.
-    arch = os.environ.get("FASTFORGET_CPU_ARCH", "native")
-    extra = {
-        "cxx": [
-            "-O3",
-            "-std=c++17",
-            "-fopenmp",
-            "-fno-trapping-math",
-            "-fno-math-errno",
-            *([f"-march={arch}"] if arch else []),
-        ]
-    }
-    if with_cuda:
-        # every op's binding; nvcc_check.cu only compile-checks the torch-free kernel headers
-        sources += sorted(f for f in glob.glob("csrc/cuda/*.cu") if not f.endswith("nvcc_check.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
-        return CUDAExtension("fastforget._C", sources, extra_compile_args=extra)
-    return CppExtension("fastforget._C", sources, extra_compile_args=extra)
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
+
+VERSION = re.search(r'__version__ = "(.+)"', (ROOT / "fastforget/_version.py").read_text()).group(1)
+CSRC_PATTERNS = ["*.h", "*.hpp", "*.cpp", "*.cu", "*.cuh"]
 
 setup(
     name="fastforget",
-    version="0.1.0",
+    version=VERSION,
     description="Fused multi-tensor kernels for EWC, rehearsal, LoRA and gradient protection",
-    packages=["fastforget", "fastforget.ops", "fastforget.optim", "fastforget.kernels", "fastforget.demo"],
-    package_dir={"fastforget.kernels": "kernels"},
+    # every package under fastforget/ (a checkout's fastforget/kernels symlink aside), plus the two mapped folders
+    packages=[
+        *find_packages(include=["fastforget", "fastforget.*"], exclude=["fastforget.kernels*"]),
+        "fastforget.kernels",
+        "fastforget._csrc",
+    ],
+    # the repository keeps Triton kernels in kernels/ and C++/CUDA sources in csrc/; installed, they live inside
+    # the package (the just-in-time build compiles fastforget/_csrc)
+    package_dir={"fastforget.kernels": "kernels", "fastforget._csrc": "csrc"},
+    package_data={"fastforget._csrc": [*CSRC_PATTERNS, *(f"**/{p}" for p in CSRC_PATTERNS)]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
+    install_requires=["torch>=2.11", "ninja"],  # ninja: the just-in-time build of the C++/CUDA kernels
     extras_require={
         "triton": ["triton>=3.6"],
         "peft": ["safetensors"],  # ff.load_peft_adapter of adapter_model.safetensors files
@@ -77,6 +88,5 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["fastforget=fastforget.__main__:main"]},
-    ext_modules=[native_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    **ahead_of_time_build(),
 )

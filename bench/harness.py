@@ -6,6 +6,11 @@ Environment:
                   count scales about as scale**2 (scale 1.0 is ~124M elements in 148 tensors).
   FF_BENCH_SMOKE  "1": tiny sizes (scale SMOKE_SCALE) and few repeats, so that every benchmark runs in seconds
                   (CI runs ``FF_BENCH_SMOKE=1 pytest bench/ --benchmark-disable``). Overrides FF_BENCH_SCALE.
+  FF_BENCH_RESULTS  folder of the JSON results (default bench/results; empty: write none).
+
+Every table a benchmark's CLI prints (``python bench/<script>.py``, full size) is also written, with the machine,
+torch version and date, to ``bench/results/<script>.json``; ``python bench/render_docs.py`` then regenerates the
+docs' tables from those files.
 
 Bytes moved are the op's minimum memory traffic (each tensor it must read or write counted once), not the
 traffic a given implementation happens to cause; GB/s = bytes_moved / median seconds, and the fraction is that
@@ -15,13 +20,19 @@ write b: 8 B/element), measured in the same run.
 """
 
 import argparse
+import atexit
+import datetime
 import itertools
+import json
 import math
 import os
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +48,9 @@ ADD_BYTES_PER_ELEMENT = 3 * FP32_BYTES
 COPY_BYTES_PER_ELEMENT = 2 * FP32_BYTES
 # Set to a list to collect every table print_table prints, as {"headers", "rows"} (bench/gpu_tables.py does).
 RECORDED_TABLES: list[dict] | None = None
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_ENV = "FF_BENCH_RESULTS"
+_RESULT_TABLES: list[dict] = []  # the tables this CLI run printed, written to its results file at exit
 # the backends that make sense on each device type; `ff.available_backends()` says which of them are built
 DEVICE_BACKENDS = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
@@ -304,9 +318,60 @@ def parse_args(description: str) -> argparse.Namespace:
     return arg_parser(description).parse_args()
 
 
+def machine() -> dict:
+    """What a figure was measured on: CPU model and count, memory, GPU, torch."""
+    info = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "gpu": None}
+    try:
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+        info["memory_gib"] = round(kib / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    info["description"] = f"{info['cpus']} CPUs ({info['cpu']})" + (f", {info['gpu']}" if info["gpu"] else "")
+    return info
+
+
+def results_path() -> Path | None:
+    """bench/results/<script>.json for a benchmark script run at full size; None under pytest or in smoke mode."""
+    script = Path(sys.argv[0]).resolve()
+    folder = os.environ.get(RESULTS_ENV, str(RESULTS_DIR))
+    if smoke_mode() or not folder or script.parent != Path(__file__).resolve().parent:
+        return None
+    return Path(folder) / f"{script.stem}.json"
+
+
+def write_results(path: Path, tables: list[dict]) -> None:
+    results = {
+        "benchmark": path.stem,
+        "command": " ".join(["python", os.path.relpath(sys.argv[0], RESULTS_DIR.parent.parent), *sys.argv[1:]]),
+        "scale": bench_scale(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "fastforget": ff.__version__,
+        "tables": tables,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    print(f"results: {path}")
+
+
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    table = {"headers": list(headers), "rows": [[str(cell) for cell in row] for row in rows]}
     if RECORDED_TABLES is not None:
-        RECORDED_TABLES.append({"headers": list(headers), "rows": [[str(cell) for cell in row] for row in rows]})
+        RECORDED_TABLES.append(table)
+    path = results_path()
+    if path is not None:
+        if not _RESULT_TABLES:
+            atexit.register(write_results, path, _RESULT_TABLES)
+        _RESULT_TABLES.append(table)
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
     for line in [headers, ["-" * width for width in widths], *rows]:
         print("  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)))

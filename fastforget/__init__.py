@@ -1,12 +1,13 @@
 """fastforget: fused multi-tensor kernels against catastrophic forgetting."""
 
 from fastforget import (
-    _extension,  # noqa: F401  (loads the C++/CUDA kernels when built)
+    _extension,  # noqa: F401  (loads the C++/CUDA kernels when built; else they build on first use)
     _schemas,  # noqa: F401  (defines every op before kernels register on them)
     defences,
     ops,
     optim,
 )
+from fastforget._version import __version__  # noqa: F401
 from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
 from fastforget.ewc import EWC
 from fastforget.fisher import estimate_fisher
@@ -23,7 +24,6 @@ try:
 except ImportError:  # no triton: available_backends() says why
     pass
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",

@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastforget demo [flags]`` (also the ``fastforget`` console script)."""
+"""Command line: ``python -m fastforget demo [flags]`` and ``python -m fastforget build`` (also the ``fastforget``
+console script)."""
 
 import argparse
 import sys
@@ -57,7 +58,28 @@ def _parser():
         "--lm-cache", help="folder of the pre-trained LMs (default $FASTFORGET_CACHE or ~/.cache/fastforget)"
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    commands.add_parser(
+        "build",
+        help="build the C++ (and CUDA) kernels now, into the cache the first op would build them into",
+        description="Build fastforget's native kernels just in time for this torch, CPU and sources (ops build "
+        "them on first use otherwise), and print where they are. Nothing to do when they are built.",
+    )
     return parser
+
+
+def _build():
+    from fastforget import _extension
+
+    if _extension.LOADED_FROM:
+        print(f"fastforget: the kernels are built: {_extension.LOADED_FROM}")
+        return 0
+    try:
+        library = _extension.build()
+    except (_extension.BuildError, OSError) as error:
+        print(f"fastforget: {error}", file=sys.stderr)
+        return 1
+    print(f"fastforget: the kernels are built: {library}")
+    return 0
 
 
 def _config(args):
@@ -107,6 +129,8 @@ def main(argv=None):
         from fastforget.demo import run_demo
 
         run_demo(_config(args))
+    elif args.command == "build":
+        return _build()
     return 0
 
 

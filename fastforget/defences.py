@@ -25,8 +25,7 @@ See docs/defences.md for a worked example of a new defence.
 """
 
 import dataclasses
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,6 +60,7 @@ class LossTerm:
     name: str
     value: torch.Tensor
     weight: float = 1.0
+    parts: dict | None = None  # a task loss's components for the logs ({"task_loss": ..., "kl_loss": ...}), detached
 
 
 @dataclasses.dataclass
@@ -72,35 +72,42 @@ class LossContext:
     loss_of(stored): the consumer's loss of a batch as a ``ff.ReplayBuffer`` returns it from ``sample``.
     outputs: for ``task_loss``, the model's outputs on ``batch`` (``LMHeadInputs`` for language models); and
     outputs_of(model): the same outputs for another model (the caller runs it under no_grad where it wants).
+    split: the consumer logs a task loss's components (``LossTerm.parts``).
     """
 
     model: torch.nn.Module
     batch: Any
-    batch_size: int
-    loss_of: Callable[[Any], torch.Tensor]
+    batch_size: int | None = None
+    loss_of: Callable[[Any], torch.Tensor] | None = None
     unwrapped: torch.nn.Module | None = None
     outputs: Any = None
     outputs_of: Callable[[torch.nn.Module], Any] | None = None
+    split: bool = False
 
 
-@dataclasses.dataclass
 class TaskData:
     """What a consumer hands ``end_task``: the task's data and the model as the consumer wraps it.
 
     model: the model as wrapped (``DistributedDataParallel``, FSDP2...): reduce anything estimated from data over
-    its process group. loader: the task's batches, re-iterable, as ``loss_fn`` / ``batch_loss`` take them.
-    buffer_batches(): the task's data as batches for ``ff.ReplayBuffer.add``. estimator, max_batches, progress: how
-    to estimate a Fisher (``ff.EWC.consolidate``).
+    its process group. loader: the task's batches, re-iterable, as ``loss_fn`` / ``batch_loss`` take them (a
+    consumer may pass a function that makes it: it is made on first use). buffer_batches(): the task's data as
+    batches for ``ff.ReplayBuffer.add``. estimator, max_batches, progress: how to estimate a Fisher
+    (``ff.EWC.consolidate``).
     """
 
-    model: torch.nn.Module
-    loader: Iterable
-    buffer_batches: Callable[[], Iterable]
-    loss_fn: Callable | None = None
-    batch_loss: Callable | None = None
-    estimator: str = "empirical"
-    max_batches: int | None = None
-    progress: bool = False
+    def __init__(
+        self, model, loader, buffer_batches, *, loss_fn=None, batch_loss=None, estimator="empirical",
+        max_batches=None, progress=False,
+    ):  # fmt: skip
+        self.model, self._loader, self.buffer_batches = model, loader, buffer_batches
+        self.loss_fn, self.batch_loss = loss_fn, batch_loss
+        self.estimator, self.max_batches, self.progress = estimator, max_batches, progress
+
+    @property
+    def loader(self):
+        if callable(self._loader) and not hasattr(self._loader, "__iter__"):
+            self._loader = self._loader()
+        return self._loader
 
 
 @dataclasses.dataclass
@@ -217,6 +224,11 @@ class Defence:
             raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint has some for {self.name!r}")
 
 
+def overrides(defence, hook: str) -> bool:
+    """Whether `defence` does something in `hook` (overrides the protocol's no-op): consumers time only those."""
+    return getattr(type(defence), hook) is not getattr(Defence, hook)
+
+
 def check_covers(params, members, label):
     """Every (group index, param) of `members` is one of `params`; raises naming the first that is not."""
     covered = {id(p) for p in params}
@@ -271,11 +283,21 @@ class Replay(Defence):
         self.buffer.load_state_dict(state)
 
 
+def _kl_backend(backend):
+    from fastforget.dispatch import BACKENDS
+
+    if not any(backend == b and type(backend) is type(b) for b in ("auto", *BACKENDS)):
+        raise ValueError(f"kl_backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 class KLAnchor(Defence):
     """The KL anchor to the base model: the task loss becomes ``ff.anchored_lm_loss`` on the final hidden states,
     mean CE + weight T^2 KL(p_base || p_theta), fused and chunked (no logits materialised). The base's hidden
     states come from ``base_model`` (a frozen copy of the model before the task) or, for a fastforget LoRA model,
-    from the same model under ``ff.lora_disabled``, in a no-grad forward. Needs the consumer's ``LMHeadInputs``."""
+    from the same model under ``ff.lora_disabled``, in a no-grad forward. Needs the consumer's ``LMHeadInputs``.
+    Asked for its parts (``ctx.split``), it computes the cross-entropy alone in one more no-grad, chunked pass over
+    the LM head: ``task_loss`` (CE) and ``kl_loss`` (the KL term, weight T^2 KL)."""
 
     name = "kl_to_base"
 
@@ -284,13 +306,7 @@ class KLAnchor(Defence):
             self.weight = check.check_real("kl_to_base", weight, minimum=0.0)
         except ValueError:
             raise ValueError(f"kl_to_base must be a finite number >= 0, got {weight!r}") from None
-        try:
-            self.backend = check.check_backend("kl_backend", backend)
-        except ValueError:
-            from fastforget.dispatch import BACKENDS
-
-            raise ValueError(f"kl_backend must be 'auto' or one of {BACKENDS}, got {backend!r}") from None
-        self.base_model = base_model
+        self.backend, self.base_model = _kl_backend(backend), base_model
 
     def __repr__(self):
         return f"KLAnchor(weight={self.weight}, base_model={type(self.base_model).__name__}, backend={self.backend!r})"
@@ -325,10 +341,60 @@ class KLAnchor(Defence):
             out.hidden, out.weight, out.labels, bias=out.bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
             kl_weight=self.weight, shift=out.shift, backend=self.backend,
         )  # fmt: skip
-        return LossTerm("kl_loss", value)
+        parts = None
+        if ctx.split:
+            with torch.no_grad():
+                ce = anchored_lm_loss(
+                    out.hidden, out.weight, out.labels, bias=out.bias, shift=out.shift, backend=self.backend
+                )
+            parts = {"task_loss": ce, "kl_loss": value.detach() - ce}
+        return LossTerm("kl_loss", value, parts=parts)
 
 
 # -------------------------------------------------------------------------------------- the consumers' list
+
+
+class DefenceAttributes:
+    """The consumers' attributes of old, read from their ``defences`` (a ``Defences``): ``ewc``, ``protector``,
+    ``si`` (the defence so named, or None), ``replay`` (the ``ff.ReplayBuffer``), ``replay_weight``,
+    ``replay_batch_size``, ``kl_to_base`` and ``base_model``."""
+
+    @property
+    def ewc(self):
+        return self.defences.named("ewc")
+
+    @property
+    def protector(self):
+        return self.defences.named("protector")
+
+    @property
+    def si(self):
+        return self.defences.named("si")
+
+    @property
+    def replay(self):
+        replay = self.defences.named("replay")
+        return None if replay is None else replay.buffer
+
+    @property
+    def replay_weight(self):
+        replay = self.defences.named("replay")
+        return 1.0 if replay is None else replay.weight
+
+    @property
+    def replay_batch_size(self):
+        replay = self.defences.named("replay")
+        return None if replay is None else replay.batch_size
+
+    @property
+    def kl_to_base(self):
+        anchor = self.defences.named("kl_to_base")
+        return None if anchor is None else anchor.weight
+
+    @property
+    def base_model(self):
+        anchor = self.defences.named("kl_to_base")
+        return None if anchor is None else anchor.base_model
 
 
 def build_defences(
@@ -342,8 +408,7 @@ def build_defences(
     weight = check.check_real("replay_weight", replay_weight, minimum=0.0)
     batch = check.optional(check.check_int, "replay_batch_size", replay_batch_size, minimum=1)
     anchor = None if kl_to_base is None else KLAnchor(kl_to_base, base_model, kl_backend)
-    if kl_to_base is None:
-        check.check_backend("kl_backend", kl_backend)
+    _kl_backend(kl_backend)
     built = [ewc, si, protector, None if replay is None else Replay(replay, weight, batch), anchor]
     return [d for d in built if d is not None] + extra
 
@@ -363,7 +428,7 @@ class Defences:
                     f"defences[{names[d.name]}] and defences[{i}] are both named {d.name!r}; a name keys the state"
                 )
             names[d.name] = i
-        computing = [d.name for d in defences if type(d).task_loss is not Defence.task_loss]
+        computing = [d.name for d in defences if overrides(d, "task_loss")]
         if len(computing) > 1:
             raise ValueError(f"at most one defence may compute the task loss; {computing} all do")
         self.items = defences
@@ -381,10 +446,14 @@ class Defences:
         """The defence called `name`, or None."""
         return next((d for d in self.items if d.name == name), None)
 
+    def with_hook(self, hook, defences=None):
+        """Those of `defences` (default: all) that do something in `hook`, in order."""
+        return [d for d in (self.items if defences is None else defences) if overrides(d, hook)]
+
     @property
     def task_loss(self):
         """The defence that computes the task loss, or None."""
-        return next((d for d in self.items if type(d).task_loss is not Defence.task_loss), None)
+        return next((d for d in self.items if overrides(d, "task_loss")), None)
 
     def applied_by(self, optimizer):
         """The defences the consumer applies itself: all of them, except those a ``ProtectedAdamW`` `optimizer`
@@ -394,31 +463,20 @@ class Defences:
         from fastforget.optim import ProtectedAdamW
 
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-        fused = optimizer.defences if isinstance(optimizer, ProtectedAdamW) else ()
+        fusing = isinstance(optimizer, ProtectedAdamW)
+        fused = optimizer.defences if fusing else ()
         for d in self.items:
-            if fused and d.fused_terms and not any(d is f for f in fused):
+            if fusing and d.fused_terms and not any(d is f for f in fused):
                 raise ValueError(
                     f"the ProtectedAdamW optimizer applies its own {d.name}: pass the trainer's {d.name} to it "
                     f"(ProtectedAdamW(..., {d.name}=...)) or the same object to both"
                 )
-            if d.fused_only and not fused:
+            if d.fused_only and not fusing:
                 raise ValueError(
                     f"{type(d).__name__} runs inside ff.optim.ProtectedAdamW's step only: build the optimizer as "
                     f"ProtectedAdamW(..., {d.name}=...) and pass the same object to the trainer"
                 )
         return [d for d in self.items if not any(d is f for f in fused)]
-
-    def protect_gradients(self, defences, scale, timings):
-        """Every defence's gradient pass in order, each timed under its step_timer; returns {name: penalty}."""
-        penalties = {}
-        for d in defences:
-            start = time.perf_counter()
-            penalty = d.protect_gradients(scale)
-            if type(d).protect_gradients is not Defence.protect_gradients and d.step_timer is not None:
-                timings[d.step_timer] = (time.perf_counter() - start) * 1e3
-            if penalty is not None:
-                penalties[d.name] = penalty
-        return penalties
 
     def state_dict(self):
         """{name: state} of the defences with state."""

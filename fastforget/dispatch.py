@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastforget import _extension
+from fastforget import _build, _extension
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 ENV_VAR = "FASTFORGET_BACKEND"
@@ -51,8 +51,9 @@ def _native_kernel_registered(device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastforget::ewc_penalty", device_type.upper())
 
 
-def _why_not(backend: str, device_type: str):
-    """None when `backend` can run on tensors of `device_type`, else the reason."""
+def _why_not(backend: str, device_type: str, build: bool = True):
+    """None when `backend` can run on tensors of `device_type`, else the reason. The native backends' kernels are
+    built here on first use (``build``; once per process, see _extension.py); available_backends() only reports."""
     if backend == "reference":
         return None
     if backend == "triton":
@@ -68,24 +69,39 @@ def _why_not(backend: str, device_type: str):
     if backend in ("cpu", "cuda"):
         if backend != device_type:
             return f"the {backend} backend runs on {backend} tensors, not {device_type} tensors"
-        if _extension.LOAD_ERROR:
-            return _extension.LOAD_ERROR
+        why = _extension.ensure_built() if build else _extension.LOAD_ERROR
+        if why:
+            return why
+        if not _extension.LOADED_FROM:  # not built yet: the first op builds it
+            return None if backend == "cpu" else _cuda_build_skipped()
         if not _native_kernel_registered(backend):
-            return "fastforget._C was built without CUDA kernels (torch had no CUDA, or FASTFORGET_SKIP_CUDA_BUILD)"
+            return f"the native kernels ({_extension.LOADED_FROM}) were built without CUDA kernels: " + (
+                _cuda_build_skipped() or "torch had no CUDA, or FASTFORGET_SKIP_CUDA_BUILD was set"
+            )
         return None
     raise ValueError(f"unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}")
 
 
+def _cuda_build_skipped():
+    """Why the just-in-time build leaves the CUDA kernels out, or None when it builds them."""
+    with_cuda, why = _extension.CUDA_DECISION or _build.cuda_build_decision()
+    return None if with_cuda else f"the CUDA kernels are not built: {why}"
+
+
 def available_backends() -> dict:
-    """Each backend -> BackendStatus(available, reason) on this machine."""
+    """Each backend -> BackendStatus(available, reason) on this machine. Reports only: the native kernels, when
+    not built yet, count as available (the first op builds them) and the reason says so."""
     cuda = torch.cuda.is_available()
     status = {}
     for backend in BACKENDS:
         device_types = {"cuda": ["cuda"], "cpu": ["cpu"]}.get(backend, ["cuda", "cpu"])
-        reasons = {d: _why_not(backend, d) for d in device_types if d == "cpu" or cuda}
+        reasons = {d: _why_not(backend, d, build=False) for d in device_types if d == "cpu" or cuda}
         usable = [d for d, why in reasons.items() if why is None]
         if usable:
-            status[backend] = BackendStatus(True, "runs on " + " and ".join(f"{d} tensors" for d in usable))
+            reason = "runs on " + " and ".join(f"{d} tensors" for d in usable)
+            if backend in ("cpu", "cuda") and not _extension.LOADED_FROM:
+                reason += f"; {_extension.status()}"
+            status[backend] = BackendStatus(True, reason)
         else:
             why = "; ".join(reasons.values()) if reasons else "no CUDA device is available"
             status[backend] = BackendStatus(False, why)

@@ -1,21 +1,23 @@
 """The protected training step: the seed's ``protected_training_step`` with fused protections, made real.
 
-One ``step(batch)``:
+The trainer runs a list of defences (``ff.defences.Defence``: EWC, SI, the protector, replay, the KL anchor, your
+own; see docs/defences.md); its keyword arguments build that list. One ``step(batch)``:
 
     zero_grad
-    loss = loss(batch)                                   (under autocast when asked)
-    + replay_weight * loss(replay.sample(k))             (rehearsal; k = the batch's size by default)
+    loss = loss(batch)                                   (under autocast when asked; the KL anchor's task_loss)
+    + replay_weight * loss(replay.sample(k))             (each defence's loss term: rehearsal, k = the batch's size)
     backward                                             (of the scaled loss under a GradScaler)
     scaler.unscale_(optimizer)                           (AMP: every later step sees true gradients)
-    ewc.apply_()                                         (fused: p.grad += 2 lam F (theta - theta*))
-    protector.protect_()                                 (fused: shrink high-variance gradients)
+    ewc.apply_()                                         (each defence's protect_gradients(1.0), in list order:
+    protector.protect_()                                  fused EWC gradient, then shrink high-variance gradients)
     optimizer.step()                                     (scaler.step + scaler.update under AMP)
 
-and ``end_task(loader)`` consolidates the EWC on the task's data and offers the task's batches to the buffer.
+and ``end_task(loader)`` runs each defence's ``end_task``: consolidates the EWC on the task's data (the model as
+given, e.g. its DDP wrapper) and offers the task's batches to the buffer.
 
-With an ``ff.optim.ProtectedAdamW`` as the optimizer, the EWC and protector attached to it run inside its fused
-step: the trainer skips its own ``ewc.apply_()`` and ``protector.protect_()`` (its ``ewc``/``protector`` must then
-be None or those very objects) and reports the optimizer's recorded penalty.
+With an ``ff.optim.ProtectedAdamW`` as the optimizer, the defences attached to it (EWC, protector, SI) run inside
+its fused step: the trainer skips their ``protect_gradients`` (a trainer defence that can be fused must then be the
+optimizer's own) and reports the optimizer's recorded penalty.
 
 Why unscale first under AMP: the EWC gradient is in the units of the true gradient, so adding it to gradients that
 are still multiplied by the loss scale S would weaken it by S. ``scaler.unscale_`` divides the gradients by S once
@@ -26,13 +28,20 @@ changes nothing but the gradients, which the next ``zero_grad`` discards.
 """
 
 import contextlib
-import dataclasses
-import math
 import time
+import types
 
 import torch
 
 from fastforget._batch import batch_size, to_device
+from fastforget.defences import (  # noqa: F401  (LMHeadInputs: its public home was this module)
+    DefenceAttributes,
+    Defences,
+    LMHeadInputs,
+    LossContext,
+    TaskData,
+    build_defences,
+)
 from fastforget.optim import ProtectedAdamW
 
 
@@ -41,36 +50,10 @@ def _as_buffer_batch(batch):
     return tuple(batch) if isinstance(batch, list) else batch
 
 
-@dataclasses.dataclass
-class LMHeadInputs:
-    """What a ``batch_loss`` may return instead of a loss: a language model's final hidden states, its LM head and
-    the labels. The trainer then computes ``ff.anchored_lm_loss`` on them (with ``kl_to_base``: the KL to the base
-    model's distribution too) without materialising the logits."""
-
-    hidden: torch.Tensor  # (B, T, H) or (N, H)
-    weight: torch.Tensor  # the LM head (V, H)
-    labels: torch.Tensor  # hidden's leading dims; -100 is not counted
-    bias: torch.Tensor | None = None
-    shift: bool = True  # the causal-LM shift: position t predicts labels[..., t + 1]
-
-
-def _check_fused(optimizer, ewc, protector):
-    """Whether `optimizer` applies EWC and protection itself (a ProtectedAdamW); then the trainer's own must be
-    absent or the optimizer's, so that nothing is applied twice or left out."""
-    if not isinstance(optimizer, ProtectedAdamW):
-        return False
-    for label, mine, theirs in (("ewc", ewc, optimizer.ewc), ("protector", protector, optimizer.protector)):
-        if mine is not None and mine is not theirs:
-            raise ValueError(
-                f"the ProtectedAdamW optimizer applies its own {label}: pass the trainer's {label} to it "
-                f"(ProtectedAdamW(..., {label}=...)) or the same object to both"
-            )
-    return True
-
-
 class _Timer:
     """Wall time per named section in milliseconds; synchronises CUDA around a section so that the time is the
-    section's own work, not work queued before it or still running after it."""
+    section's own work, not work queued before it or still running after it. A section with no name, or whose
+    ``keep`` is set False inside it, is not recorded."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -81,13 +64,15 @@ class _Timer:
         if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        yield
+        section = types.SimpleNamespace(keep=name is not None)
+        yield section
         if self.cuda:
             torch.cuda.synchronize()
-        self.ms[name] = (time.perf_counter() - start) * 1e3
+        if section.keep:
+            self.ms[name] = (time.perf_counter() - start) * 1e3
 
 
-class ProtectedTrainer:
+class ProtectedTrainer(DefenceAttributes):
     """Training steps with optional rehearsal, EWC and gradient protection (see the module doc).
 
     model, optimizer: what to train; the protections cover whatever the EWC and protector were built over (a
@@ -106,32 +91,41 @@ class ProtectedTrainer:
         ``batch_loss`` that returns ``LMHeadInputs``, every loss becomes mean CE + kl_to_base T^2 KL(p_base || p),
         the base's hidden states coming from ``batch_loss(base_model, batch)`` in a no-grad forward (a frozen
         copy of the model before the new task; a base head that is the model's own head is shared, bias too).
+    si: an ``ff.SynapticIntelligence`` (it runs in a ``ProtectedAdamW`` optimizer's step; ``end_task`` consolidates
+        it into its EWC).
+    defences: more ``ff.defences.Defence`` objects, run after those the keywords build (``self.defences``).
     """
 
     def __init__(
         self, model, optimizer, loss_fn=None, *, ewc=None, replay=None, protector=None, replay_weight=1.0,
         replay_batch_size=None, scaler=None, autocast_dtype=None, batch_loss=None, kl_to_base=None, base_model=None,
+        si=None, defences=None,
     ):  # fmt: skip
         if loss_fn is None and batch_loss is None:
             raise ValueError("pass loss_fn(outputs, targets) or batch_loss(model, batch)")
-        if replay_weight < 0:
-            raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
-        if replay_batch_size is not None and replay_batch_size < 1:
-            raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
-        if kl_to_base is not None:
-            if isinstance(kl_to_base, bool) or not isinstance(kl_to_base, (int, float)) or not kl_to_base >= 0:
-                raise ValueError(f"kl_to_base must be a number >= 0, got {kl_to_base!r}")
-            if not math.isfinite(kl_to_base):
-                raise ValueError(f"kl_to_base must be finite, got {kl_to_base}")
-            if batch_loss is None or base_model is None:
-                raise ValueError("kl_to_base needs batch_loss(model, batch) returning LMHeadInputs and a base_model")
-        self.fused = _check_fused(optimizer, ewc, protector)
+        self.defences = Defences(
+            build_defences(
+                defences,
+                ewc=ewc,
+                replay=replay,
+                protector=protector,
+                si=si,
+                replay_weight=replay_weight,
+                replay_batch_size=replay_batch_size,
+                kl_to_base=kl_to_base,
+                base_model=base_model,
+            )  # fmt: skip
+        )
+        for d in self.defences:
+            d.check_model(model)
+        anchor = self.defences.task_loss
+        if anchor is not None and batch_loss is None:
+            raise ValueError(f"{anchor.name} needs batch_loss(model, batch) returning LMHeadInputs")
+        self._applied = self.defences.applied_by(optimizer)  # those not run in a ProtectedAdamW's fused step
+        self.fused = isinstance(optimizer, ProtectedAdamW)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.ewc, self.replay, self.protector = ewc, replay, protector
-        self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
         self.scaler, self.autocast_dtype = scaler, autocast_dtype
         self.batch_loss = batch_loss if batch_loss is not None else self._pair_loss
-        self.kl_to_base, self.base_model = kl_to_base, base_model
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
@@ -143,24 +137,26 @@ class ProtectedTrainer:
         return self.loss_fn(model(inputs), targets)
 
     def _loss(self, batch):
-        """batch_loss's loss; for LMHeadInputs, ff.anchored_lm_loss on them (and the base model's, with kl_to_base)."""
+        """batch_loss's loss; for LMHeadInputs, ff.anchored_lm_loss on them (the task-loss defence's, with the KL
+        anchor: with the base model's distribution too)."""
         out = self.batch_loss(self.model, batch)
+        anchor = self.defences.task_loss
+        if anchor is not None:
+            ctx = LossContext(
+                self.model, batch, unwrapped=self.model, outputs=out, outputs_of=lambda m: self.batch_loss(m, batch)
+            )
+            return anchor.task_loss(ctx).value
         if not isinstance(out, LMHeadInputs):
-            if self.kl_to_base is not None:
-                raise TypeError(f"kl_to_base needs batch_loss to return LMHeadInputs, not {type(out).__name__}")
             return out
         from fastforget.ops.anchored_lm_loss import anchored_lm_loss  # on use: only LMHeadInputs batches need it
 
-        ref_hidden = ref_weight = None
-        if self.kl_to_base:
-            with torch.no_grad():
-                base = self.batch_loss(self.base_model, batch)
-            ref_hidden = base.hidden
-            ref_weight = None if base.weight is out.weight else base.weight
-        return anchored_lm_loss(
-            out.hidden, out.weight, out.labels, bias=out.bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-            kl_weight=self.kl_to_base or 0.0, shift=out.shift,
-        )  # fmt: skip
+        return anchored_lm_loss(out.hidden, out.weight, out.labels, bias=out.bias, shift=out.shift)
+
+    def _stored_loss(self, stored):
+        """The loss of a batch from the replay buffer (on the trainer's device, under its autocast)."""
+        stored = to_device(stored, self.device)
+        with self._forward_context():
+            return self._loss(stored)
 
     def _forward_context(self):
         if self.autocast_dtype is None:
@@ -172,7 +168,8 @@ class ProtectedTrainer:
 
         ``{"loss", "replay_loss" (None without a replay sample), "penalty" (0.0 without an EWC), "skipped" (an AMP
         step skipped for inf/NaN gradients), "time_ms": {"replay", "ewc", "protect" (present for the protections
-        in use), "step" (the whole step)}}``. Losses are Python floats (one host synchronisation per step).
+        in use), "step" (the whole step)}}``, and the value of any other defence's loss term under its name. Losses
+        are Python floats (one host synchronisation per step).
         """
         timer = _Timer(self.device)
         with timer("step"):
@@ -180,36 +177,40 @@ class ProtectedTrainer:
             batch = to_device(batch, self.device)
             with self._forward_context():
                 loss = self._loss(batch)
-            total, replay_loss = loss, None
-            if self.replay is not None and len(self.replay):
+            total, terms = loss, {}
+            adding = self.defences.with_hook("loss")
+            if adding:
+                ctx = LossContext(self.model, batch, batch_size(batch), self._stored_loss, unwrapped=self.model)
+            for d in adding:
                 # rehearsal: a separate forward pass on stored examples (the seed's form); its backward is part
                 # of the one backward below, so "replay" times the sampling and the forward pass
-                with timer("replay"):
-                    k = min(self.replay_batch_size or batch_size(batch), len(self.replay))
-                    replayed = to_device(self.replay.sample(k), self.device)
-                    with self._forward_context():
-                        replay_loss = self._loss(replayed)
-                total = loss + self.replay_weight * replay_loss
+                with timer(d.step_timer) as section:
+                    term = d.loss(ctx)
+                    section.keep &= term is not None
+                if term is not None:
+                    total = total + term.weight * term.value
+                    terms[term.name] = term.value
             if self.scaler is not None:
                 self.scaler.scale(total).backward()
                 self.scaler.unscale_(self.optimizer)
             else:
                 total.backward()
-            penalty = 0.0
-            if self.ewc is not None and not self.fused:
-                with timer("ewc"):
-                    penalty = float(self.ewc.apply_())
-            if self.protector is not None and not self.fused:
-                with timer("protect"):
-                    self.protector.protect_()
+            penalties = []
+            for d in self.defences.with_hook("protect_gradients", self._applied):
+                with timer(d.step_timer):
+                    penalty = d.protect_gradients(1.0)  # the gradients are unscaled already
+                    if penalty is not None:
+                        penalties.append(float(penalty))
             skipped = self._optimizer_step()
-            if self.fused and self.optimizer.ewc is not None:
-                penalty = float(self.optimizer.penalty)  # of this step, from the fused pass
+            if self.fused and any("quadratic" in d.fused_terms for d in self.optimizer.defences):
+                penalties.append(float(self.optimizer.penalty))  # of this step, from the fused pass (EWC's)
         self.steps += not skipped
+        replay_loss = terms.pop("replay_loss", None)
         return {
             "loss": float(loss.detach()),
             "replay_loss": None if replay_loss is None else float(replay_loss.detach()),
-            "penalty": penalty,
+            **{name: float(value.detach()) for name, value in terms.items()},
+            "penalty": float(sum(penalties)),
             "skipped": skipped,
             "time_ms": timer.ms,
         }
@@ -224,20 +225,26 @@ class ProtectedTrainer:
         self.scaler.update()
         return self.scaler.get_scale() < scale  # update() lowers the scale exactly when the step was skipped
 
+    def protection_state_dict(self):
+        """{name: state} of the defences with state (as ``ProtectionMixin.protection_state_dict``)."""
+        return self.defences.state_dict()
+
+    def load_protection_state_dict(self, state):
+        """Restore a ``protection_state_dict()``: every part or none (validated as a whole)."""
+        self.defences.load_state_dict(state)
+
     def end_task(self, loader, *, estimator="empirical", max_batches=None, progress=False):
-        """After a task: consolidate the EWC at the current parameters over `loader` (Fisher by `estimator`,
-        see ``ff.EWC.consolidate``), then offer every batch of `loader` to the replay buffer, whose policy decides
-        what stays. `loader` is iterated once for each of the two (a DataLoader or a list, not a generator).
-        Returns ``{"time_ms": {"consolidate", "fill"}}`` for the parts in use."""
+        """After a task, each defence's ``end_task`` in order: the EWC consolidates at the current parameters over
+        `loader` (Fisher by `estimator`, see ``ff.EWC.consolidate``), the replay buffer is offered every batch of
+        `loader` and its policy decides what stays. `loader` is iterated once for each (a DataLoader or a list, not
+        a generator). Returns ``{"time_ms": {"consolidate", "fill"}}`` for the parts in use."""
         timer = _Timer(self.device)
-        if self.ewc is not None:
-            with timer("consolidate"):
-                self.ewc.consolidate(
-                    loader, self.loss_fn, batch_loss=None if self.loss_fn else self.batch_loss, estimator=estimator,
-                    max_batches=max_batches, progress=progress, model=self.model,
-                )  # fmt: skip
-        if self.replay is not None:
-            with timer("fill"):
-                for batch in loader:
-                    self.replay.add(_as_buffer_batch(batch))
+        task = TaskData(
+            self.model, loader, lambda: (_as_buffer_batch(batch) for batch in loader), loss_fn=self.loss_fn,
+            batch_loss=None if self.loss_fn else self.batch_loss, estimator=estimator, max_batches=max_batches,
+            progress=progress,
+        )  # fmt: skip
+        for d in self.defences.with_hook("end_task"):
+            with timer(d.task_timer):
+                d.end_task(task)
         return {"time_ms": timer.ms}

@@ -16,11 +16,17 @@ Per optimizer step, in ``ff.ProtectedTrainer``'s order:
 never materialising the logits) on the final hidden states; the base model's come from ``base_model`` (a frozen
 copy) or, for a fastforget LoRA model, from the same model under ``ff.lora_disabled``, in a no-grad forward.
 
-The Trainer's logs gain ``ewc_penalty``, ``replay_loss`` and ``kl_loss`` (means since the last log);
+The Trainer's logs gain ``task_loss`` (the task's loss alone), ``replay_loss``, ``kl_loss`` (the KL term alone, one
+more no-grad LM-head pass computes the CE apart) and ``ewc_penalty``: means per optimizer step since the last log,
+over the ranks, each micro-batch counted as the Trainer counts it under gradient accumulation (``loss`` stays the
+Trainer's: everything differentiated);
 ``protection_time_ms`` holds the last step's EWC and protection times. ``end_task(dataset=None)`` consolidates the
-EWC over a dataset (default: the train dataset) through the Trainer's evaluation dataloader and collator, then
-offers its examples to the replay buffer. The EWC, protector and replay states are saved in every checkpoint
-(``fastforget_state.pt``) and restored by ``train(resume_from_checkpoint=...)``.
+EWC over a dataset (default: the train dataset) through the Trainer's evaluation dataloader and collator, on the
+model as the Trainer wrapped it (under DDP: the Fisher of the union of the ranks' parts, the same on every rank), then
+offers its examples to the replay buffer. The EWC, protector and replay states are saved beside the weights by
+``save_model`` and in every checkpoint (``fastforget_state.pt``, see ``fastforget.checkpoint``: written atomically
+before the Trainer completes the checkpoint), restored by ``train(resume_from_checkpoint=...)`` (``True``: the newest
+complete checkpoint) or ``load_protection(folder)``.
 
 With ``optimizers=(ff.optim.ProtectedAdamW(..., ewc=ewc, protector=protector), None)`` the optimizer applies EWC and
 protection inside its fused step and the mixin does not (never twice); the Trainer then clips the task gradient
@@ -31,17 +37,17 @@ multiplies the gradients by its scale S when the protections run (accelerate uns
 term is added multiplied by S and the protector reads g / S, so both act on true gradients.
 """
 
-import math
+import collections
 import os
 import time
 
 import torch
 
+from fastforget import _validation as check
 from fastforget._batch import to_device
-from fastforget.dispatch import BACKENDS
+from fastforget.checkpoint import STATE_FILE, last_complete_checkpoint, load_state, save_state  # noqa: F401
+from fastforget.defences import DefenceAttributes, Defences, LMHeadInputs, LossContext, TaskData, build_defences
 from fastforget.fisher import scalar_loss
-from fastforget.lora import lora_disabled, lora_modules
-from fastforget.ops.anchored_lm_loss import anchored_lm_loss
 
 try:
     import transformers
@@ -50,49 +56,50 @@ except ImportError as error:  # fastforget itself imports without it; this modul
         "fastforget.transformers needs Hugging Face transformers: pip install 'transformers>=5' (or fastforget[hf])"
     ) from error
 
-STATE_FILE = "fastforget_state.pt"
-
 
 def hf_batch_loss(model, batch):
     """The loss a Hugging Face model computes from a batch with ``labels``: the mean over its counted tokens."""
     return model(**batch).loss
 
 
-class ProtectionMixin:
+class ProtectionMixin(DefenceAttributes):
     """EWC, replay and gradient protection for a ``transformers.Trainer`` subclass (see the module doc).
 
     ``ewc``, ``replay``, ``protector``: an ``ff.EWC``, ``ff.ReplayBuffer``, ``ff.GradientProtector`` or None.
     ``ewc_estimator``, ``ewc_max_batches``: how ``end_task`` estimates the Fisher (``ff.EWC.consolidate``).
     ``kl_to_base``, ``base_model``, ``kl_backend``: the anchored loss (see the module doc) and its backend.
+    ``si``: an ``ff.SynapticIntelligence`` (it runs in a ``ProtectedAdamW`` optimizer's step).
+    ``defences``: more ``ff.defences.Defence`` objects, run after those the keywords build (``self.defences``).
     """
 
     def __init__(
         self, *args, ewc=None, replay=None, protector=None, replay_weight=1.0, replay_batch_size=None,
         ewc_estimator="empirical", ewc_max_batches=None, kl_to_base=None, base_model=None, kl_backend="auto",
-        **kwargs,
+        si=None, defences=None, **kwargs,
     ):  # fmt: skip
-        if kl_to_base is not None and (
-            isinstance(kl_to_base, bool) or not isinstance(kl_to_base, (int, float)) or not 0 <= kl_to_base < math.inf
-        ):
-            raise ValueError(f"kl_to_base must be a finite number >= 0, got {kl_to_base!r}")
-        if kl_backend not in ("auto", *BACKENDS):
-            raise ValueError(f"kl_backend must be 'auto' or one of {BACKENDS}, got {kl_backend!r}")
-        if replay_weight < 0:
-            raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
-        if replay_batch_size is not None and replay_batch_size < 1:
-            raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
+        built = Defences(
+            build_defences(
+                defences,
+                ewc=ewc,
+                replay=replay,
+                protector=protector,
+                si=si,
+                replay_weight=replay_weight,
+                replay_batch_size=replay_batch_size,
+                kl_to_base=kl_to_base,
+                base_model=base_model,
+                kl_backend=kl_backend,
+            )  # fmt: skip
+        )
+        self.ewc_max_batches = check.optional(check.check_int, "ewc_max_batches", ewc_max_batches, minimum=1)
         super().__init__(*args, **kwargs)
-        self.ewc, self.replay, self.protector = ewc, replay, protector
-        self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
-        self.ewc_estimator, self.ewc_max_batches = ewc_estimator, ewc_max_batches
-        self.kl_to_base, self.base_model, self.kl_backend = kl_to_base, base_model, kl_backend
-        if kl_to_base is not None and base_model is None and not lora_modules(self.model):
-            raise ValueError(
-                "kl_to_base needs the base model's distribution: pass base_model= (a frozen copy), or train a "
-                "fastforget LoRA model, whose base outputs come from the same model under ff.lora_disabled"
-            )
+        for d in built:
+            d.check_model(self.model)
+        self.defences, self.ewc_estimator = built, ewc_estimator
         self.protection_time_ms = {}
-        self._protection_logs = {"ewc_penalty": [], "replay_loss": [], "kl_loss": []}
+        # name -> each micro-batch's (or step's) share of its optimizer step's value, since the last log
+        self._protection_logs = collections.defaultdict(list)
+        self._steps_since_log = 0
 
     # -------------------------------------------------------------------------------------------- training
 
@@ -103,60 +110,85 @@ class ProtectionMixin:
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
+    def _step_share(self, value, num_items_in_batch):
+        """A micro-batch's loss as its share of the optimizer step's: the Trainer divides a per-batch mean by the
+        accumulation steps, a loss it normalises over the accumulated batch (num_items_in_batch) it takes as is."""
+        if self._scaled_for_accumulation(num_items_in_batch):
+            return value.detach()
+        return value.detach() / self.current_gradient_accumulation_steps
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.kl_to_base is not None and model.training:
-            result = self._anchored_loss(model, inputs, return_outputs, num_items_in_batch)
+        anchor = self.defences.task_loss
+        if anchor is not None and model.training:
+            result = self._defence_task_loss(anchor, model, inputs, return_outputs, num_items_in_batch)
         else:
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        if self.replay is None or not len(self.replay) or not model.training:
+            if model.training:
+                task = result[0] if return_outputs else result
+                self._protection_logs["task_loss"].append(self._step_share(task, num_items_in_batch))
+        adding = self.defences.with_hook("loss") if model.training else []
+        if not adding:
             return result
         loss, outputs = result if return_outputs else (result, None)
-        replay_loss = self._replay_loss(model, len(next(iter(inputs.values()))))
-        self._protection_logs["replay_loss"].append(replay_loss.detach())
-        # the replay loss, a mean, must end up divided by the accumulation steps once, as the Trainer's own
-        steps = self.current_gradient_accumulation_steps if self._scaled_for_accumulation(num_items_in_batch) else 1
-        loss = loss + self.replay_weight / steps * replay_loss
+        ctx = LossContext(
+            model, inputs, len(next(iter(inputs.values()))), lambda stored: self._stored_loss(model, stored),
+            unwrapped=self.accelerator.unwrap_model(model),
+        )  # fmt: skip
+        for d in adding:
+            term = d.loss(ctx)
+            if term is None:
+                continue
+            # the term, a mean, must end up divided by the accumulation steps once, as the Trainer's own loss
+            self._protection_logs[term.name].append(term.value.detach() / self.current_gradient_accumulation_steps)
+            steps = self.current_gradient_accumulation_steps if self._scaled_for_accumulation(num_items_in_batch) else 1
+            loss = loss + term.weight / steps * term.value
         return (loss, outputs) if return_outputs else loss
 
-    def _anchored_loss(self, model, inputs, return_outputs, num_items_in_batch):
-        """CE + kl_to_base T^2 KL(p_base || p_theta) by ff.anchored_lm_loss on the final hidden states (no logits
-        materialised but one position's), the base's from base_model, or from this LoRA model under lora_disabled,
-        in a no-grad forward. Normalised like the Trainer's own loss: a mean over the micro-batch's counted tokens,
-        or their sum over num_items_in_batch when the Trainer normalises over the accumulated batch."""
+    def _defence_task_loss(self, anchor, model, inputs, return_outputs, num_items_in_batch):
+        """The task loss of the defence that computes it (the KL anchor: CE + kl_to_base T^2 KL(p_base || p_theta)
+        by ff.anchored_lm_loss on the final hidden states, no logits materialised but one position's), handed the
+        model's LMHeadInputs and a way to get another model's (base_model, or this LoRA model under
+        lora_disabled). Normalised like the Trainer's own loss: a mean over the micro-batch's counted tokens, or
+        their sum over num_items_in_batch when the Trainer normalises over the accumulated batch."""
         if "labels" not in inputs:
-            raise ValueError("kl_to_base needs batches with 'labels'")
+            raise ValueError(f"{anchor.name} needs batches with 'labels'")
         labels = inputs["labels"]
         forward = {k: v for k, v in inputs.items() if k != "labels"}
-        hidden = _final_hidden(model, forward)
-        unwrapped = self.accelerator.unwrap_model(model)
-        with torch.no_grad():
-            if self.base_model is not None:
-                ref_hidden, ref_head = _final_hidden(self.base_model, forward), self.base_model.get_output_embeddings()
-            else:
-                with lora_disabled(unwrapped):
-                    ref_hidden, ref_head = _final_hidden(model, forward), unwrapped.get_output_embeddings()
-        head = unwrapped.get_output_embeddings()
-        loss = anchored_lm_loss(
-            hidden, head.weight, labels, bias=head.bias, ref_hidden=ref_hidden,
-            ref_weight=None if ref_head.weight is head.weight else ref_head.weight, kl_weight=self.kl_to_base,
-            shift=True, backend=self.kl_backend,
+
+        def outputs_of(m):
+            head = self.accelerator.unwrap_model(m).get_output_embeddings()
+            return LMHeadInputs(_final_hidden(m, forward), head.weight, labels, bias=head.bias, shift=True)
+
+        ctx = LossContext(
+            model, inputs, unwrapped=self.accelerator.unwrap_model(model), outputs=outputs_of(model),
+            outputs_of=outputs_of, split=True,
         )  # fmt: skip
-        if num_items_in_batch is not None and self._scaled_for_accumulation(num_items_in_batch):
+        term = anchor.task_loss(ctx)
+
+        def normalised(loss):
+            if num_items_in_batch is None or not self._scaled_for_accumulation(num_items_in_batch):
+                return loss
             counted = (labels[..., 1:] != -100).sum()
-            loss = loss * counted / num_items_in_batch
-        self._protection_logs["kl_loss"].append(loss.detach())
+            ranks = 1  # num_items_in_batch counts every rank's tokens when averaged across devices: as the Trainer
+            if self.args.average_tokens_across_devices:
+                ranks = self.accelerator.num_processes // self.get_tp_size()
+            return loss * counted / num_items_in_batch * ranks
+
+        loss = normalised(term.value)
+        for name, part in (term.parts or {term.name: term.value}).items():
+            self._protection_logs[name].append(self._step_share(normalised(part), num_items_in_batch))
         return (loss, None) if return_outputs else loss
 
-    def _replay_loss(self, model, batch_size):
-        k = min(self.replay_batch_size or batch_size, len(self.replay))
-        stored = self.replay.sample(k)
+    def _stored_loss(self, model, stored):
+        """The loss of examples from the replay buffer, padded by the Trainer's data collator."""
         if not isinstance(stored, dict):
             raise TypeError(
                 f"the replay buffer holds {type(stored).__name__} batches; ProtectionMixin replays examples stored "
                 "as dicts of per-example token sequences (what end_task offers), padded by the data collator"
             )
+        k = len(next(iter(stored.values())))
         examples = [{key: part[i] for key, part in stored.items()} for i in range(k)]
         batch = to_device(self.data_collator(examples), self.args.device)
         return scalar_loss(hf_batch_loss(model, batch), "replayed")
@@ -167,115 +199,173 @@ class ProtectionMixin:
             self._protect_gradients()
         return loss
 
-    def _fused_optimizer(self):
-        """The ProtectedAdamW that applies this trainer's EWC and protector itself, or None (then the trainer
-        applies them). Its EWC and protector must be the trainer's (or absent from the trainer)."""
-        from fastforget.optim import ProtectedAdamW
-
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
-        if not isinstance(optimizer, ProtectedAdamW):
-            return None
-        for label, mine, theirs in (
-            ("ewc", self.ewc, optimizer.ewc),
-            ("protector", self.protector, optimizer.protector),
-        ):
-            if mine is not None and mine is not theirs:
-                raise ValueError(
-                    f"the ProtectedAdamW optimizer applies its own {label}: pass the trainer's {label} to it "
-                    f"(ProtectedAdamW(..., {label}=...)) or the same object to both"
-                )
-        return optimizer
-
     def _protect_gradients(self):
         self.protection_time_ms = {}
-        fused = self._fused_optimizer()
-        if fused is not None:  # EWC and protection run inside its step (after the Trainer's clipping)
-            if fused.ewc is not None:
-                self._protection_logs["ewc_penalty"].append(fused.penalty.detach().clone())  # the previous step's
-            return
+        self._steps_since_log += 1
+        applied = self.defences.applied_by(self.optimizer)  # a ProtectedAdamW applies its own, after clipping
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        for d in getattr(optimizer, "defences", ()):
+            if "quadratic" in d.fused_terms:
+                self._protection_logs[f"{d.name}_penalty"].append(optimizer.penalty.detach().clone())  # last step's
         # fp16 on a GPU: the gradients are still multiplied by the GradScaler's scale S here (accelerate unscales
         # them when clipping), so the EWC term goes in multiplied by S too, and the protector reads g / S
         scaler = getattr(self.accelerator, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        if self.ewc is not None:
+        for d in self.defences.with_hook("protect_gradients", applied):
             start = time.perf_counter()
-            lam = self.ewc.lam
-            self.ewc.lam = lam * scale
-            try:
-                penalty = self.ewc.apply_().detach() / scale
-            finally:
-                self.ewc.lam = lam
-            self._protection_logs["ewc_penalty"].append(penalty)
-            self.protection_time_ms["ewc"] = (time.perf_counter() - start) * 1e3
-        if self.protector is not None:
-            start = time.perf_counter()
-            self.protector.protect_(inv_scale=1.0 / scale)
-            self.protection_time_ms["protect"] = (time.perf_counter() - start) * 1e3
+            penalty = d.protect_gradients(scale)
+            if penalty is not None:
+                self._protection_logs[f"{d.name}_penalty"].append(penalty)
+            if d.step_timer is not None:
+                self.protection_time_ms[d.step_timer] = (time.perf_counter() - start) * 1e3
 
     def log(self, logs, start_time=None):
-        for key, values in self._protection_logs.items():
-            if values:
-                logs[key] = float(torch.stack(values).float().mean())
-                values.clear()
+        """A training log (one with the Trainer's ``loss``) gains each term's mean per optimizer step since the
+        last one, over every rank (as the Trainer's own loss): task_loss, replay_loss, kl_loss (the KL term alone),
+        ewc_penalty, and other defences' terms."""
+        if "loss" in logs:
+            steps = max(1, self._steps_since_log)
+            logged = self._protection_logs.items()
+            sums = {key: float(torch.stack([x.float() for x in v]).sum()) for key, v in logged if v}
+            for key, value in _mean_over_ranks(sums).items():
+                logs[key] = value / steps
+            self._protection_logs.clear()
+            self._steps_since_log = 0
         return super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------- between tasks
 
     def end_task(self, dataset=None):
-        """Consolidate the EWC at the current parameters over `dataset` (default: the train dataset), batched by the
-        Trainer's evaluation dataloader and data collator, then offer every example of it to the replay buffer."""
+        """Each defence's ``end_task`` over `dataset` (default: the train dataset), with the model as the Trainer
+        wraps it (under DDP the Fisher reduces over the process group): the EWC consolidates at the current
+        parameters, batched by the Trainer's evaluation dataloader and data collator, then every example of it is
+        offered to the replay buffer."""
         dataset = self.train_dataset if dataset is None else dataset
         if dataset is None or len(dataset) == 0:
             raise ValueError("end_task needs a non-empty dataset (the Trainer has no train_dataset)")
-        timings = {}
-        if self.ewc is not None:
-            start = time.perf_counter()
-            loader = self.get_eval_dataloader(dataset)
-            model = self.accelerator.unwrap_model(self.model)
-            self.ewc.consolidate(
-                loader, batch_loss=hf_batch_loss, estimator=self.ewc_estimator, max_batches=self.ewc_max_batches,
-                model=model, progress=False,
-            )  # fmt: skip
-            timings["consolidate"] = (time.perf_counter() - start) * 1e3
-        if self.replay is not None:
-            start = time.perf_counter()
+
+        def buffer_batches():
             for first in range(0, len(dataset), 256):
-                self.replay.add(_example_parts([dataset[i] for i in range(first, min(first + 256, len(dataset)))]))
-            timings["fill"] = (time.perf_counter() - start) * 1e3
+                yield _example_parts([dataset[i] for i in range(first, min(first + 256, len(dataset)))])
+
+        task = TaskData(
+            self._wrapped_model(), lambda: self.get_eval_dataloader(dataset), buffer_batches, batch_loss=hf_batch_loss,
+            estimator=self.ewc_estimator, max_batches=self.ewc_max_batches,
+        )  # fmt: skip
+        timings = {}
+        for d in self.defences.with_hook("end_task"):
+            start = time.perf_counter()
+            d.end_task(task)
+            if d.task_timer is not None:
+                timings[d.task_timer] = (time.perf_counter() - start) * 1e3
         return {"time_ms": timings}
+
+    def _wrapped_model(self):
+        """In distributed training, the model as the Trainer trains it (DDP / FSDP wrapper): the Fisher is reduced
+        over its process group, each rank estimating on its part of the (sharded) evaluation dataloader. Under DDP
+        before the first train() the model is not wrapped yet: it is prepared here as train() would (train() then
+        keeps it). In one process: the bare model (not a DataParallel or torch.compile wrapper)."""
+        if self.args.parallel_mode != transformers.training_args.ParallelMode.DISTRIBUTED:
+            return self.accelerator.unwrap_model(self.model)
+        if self.model_wrapped is self.model and not self.is_fsdp_enabled:
+            self.model_wrapped = self.accelerator.prepare_model(self.model)
+        return self.model_wrapped
 
     # ---------------------------------------------------------------------------------------------- checkpoints
 
     def protection_state_dict(self):
-        return {
-            name: part.state_dict()
-            for name, part in (("ewc", self.ewc), ("protector", self.protector), ("replay", self.replay))
-            if part is not None
-        }
+        """{name: state} of the defences with state (``fastforget_state.pt`` in every checkpoint)."""
+        return self.defences.state_dict()
 
     def load_protection_state_dict(self, state):
-        for name, part in (("ewc", self.ewc), ("protector", self.protector), ("replay", self.replay)):
-            if (part is None) != (name not in state):
-                raise ValueError(f"the checkpoint's protection state {'lacks' if part else 'has'} a {name!r} part")
-            if part is not None:
-                part.load_state_dict(state[name])
+        """Restore a ``protection_state_dict()``: every part or none (validated as a whole)."""
+        self.defences.load_state_dict(state)
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        if self.args.should_save:
-            torch.save(self.protection_state_dict(), os.path.join(folder, STATE_FILE))
+    def save_protection(self, folder):
+        """Write the defences' state into `folder` (every rank calls it; see ``fastforget.checkpoint``): the
+        shared state by the saving rank (``args.should_save``), or through DCP by every rank when it is sharded
+        (FSDP2), and with several processes each rank's replay buffer to its own file."""
+        save_state(
+            self.protection_state_dict(), folder, rank=self.args.process_index, world_size=self.args.world_size,
+            writer=self.args.should_save,
+        )  # fmt: skip
+
+    def load_protection(self, folder):
+        """Restore the defences' state from `folder`: a Trainer checkpoint or a ``save_model`` folder. A missing
+        or torn state file raises ValueError naming the folder; the state is validated as a whole before anything
+        changes (``load_protection_state_dict``)."""
+        state = load_state(
+            os.fspath(folder), self.protection_state_dict(), rank=self.args.process_index,
+            world_size=self.args.world_size,
+        )  # fmt: skip
+        self.load_protection_state_dict(state)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The Trainer's save_model, with the defences' state (``fastforget_state.pt``) beside the weights.
+
+        This is also where checkpoints get it: transformers' ``Trainer._save_checkpoint`` (5.x) calls
+        ``save_model(checkpoint folder)`` first, then saves the optimizer, scheduler and RNG states, then writes
+        ``trainer_state.json``, and only then rotates old checkpoints away (``save_total_limit``). The state is
+        therefore complete on disk (written atomically) before the checkpoint can count as complete and before
+        the previous one may be deleted; overriding ``_save_checkpoint`` itself could only write after rotation.
+        It is written before the weights, so that a ``push_to_hub`` at the end of a user's call carries it."""
+        self.save_protection(self.args.output_dir if output_dir is None else output_dir)
+        if _internal_call:  # a checkpoint: every rank's files are on disk before rank 0 writes trainer_state.json
+            self.accelerator.wait_for_everyone()
+        return super().save_model(output_dir, _internal_call)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
+        """The Trainer's train; resuming also restores the defences' state. ``resume_from_checkpoint=True`` picks
+        the newest *complete* checkpoint of ``output_dir`` (its ``trainer_state.json`` and fastforget state both
+        whole), skipping newer ones that a kill left unfinished, with a warning naming them."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+            checkpoint, skipped = last_complete_checkpoint(
+                self.args.output_dir, world_size=self.args.world_size,
+                per_rank=self.replay is not None and self.args.world_size > 1,
+            )  # fmt: skip
+            for folder, reasons in skipped:
+                transformers.utils.logging.get_logger(__name__).warning(
+                    f"not resuming from {folder}, which is incomplete ({'; '.join(reasons)})"
+                )
+            if checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in output_dir {self.args.output_dir}")
         if isinstance(checkpoint, (str, os.PathLike)):
-            path = os.path.join(checkpoint, STATE_FILE)
-            if not os.path.exists(path):
-                raise ValueError(f"{checkpoint} has no {STATE_FILE}: it was not saved by a ProtectionMixin trainer")
-            self.load_protection_state_dict(torch.load(path, weights_only=True))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            self.load_protection(checkpoint)
+        if not any(isinstance(c, _DefencesHoldTheTrainedParameters) for c in self.callback_handler.callbacks):
+            self.add_callback(_DefencesHoldTheTrainedParameters(self))
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+
+class _DefencesHoldTheTrainedParameters(transformers.TrainerCallback):
+    """At the start of training, once the Trainer has prepared (wrapped, sharded) the model: the EWC and the
+    protector must hold the parameters it trains. Accelerate's FSDP2 preparation replaces a module's parameters
+    by sharded ones; defences built before it would then read and write tensors nobody trains, silently."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trained = {id(p) for p in self.trainer.model.parameters()}
+        for label, part in (("ewc", self.trainer.ewc), ("protector", self.trainer.protector)):
+            if part is not None and any(id(p) not in trained for p in part.params):
+                raise ValueError(
+                    f"the {label} holds parameters that the trained model does not have (the Trainer replaced them "
+                    "when it prepared the model, as accelerate's FSDP2 does, or it was built over another model): "
+                    "build it over the model the Trainer trains (under FSDP2: fully_shard the model first)"
+                )
+
+
+def _mean_over_ranks(values):
+    """{key: mean over the ranks that logged it} when the Trainer runs on several processes (one all_gather_object,
+    so that a rank may lack a key, e.g. with an empty replay buffer, without the collectives getting out of step);
+    `values` itself in one process. The Trainer calls log() on every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, values)
+    keys = dict.fromkeys(key for rank in gathered for key in rank)
+    return {key: sum(r[key] for r in gathered if key in r) / sum(key in r for r in gathered) for key in keys}
 
 
 def _final_hidden(model, forward):

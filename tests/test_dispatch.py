@@ -98,3 +98,63 @@ def test_import_without_the_extension_uses_the_reference():
     )
     env = {k: v for k, v in os.environ.items() if k != dispatch.ENV_VAR}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_kernels_not_built_yet_are_reported_and_built_by_the_first_op(monkeypatch):
+    """Before the just-in-time build, available_backends() only reports (cpu: built on first use); the first op on
+    the cpu backend builds, and a build that fails warns once, with its reason, and runs the reference."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(_extension, "LOADED_FROM", None)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", None)
+    monkeypatch.setattr(_extension, "_build_tried", False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    builds = []
+
+    def failing_build():
+        builds.append(1)
+        raise _extension.BuildError("no C++ compiler: 'c++' is not on PATH (simulated)")
+
+    monkeypatch.setattr(_extension, "build", failing_build)
+    status = ff.available_backends()["cpu"]
+    assert status.available and "built on first use" in status.reason and "python -m fastforget build" in status.reason
+    assert not builds  # reporting builds nothing
+    with pytest.warns(RuntimeWarning, match=r"not on PATH \(simulated\).*pure-torch reference"):
+        assert ff.ewc_penalty(*inputs(), 0.4).item() == pytest.approx(4.0)
+    assert builds == [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ff.ewc_penalty(*inputs(), 0.4)  # no second build, no second warning
+    assert builds == [1]
+    assert not ff.available_backends()["cpu"].available and "simulated" in ff.available_backends()["cpu"].reason
+    with pytest.raises(RuntimeError, match="simulated"):
+        ff.ewc_penalty(*inputs(), 0.4, backend="cpu")
+
+
+def test_the_build_cache_is_keyed_by_what_the_build_depends_on(monkeypatch, tmp_path):
+    monkeypatch.setenv(_extension.CACHE_ENV, str(tmp_path))
+    spec = _extension.build_spec()
+    name = spec.directory.name
+    assert spec.directory.parent == tmp_path / "extensions"
+    assert f"fastforget-{ff.__version__}" in name and f"torch-{torch.__version__}-cxx11abi" in name
+    assert ("nocuda" in name) == (not spec.with_cuda)
+    assert {p.name for p in spec.sources} >= {"extension.cpp", "ewc_penalty.cpp"}
+    assert not any(flag.startswith("-std=") for flag in spec.cxx_flags)  # torch adds the standard its headers need
+    monkeypatch.setenv("FASTFORGET_CPU_ARCH", "x86-64-v2")
+    other = _extension.build_spec()
+    assert other.directory != spec.directory and "-march=x86-64-v2" in other.cxx_flags
+    monkeypatch.delenv("FASTFORGET_CPU_ARCH")
+    assert _extension.build_spec().directory == spec.directory  # deterministic
+
+
+def test_an_edited_source_or_header_gets_its_own_build(monkeypatch, tmp_path):
+    import shutil
+
+    from fastforget import _build
+
+    sources = shutil.copytree(_build.source_root(), tmp_path / "csrc")
+    monkeypatch.setattr(_build, "source_root", lambda: sources)
+    monkeypatch.setenv(_extension.CACHE_ENV, str(tmp_path / "cache"))
+    before = _extension.build_spec().directory
+    header = sources / "common.h"
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert _extension.build_spec().directory != before

@@ -3,6 +3,7 @@
 #include "multi_tensor.h"
 
 #include "../common.h"
+#include "../elementwise.h"
 
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -25,16 +26,14 @@ acc_t tile_kernel(const acc_t* p, const acc_t* a, const acc_t* f, const acc_t* g
   Vec vsum(acc_t(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec d = Vec::loadu(p + i) - Vec::loadu(a + i);
-    const Vec fd = Vec::loadu(f + i) * d;
+    const auto [d, fd] = math::ewc_term(Vec::loadu(p + i), Vec::loadu(a + i), Vec::loadu(f + i));
     if constexpr (pass != Pass::kGradient) vsum = at::vec::fmadd(fd, d, vsum);
     if constexpr (pass == Pass::kGradient) (vc * fd).store(out + i);
     if constexpr (pass == Pass::kAccumulate) at::vec::fmadd(vc, fd, Vec::loadu(g + i)).store(out + i);
   }
   acc_t sum = lane_sum(vsum);
   for (; i < n; ++i) {
-    const acc_t d = p[i] - a[i];
-    const acc_t fd = f[i] * d;
+    const auto [d, fd] = math::ewc_term(p[i], a[i], f[i]);
     if constexpr (pass != Pass::kGradient) sum += fd * d;
     if constexpr (pass == Pass::kGradient) out[i] = c * fd;
     if constexpr (pass == Pass::kAccumulate) out[i] = g[i] + c * fd;

@@ -10,6 +10,7 @@
 #include "multi_tensor.h"
 
 #include "../common.h"
+#include "../elementwise.h"
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -22,13 +23,6 @@
 
 namespace fastforget::cpu {
 namespace {
-
-// v' of the EMA update, for acc_t or a vector of acc_t (both passes use this one expression).
-template <typename T>
-T ema_var(T x, T m, T v, T alpha, T keep) {
-  const T d = x - m;
-  return keep * (v + alpha * d * d);
-}
 
 template <typename acc_t>
 struct EmaArgs {
@@ -45,7 +39,7 @@ acc_t tile_max_var(const acc_t* g, const acc_t* __restrict m, const acc_t* __res
   const acc_t scale = a.inv_scale, alpha = a.alpha, keep = a.keep;
   bits_t best = 0;  // the bits of +0.0
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t v_new = ema_var(scale * g[i], m[i], v[i], alpha, keep);
+    const acc_t v_new = math::ema_var(scale * g[i], m[i], v[i], alpha, keep);
     const acc_t finite_or_inf = v_new == v_new ? v_new : std::numeric_limits<acc_t>::infinity();
     bits_t bits;
     std::memcpy(&bits, &finite_or_inf, sizeof bits);
@@ -64,12 +58,10 @@ void protect_tile(const acc_t* g, acc_t* __restrict m, acc_t* __restrict v, acc_
   const acc_t scale = a.inv_scale, alpha = a.alpha, keep = a.keep, var_scale = a.var_scale, threshold = a.threshold;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t gi = g[i], mi = m[i], x = scale * gi;
-    const acc_t v_new = ema_var(x, mi, v[i], alpha, keep);
-    const acc_t importance = acc_t(1) / (acc_t(1) + exp_nonpositive(-(v_new * var_scale)));
-    const acc_t factor = importance > threshold ? acc_t(1) - importance : acc_t(1);
-    m[i] = mi + alpha * (x - mi);
+    const acc_t v_new = math::ema_var(x, mi, v[i], alpha, keep);
+    m[i] = math::ema_mean(x, mi, alpha);
     v[i] = v_new;
-    out[i] = factor * gi;
+    out[i] = math::protection_factor(exp_nonpositive(-(v_new * var_scale)), threshold) * gi;
   }
 }
 

@@ -10,6 +10,7 @@
 #include "multi_tensor.h"
 
 #include "../common.h"
+#include "../elementwise.h"
 #include "../protected_adamw_step.h"
 
 #include <ATen/ops/scalar_tensor.h>
@@ -44,11 +45,14 @@ acc_t penalty_tile(const acc_t* p, const acc_t* a, const acc_t* f, int64_t n) {
   Vec vsum(acc_t(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec d = Vec::loadu(p + i) - Vec::loadu(a + i);
-    vsum = at::vec::fmadd(Vec::loadu(f + i) * d, d, vsum);
+    const auto [d, fd] = math::ewc_term(Vec::loadu(p + i), Vec::loadu(a + i), Vec::loadu(f + i));
+    vsum = at::vec::fmadd(fd, d, vsum);
   }
   acc_t sum = lane_sum(vsum);
-  for (; i < n; ++i) sum += f[i] * (p[i] - a[i]) * (p[i] - a[i]);
+  for (; i < n; ++i) {
+    const auto [d, fd] = math::ewc_term(p[i], a[i], f[i]);
+    sum += fd * d;
+  }
   return sum;
 }
 
@@ -61,21 +65,19 @@ void step_tile(const acc_t* p, acc_t* p_out, const acc_t* __restrict g, const ac
   for (int64_t i = 0; i < n; ++i) {
     const acc_t theta = p[i];
     acc_t grad = s.grad_factor * g[i];
-    if constexpr (kEwc) grad += s.two_lam * f[i] * (theta - a[i]);
+    if constexpr (kEwc) grad += s.two_lam * math::ewc_term(theta, a[i], f[i]).fd;
     if constexpr (kProtect == Protect::kTensor) grad *= s.factor;
     if constexpr (kProtect == Protect::kElement) {  // the EMA of grad_ema_protect (Finch 2009)
-      const acc_t mean = em[i], d = grad - mean;
-      const acc_t var = s.keep * (ev[i] + s.alpha * d * d);
-      const acc_t importance = acc_t(1) / (acc_t(1) + exp_nonpositive(-(var * s.var_scale)));
-      em[i] = mean + s.alpha * d;
+      const acc_t mean = em[i];
+      const acc_t var = math::ema_var(grad, mean, ev[i], s.alpha, s.keep);
+      em[i] = math::ema_mean(grad, mean, s.alpha);
       ev[i] = var;
-      grad = importance > s.threshold ? (acc_t(1) - importance) * grad : grad;
+      grad *= math::protection_factor(exp_nonpositive(-(var * s.var_scale)), s.threshold);
     }
-    const acc_t mi = m1[i] + s.beta1_complement * (grad - m1[i]);  // torch's lerp(m1, grad, 1 - beta1)
-    const acc_t vi = s.beta2 * m2[i] + s.beta2_complement * grad * grad;
+    const auto [mi, vi] = math::adamw_moments(m1[i], m2[i], grad, s.beta1_complement, s.beta2, s.beta2_complement);
     m1[i] = mi;
     m2[i] = vi;
-    p_out[i] = theta * s.decay - s.step_size * mi / (std::sqrt(vi) / s.bias_correction2_sqrt + s.eps);
+    p_out[i] = math::adamw_param(theta, mi, vi, s.decay, s.step_size, s.bias_correction2_sqrt, s.eps);
   }
 }
 
@@ -83,7 +85,7 @@ void step_tile(const acc_t* p, acc_t* p_out, const acc_t* __restrict g, const ac
 template <typename acc_t>
 void path_integral_tile(acc_t* __restrict omega, const acc_t* __restrict g, const acc_t* __restrict old_p,
                         const acc_t* __restrict new_p, acc_t grad_factor, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) omega[i] -= grad_factor * g[i] * (new_p[i] - old_p[i]);
+  for (int64_t i = 0; i < n; ++i) omega[i] = math::path_integral(omega[i], grad_factor * g[i], new_p[i], old_p[i]);
 }
 
 

@@ -141,9 +141,8 @@ cudaError_t launch_anchored_lm_loss_rows(const scalar_t* logits, const scalar_t*
   if (rows == 0) return cudaSuccess;
   const AnchoredOptions<acc_t> o{vocab, static_cast<acc_t>(kl_weight), static_cast<acc_t>(temperature), reverse,
                                  anchored, ignore_index};
-  anchored_lm_loss_rows_kernel<scalar_t, acc_t>
-      <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(logits, ref, labels, weights, scale, loss, grad, o);
-  return cudaGetLastError();
+  return launch_kernel(anchored_lm_loss_rows_kernel<scalar_t, acc_t>, rows, stream, logits, ref, labels, weights,
+                       scale, loss, grad, o);
 }
 
 }  // namespace fastforget::gpu

@@ -37,37 +37,34 @@ struct DeviceMeta {
 };
 
 // Packs the per-tensor Meta records for Meta::kRoles roles (an empty role list leaves that role's pointer null)
-// and the block map into one pinned buffer and queues a single asynchronous copy to the device of roles[0][0].
-// roles[0] sets the tensor count and the element counts. Meta is gpu::TensorMeta<R> or extends it: after
-// filling the TensorMeta fields of record i, fill_extra(i, record) sets the words Meta adds. All tensors must be
-// contiguous and must stay alive until the kernels using the result are queued.
-template <typename Meta, typename FillExtra>
-DeviceMeta pack_meta(const std::array<at::TensorList, Meta::kRoles>& roles, FillExtra fill_extra) {
+// and the block map (gpu::pack_meta_words, which the CPU emulator's driver shares) into one pinned buffer, and
+// queues a single asynchronous copy to the device of roles[0][0]. roles[0] sets the tensor count and the element
+// counts; fill_extra(i, record) sets the words Meta adds to gpu::TensorMeta (gpu::SetIndex, gpu::SetFirstBlock,
+// ...). All tensors must be contiguous and must stay alive until the kernels using the result are queued.
+template <typename Meta, typename FillExtra = gpu::NoExtra>
+DeviceMeta pack_meta(const std::array<at::TensorList, Meta::kRoles>& roles, FillExtra fill_extra = {}) {
   const at::TensorList first = roles[0];
-  const auto num_tensors = static_cast<int64_t>(first.size());
-  int64_t num_blocks = 0;
-  for (const auto& t : first) num_blocks += gpu::num_chunks(t.numel());
-
-  at::Tensor host = at::empty({gpu::meta_words<Meta>(num_tensors, num_blocks)},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  auto* records = reinterpret_cast<Meta*>(host.data_ptr<int64_t>());
-  for (int64_t i = 0; i < num_tensors; ++i) {
-    records[i].numel = first[i].numel();
+  const auto n = static_cast<int64_t>(first.size());
+  std::vector<int64_t> numel(n), ptr(Meta::kRoles * n, 0), dtype(Meta::kRoles * n, gpu::kFloat32);
+  for (int64_t i = 0; i < n; ++i) {
+    numel[i] = first[i].numel();
     for (int r = 0; r < Meta::kRoles; ++r) {
-      const bool used = !roles[r].empty();
-      records[i].ptr[r] = used ? reinterpret_cast<int64_t>(roles[r][i].data_ptr()) : 0;
-      records[i].dtype[r] = used ? dtype_code(roles[r][i].scalar_type()) : gpu::kFloat32;
+      if (roles[r].empty()) continue;
+      ptr[r * n + i] = reinterpret_cast<int64_t>(roles[r][i].data_ptr());
+      dtype[r * n + i] = dtype_code(roles[r][i].scalar_type());
     }
-    fill_extra(i, records[i]);
   }
-  gpu::plan_blocks<Meta>(host.data_ptr<int64_t>(), num_tensors);
+  const int64_t num_blocks = gpu::planned_blocks(numel.data(), n);
+  at::Tensor host =
+      at::empty({gpu::meta_words<Meta>(n, num_blocks)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  gpu::pack_meta_words<Meta>(host.data_ptr<int64_t>(), n, numel.data(), ptr.data(), dtype.data(), fill_extra);
   return {host.to(first[0].device(), /*non_blocking=*/true), num_blocks};
 }
 
 // pack_meta for plain gpu::TensorMeta<R> records.
 template <int R>
 DeviceMeta pack_meta(const std::array<at::TensorList, R>& roles) {
-  return pack_meta<gpu::TensorMeta<R>>(roles, [](int64_t, gpu::TensorMeta<R>&) {});
+  return pack_meta<gpu::TensorMeta<R>>(roles);
 }
 
 }  // namespace fastforget

@@ -9,6 +9,7 @@
 // backward); the sum and the gradient update may contract into fmas, as the CPU's at::vec::fmadd does.
 #pragma once
 
+#include "../elementwise.h"
 #include "multi_tensor.cuh"
 
 namespace fastforget::gpu {
@@ -25,8 +26,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const auto [t, begin, end] = block_chunk<TensorMeta<kEwcRoles>>(meta_words, num_tensors);
   acc_t sum = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kBlockThreads) {
-    const acc_t d = load<acc_t>(t, kParam, i) - load<acc_t>(t, kAnchor, i);
-    const acc_t fd = load<acc_t>(t, kFisher, i) * d;
+    const auto [d, fd] =
+        math::ewc_term(load<acc_t>(t, kParam, i), load<acc_t>(t, kAnchor, i), load<acc_t>(t, kFisher, i));
     sum += fd * d;
     if constexpr (kAccumulate) store(t, kGrad, i, load<acc_t>(t, kGrad, i) + two_lam * fd);
   }
@@ -42,8 +43,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const auto [t, begin, end] = block_chunk<TensorMeta<kEwcRoles>>(meta_words, num_tensors);
   const acc_t scale = two_lam * *grad_out;
   for (int64_t i = begin + threadIdx.x; i < end; i += kBlockThreads) {
-    const acc_t d = load<acc_t>(t, kParam, i) - load<acc_t>(t, kAnchor, i);
-    store(t, kGrad, i, scale * (load<acc_t>(t, kFisher, i) * d));
+    const auto term = math::ewc_term(load<acc_t>(t, kParam, i), load<acc_t>(t, kAnchor, i), load<acc_t>(t, kFisher, i));
+    store(t, kGrad, i, scale * term.fd);
   }
 }
 

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../common.h"
 #include "binding.h"
 #include "fisher_update.cuh"
@@ -26,9 +28,9 @@ void fisher_update_cuda(at::TensorList fisher, at::TensorList grads, double deca
   const auto work = contiguous(fisher);
   const auto g = contiguous(grads);
   // k = 1 for a grads[i] shaped like fisher[i], else its leading dimension (check_stacks).
-  const DeviceMeta meta = pack_meta<gpu::FisherUpdateMeta>({work, g}, [&](int64_t i, gpu::FisherUpdateMeta& m) {
-    m.samples = g[i].dim() == work[i].dim() ? 1 : g[i].size(0);
-  });
+  std::vector<int64_t> samples(work.size());
+  for (size_t i = 0; i < work.size(); ++i) samples[i] = g[i].dim() == work[i].dim() ? 1 : g[i].size(0);
+  const DeviceMeta meta = pack_meta<gpu::FisherUpdateMeta>({work, g}, gpu::SetSamples{samples.data()});
   AT_DISPATCH_FLOATING_TYPES(accumulate_type(fisher), "fisher_update_cuda", [&] {
     C10_CUDA_CHECK(gpu::launch_fisher_update<scalar_t>(meta.words.data_ptr<int64_t>(),
                                                        static_cast<int64_t>(work.size()), meta.num_blocks, decay,

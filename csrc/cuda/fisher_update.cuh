@@ -26,6 +26,12 @@ struct FisherUpdateMeta : TensorMeta<kFisherUpdateRoles> {
 static_assert(sizeof(FisherUpdateMeta) == FisherUpdateMeta::kWords * sizeof(int64_t),
               "FisherUpdateMeta must be unpadded");
 
+// pack_meta_words' fill_extra: record i stacks samples[i] gradients.
+struct SetSamples {
+  const int64_t* samples;
+  void operator()(int64_t i, FisherUpdateMeta& m) const { m.samples = samples[i]; }
+};
+
 template <typename acc_t, bool kAbs>
 __global__ void __launch_bounds__(kBlockThreads)
     fisher_update_kernel(const int64_t* meta_words, int64_t num_tensors, acc_t decay, acc_t scale) {

@@ -33,12 +33,7 @@ DeviceMeta pack_ema_meta(const std::vector<at::Tensor>& grads, at::TensorList me
   check_one_device("grads", grads);
   check_numel("inv_scale", inv_scale, 1);
   check_numel("alpha", alpha, grads.size());
-  int64_t next_block = 0;
-  return pack_meta<gpu::GradEmaMeta>({grads, mean, var}, [&](int64_t i, gpu::GradEmaMeta& m) {
-    m.index = i;
-    m.first_block = next_block;
-    next_block += gpu::num_chunks(m.numel);
-  });
+  return pack_meta<gpu::GradEmaMeta>({grads, mean, var}, gpu::SetGradEmaExtra{});
 }
 
 at::Tensor grad_ema_stats_cuda(at::TensorList grads_, at::TensorList mean, at::TensorList var,

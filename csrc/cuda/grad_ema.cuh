@@ -10,6 +10,7 @@
 //    s = sigmoid(v' var_scale[t]) > threshold. m and v hold acc_t; g any float dtype, rounded once.
 #pragma once
 
+#include "../elementwise.h"
 #include "multi_tensor.cuh"
 
 namespace fastforget::gpu {
@@ -25,11 +26,14 @@ struct GradEmaMeta : TensorMeta<kGradEmaRoles> {
 };
 static_assert(sizeof(GradEmaMeta) == GradEmaMeta::kWords * sizeof(int64_t), "GradEmaMeta must be unpadded");
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t ema_var(acc_t x, acc_t m, acc_t v, acc_t alpha) {
-  const acc_t d = x - m;
-  return (acc_t(1) - alpha) * (v + alpha * d * d);
-}
+// pack_meta_words' fill_extra: index and first_block.
+struct SetGradEmaExtra {
+  SetFirstBlock first_block;
+  void operator()(int64_t i, GradEmaMeta& m) {
+    SetIndex{}(i, m);
+    first_block(i, m);
+  }
+};
 
 // Max over a kBlockThreads-thread block; valid in thread 0.
 template <typename acc_t>
@@ -51,12 +55,12 @@ __global__ void __launch_bounds__(kBlockThreads)
     grad_ema_max_kernel(const int64_t* meta_words, int64_t num_tensors, const acc_t* inv_scale, const acc_t* alphas,
                         acc_t* partials) {
   const auto [t, begin, end] = block_chunk<GradEmaMeta>(meta_words, num_tensors);
-  const acc_t scale = *inv_scale, alpha = alphas[t.index];
+  const acc_t scale = *inv_scale, alpha = alphas[t.index], keep = acc_t(1) - alpha;
   const auto* m = reinterpret_cast<const acc_t*>(t.ptr[kEmaMean]);
   const auto* v = reinterpret_cast<const acc_t*>(t.ptr[kEmaVar]);
   acc_t best = 0;  // v' >= 0
   for (int64_t i = begin + threadIdx.x; i < end; i += kBlockThreads) {
-    const acc_t v_new = ema_var(scale * load<acc_t>(t, kEmaGrad, i), m[i], v[i], alpha);
+    const acc_t v_new = math::ema_var(scale * load<acc_t>(t, kEmaGrad, i), m[i], v[i], alpha, keep);
     best = isnan(v_new) ? acc_t(INFINITY) : max(best, v_new);
   }
   best = block_reduce_max(best);
@@ -83,16 +87,15 @@ __global__ void __launch_bounds__(kBlockThreads)
                             const acc_t* alphas, const acc_t* var_scales, const bool* skip, acc_t threshold) {
   if (*skip) return;
   const auto [t, begin, end] = block_chunk<GradEmaMeta>(meta_words, num_tensors);
-  const acc_t scale = *inv_scale, alpha = alphas[t.index], var_scale = var_scales[t.index];
+  const acc_t scale = *inv_scale, alpha = alphas[t.index], keep = acc_t(1) - alpha, var_scale = var_scales[t.index];
   auto* m = reinterpret_cast<acc_t*>(t.ptr[kEmaMean]);
   auto* v = reinterpret_cast<acc_t*>(t.ptr[kEmaVar]);
   for (int64_t i = begin + threadIdx.x; i < end; i += kBlockThreads) {
     const acc_t g = load<acc_t>(t, kEmaGrad, i), x = scale * g, m_old = m[i];
-    const acc_t v_new = ema_var(x, m_old, v[i], alpha);
-    const acc_t importance = acc_t(1) / (acc_t(1) + exp(-(v_new * var_scale)));
-    m[i] = m_old + alpha * (x - m_old);
+    const acc_t v_new = math::ema_var(x, m_old, v[i], alpha, keep);
+    m[i] = math::ema_mean(x, m_old, alpha);
     v[i] = v_new;
-    store(t, kEmaGrad, i, importance > threshold ? (acc_t(1) - importance) * g : g);
+    store(t, kEmaGrad, i, math::protection_factor(exp(-(v_new * var_scale)), threshold) * g);
   }
 }
 
@@ -106,10 +109,7 @@ cudaError_t launch_grad_ema_stats(const int64_t* meta_words, int64_t num_tensors
   const cudaError_t err = launch_blocks(grad_ema_max_kernel<acc_t>, num_blocks, stream, meta_words, num_tensors,
                                         inv_scale, alphas, partials);
   if (err != cudaSuccess || num_tensors == 0) return err;
-  if (num_tensors > kMaxBlocks) return cudaErrorInvalidConfiguration;
-  grad_ema_merge_kernel<acc_t>
-      <<<static_cast<unsigned>(num_tensors), kBlockThreads, 0, stream>>>(meta_words, partials, out);
-  return cudaGetLastError();
+  return launch_kernel(grad_ema_merge_kernel<acc_t>, num_tensors, stream, meta_words, partials, out);
 }
 
 // As launch_grad_ema_stats, plus var_scales (num_tensors acc_t) and skip (one bool) on the device: queues the

@@ -23,12 +23,7 @@ at::Tensor grad_moments_cuda(at::TensorList grads, const at::Tensor& inv_scale) 
   check_one_device("grads", grads);
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const auto g = contiguous(grads);
-  // pack_meta fills the records in list order, and plan_blocks lists each tensor's chunks in that order.
-  int64_t next_block = 0;
-  const DeviceMeta meta = pack_meta<gpu::GradMomentsMeta>({g}, [&](int64_t, gpu::GradMomentsMeta& m) {
-    m.first_block = next_block;
-    next_block += gpu::num_chunks(m.numel);
-  });
+  const DeviceMeta meta = pack_meta<gpu::GradMomentsMeta>({g}, gpu::SetFirstBlock{});
   const auto num_tensors = static_cast<int64_t>(g.size());
   const auto options = g[0].options().dtype(accumulate_type(g));
   at::Tensor partials = at::empty({meta.num_blocks, 2}, options);

@@ -129,9 +129,7 @@ cudaError_t launch_grad_moments(const int64_t* meta_words, int64_t num_tensors, 
       launch_blocks(grad_moments_chunk_kernel<acc_t>, num_blocks, stream, meta_words, num_tensors, inv_scale,
                     partials);
   if (err != cudaSuccess) return err;
-  grad_moments_merge_kernel<acc_t>
-      <<<static_cast<unsigned>(num_tensors), kBlockThreads, 0, stream>>>(meta_words, inv_scale, partials, out);
-  return cudaGetLastError();
+  return launch_kernel(grad_moments_merge_kernel<acc_t>, num_tensors, stream, meta_words, inv_scale, partials, out);
 }
 
 }  // namespace fastforget::gpu

@@ -71,13 +71,76 @@ inline void plan_blocks(int64_t* words, int64_t num_tensors) {
   }
 }
 
+// The number of blocks plan_blocks plans for tensors of numel[0 .. num_tensors) elements.
+inline int64_t planned_blocks(const int64_t* numel, int64_t num_tensors) {
+  int64_t blocks = 0;
+  for (int64_t t = 0; t < num_tensors; ++t) blocks += num_chunks(numel[t]);
+  return blocks;
+}
+
+// fill_extra for records that add nothing to TensorMeta.
+struct NoExtra {
+  template <typename Meta>
+  void operator()(int64_t, Meta&) const {}
+};
+
+// fill_extra for records with an `index` word: the tensor's index in the list (its row of per-tensor arguments).
+struct SetIndex {
+  template <typename Meta>
+  void operator()(int64_t i, Meta& m) const {
+    m.index = i;
+  }
+};
+
+// fill_extra for records with a `first_block` word: the index of the tensor's first block in the block map (its
+// chunks are blocks first_block, first_block + 1, ...; plan_blocks lists the tensors' chunks in list order).
+struct SetFirstBlock {
+  int64_t next = 0;
+  template <typename Meta>
+  void operator()(int64_t, Meta& m) {
+    m.first_block = next;
+    next += num_chunks(m.numel);
+  }
+};
+
+// The whole host-side packing, shared by the CUDA bindings (binding.h) and the emulator's driver (csrc/emu): writes
+// num_tensors Meta records and the block map into `words` (meta_words<Meta>(num_tensors, planned_blocks(numel,
+// num_tensors)) words). Record i describes tensor i: numel[i] elements and, in role r, the data pointer
+// ptr[r * num_tensors + i] and DtypeCode dtype[r * num_tensors + i] (pointer 0 for a role not given). After its
+// TensorMeta fields, fill_extra(i, record) sets the words Meta adds.
+template <typename Meta, typename FillExtra = NoExtra>
+inline void pack_meta_words(int64_t* words, int64_t num_tensors, const int64_t* numel, const int64_t* ptr,
+                            const int64_t* dtype, FillExtra fill_extra = {}) {
+  auto* records = reinterpret_cast<Meta*>(words);
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    records[i].numel = numel[i];
+    for (int r = 0; r < Meta::kRoles; ++r) {
+      records[i].ptr[r] = ptr[r * num_tensors + i];
+      records[i].dtype[r] = dtype[r * num_tensors + i];
+    }
+    fill_extra(i, records[i]);
+  }
+  plan_blocks<Meta>(words, num_tensors);
+}
+
+// Queues kernel<<<grid, kBlockThreads, 0, stream>>>(args...). Every launch goes through here, by CUDA's typed
+// launch API (cudaLaunchKernelEx converts args to the kernel's parameter types, as <<<>>> does): one source for
+// nvcc and for the CPU emulator (csrc/emu/cuda_emu.h), which implements the same API.
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KernelArgs...), int64_t grid, cudaStream_t stream, Args... args) {
+  if (grid > kMaxBlocks) return cudaErrorInvalidConfiguration;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(kBlockThreads);
+  config.stream = stream;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 // Launches `kernel` with one kBlockThreads-thread block per planned chunk (nothing to do for zero blocks).
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch_blocks(void (*kernel)(KernelArgs...), int64_t num_blocks, cudaStream_t stream, Args... args) {
   if (num_blocks == 0) return cudaSuccess;
-  if (num_blocks > kMaxBlocks) return cudaErrorInvalidConfiguration;
-  kernel<<<static_cast<unsigned>(num_blocks), kBlockThreads, 0, stream>>>(args...);
-  return cudaGetLastError();
+  return launch_kernel(kernel, num_blocks, stream, args...);
 }
 
 // -------------------------------------------------------------------------------------------- device side
@@ -176,8 +239,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 // Queues *out = scale * sum(partials) (scale * 0 for n == 0) on `stream`.
 template <typename acc_t>
 cudaError_t launch_sum_partials(const acc_t* partials, int64_t n, acc_t scale, acc_t* out, cudaStream_t stream) {
-  sum_partials_kernel<acc_t><<<1, kBlockThreads, 0, stream>>>(partials, n, scale, out);
-  return cudaGetLastError();
+  return launch_kernel(sum_partials_kernel<acc_t>, 1, stream, partials, n, scale, out);
 }
 
 }  // namespace fastforget::gpu

@@ -56,7 +56,7 @@ at::Tensor protected_adamw_step_cuda(
   const auto grads = contiguous(grads_), anchors = contiguous(anchors_), fisher = contiguous(fisher_);
   const DeviceMeta meta = pack_meta<gpu::AdamwMeta>(
       {params, grads, exp_avg, exp_avg_sq, anchors, fisher, ema_mean, ema_var, omega},
-      [](int64_t i, gpu::AdamwMeta& m) { m.index = i; });
+      gpu::SetIndex{});
   const auto options = params[0].options().dtype(acc);
   const at::Tensor table = per_tensor_table(steps, factors, alpha, var_scale, options, lr, beta1, beta2);
   at::Tensor grad_factor = at::full({}, maximize ? -1.0 : 1.0, options);

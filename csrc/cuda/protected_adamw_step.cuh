@@ -10,6 +10,7 @@
 // When *found_inf is nonzero, nothing is written but zero partials (read on the device: no host sync).
 #pragma once
 
+#include "../elementwise.h"
 #include "multi_tensor.cuh"
 
 namespace fastforget::gpu {
@@ -62,8 +63,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const acc_t g_task = scale * load<acc_t>(t, kAdamwGrad, i);
     acc_t grad = g_task;
     if constexpr (kEwc) {
-      const acc_t d = theta - load<acc_t>(t, kAdamwAnchor, i);
-      const acc_t fd = load<acc_t>(t, kAdamwFisher, i) * d;
+      const auto [d, fd] = math::ewc_term(theta, load<acc_t>(t, kAdamwAnchor, i), load<acc_t>(t, kAdamwFisher, i));
       sum += fd * d;
       grad += s.two_lam * fd;
     }
@@ -71,21 +71,19 @@ __global__ void __launch_bounds__(kBlockThreads)
     if constexpr (kProtect == kProtectElement) {
       auto* em = reinterpret_cast<acc_t*>(t.ptr[kAdamwEmaMean]);
       auto* ev = reinterpret_cast<acc_t*>(t.ptr[kAdamwEmaVar]);
-      const acc_t alpha = row[kAlpha], mean = em[i], d = grad - mean;
-      const acc_t var = (acc_t(1) - alpha) * (ev[i] + alpha * d * d);
-      const acc_t importance = acc_t(1) / (acc_t(1) + exp(-(var * row[kVarScale])));
-      em[i] = mean + alpha * d;
+      const acc_t alpha = row[kAlpha], mean = em[i];
+      const acc_t var = math::ema_var(grad, mean, ev[i], alpha, acc_t(1) - alpha);
+      em[i] = math::ema_mean(grad, mean, alpha);
       ev[i] = var;
-      grad = importance > s.threshold ? (acc_t(1) - importance) * grad : grad;
+      grad *= math::protection_factor(exp(-(var * row[kVarScale])), s.threshold);
     }
-    const acc_t mi = m1[i] + s.beta1_complement * (grad - m1[i]);  // torch's lerp(m1, grad, 1 - beta1)
-    const acc_t vi = s.beta2 * m2[i] + s.beta2_complement * grad * grad;
+    const auto [mi, vi] = math::adamw_moments(m1[i], m2[i], grad, s.beta1_complement, s.beta2, s.beta2_complement);
     m1[i] = mi;
     m2[i] = vi;
-    store(t, kAdamwParam, i, theta * s.decay - step_size * mi / (sqrt(vi) / bc2_sqrt + s.eps));
+    store(t, kAdamwParam, i, math::adamw_param(theta, mi, vi, s.decay, step_size, bc2_sqrt, s.eps));
     if constexpr (kSi) {
       auto* omega = reinterpret_cast<acc_t*>(t.ptr[kAdamwOmega]);
-      omega[i] -= g_task * (load<acc_t>(t, kAdamwParam, i) - theta);  // the stored (rounded) new theta
+      omega[i] = math::path_integral(omega[i], g_task, load<acc_t>(t, kAdamwParam, i), theta);  // theta as stored
     }
   }
   if constexpr (kEwc) {

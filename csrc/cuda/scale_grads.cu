@@ -24,8 +24,7 @@ void scale_grads_cuda(at::TensorList grads, const at::Tensor& factors) {
   const c10::cuda::CUDAGuard guard(grads[0].device());
   // A contiguous grads[t] is its own .contiguous() and is updated in place; the others go through a copy.
   const auto work = contiguous(grads);
-  const DeviceMeta meta =
-      pack_meta<gpu::ScaleGradsMeta>({work}, [](int64_t i, gpu::ScaleGradsMeta& m) { m.index = i; });
+  const DeviceMeta meta = pack_meta<gpu::ScaleGradsMeta>({work}, gpu::SetIndex{});
   // The kernel reads the factors on the device (no host sync); this is a no-op when they already are acc_t there.
   const at::Tensor f = factors.to(grads[0].device(), accumulate_type(grads)).contiguous();
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "scale_grads_cuda", [&] {

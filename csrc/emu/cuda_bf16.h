@@ -1,0 +1,4 @@
+// Stand-in for CUDA's <cuda_bf16.h> when the kernel headers are compiled for the CPU emulator (-I csrc/emu).
+#pragma once
+
+#include "cuda_emu.h"
