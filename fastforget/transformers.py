@@ -14,14 +14,16 @@ Per optimizer step, in ``ff.ProtectedTrainer``'s order:
 
 ``kl_to_base=lam`` makes the loss ``ff.anchored_lm_loss`` (CE + lam T^2 KL(p_base || p_theta), fused and chunked,
 never materialising the logits) on the final hidden states; the base model's come from ``base_model`` (a frozen
-copy) or, for a fastforget LoRA model, from the same model under ``ff.lora_disabled``, in a no-grad forward.
+copy) or, for a fastforget LoRA model or a PEFT model, from the same model with its adapters off
+(``ff.lora_disabled``, ``PeftModel.disable_adapter()``), in a no-grad forward.
 
 The Trainer's logs gain ``task_loss`` (the task's loss alone), ``replay_loss``, ``kl_loss`` (the KL term alone, one
 more no-grad LM-head pass computes the CE apart) and ``ewc_penalty``: means per optimizer step since the last log,
 over the ranks, each micro-batch counted as the Trainer counts it under gradient accumulation (``loss`` stays the
 Trainer's: everything differentiated);
 ``protection_time_ms`` holds the last step's EWC and protection times. ``end_task(dataset=None)`` consolidates the
-EWC over a dataset (default: the train dataset) through the Trainer's evaluation dataloader and collator, on the
+EWC over a dataset (default: the train dataset; any format the Trainer takes, prepared by its own processing, e.g.
+SFTTrainer's raw text or messages) through the Trainer's evaluation dataloader and collator, on the
 model as the Trainer wrapped it (under DDP: the Fisher of the union of the ranks' parts, the same on every rank), then
 offers its examples to the replay buffer. The EWC, protector and replay states are saved beside the weights by
 ``save_model`` and in every checkpoint (``fastforget_state.pt``, see ``fastforget.checkpoint``: written atomically
