@@ -25,6 +25,7 @@ See docs/defences.md for a worked example of a new defence.
 """
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -307,8 +308,9 @@ def _kl_backend(backend):
 class KLAnchor(Defence):
     """The KL anchor to the base model: the task loss becomes ``ff.anchored_lm_loss`` on the final hidden states,
     mean CE + weight T^2 KL(p_base || p_theta), fused and chunked (no logits materialised). The base's hidden
-    states come from ``base_model`` (a frozen copy of the model before the task) or, for a fastforget LoRA model,
-    from the same model under ``ff.lora_disabled``, in a no-grad forward. Needs the consumer's ``LMHeadInputs``.
+    states come from ``base_model`` (a frozen copy of the model before the task) or, for a fastforget LoRA model or
+    a PEFT model (``peft.get_peft_model``), from the same model with its adapters off (``ff.lora_disabled``, PEFT's
+    ``disable_adapter()``: the same weights, no copy), in a no-grad forward. Needs the consumer's ``LMHeadInputs``.
     Asked for its parts (``ctx.split``), it computes the cross-entropy alone in one more no-grad, chunked pass over
     the LM head: ``task_loss`` (CE) and ``kl_loss`` (the KL term, weight T^2 KL)."""
 
@@ -327,10 +329,11 @@ class KLAnchor(Defence):
     def check_model(self, model):
         from fastforget.lora import lora_modules
 
-        if self.base_model is None and not lora_modules(model):
+        if self.base_model is None and not lora_modules(model) and not is_peft_model(model):
             raise ValueError(
                 "kl_to_base needs the base model's distribution: pass base_model= (a frozen copy), or train a "
-                "fastforget LoRA model, whose base outputs come from the same model under ff.lora_disabled"
+                "fastforget LoRA model or a PEFT model, whose base outputs come from the same model with its "
+                "adapters off (ff.lora_disabled, PeftModel.disable_adapter())"
             )
 
     def task_loss(self, ctx):
@@ -346,7 +349,8 @@ class KLAnchor(Defence):
                 if self.base_model is not None:
                     base = ctx.outputs_of(self.base_model)
                 else:
-                    with lora_disabled(ctx.unwrapped):
+                    peft = is_peft_model(ctx.unwrapped)
+                    with ctx.unwrapped.disable_adapter() if peft else lora_disabled(ctx.unwrapped):
                         base = ctx.outputs_of(ctx.model)
             ref_hidden = base.hidden
             ref_weight = None if base.weight is out.weight else base.weight
@@ -362,6 +366,12 @@ class KLAnchor(Defence):
                 )
             parts = {"task_loss": ce, "kl_loss": value.detach() - ce}
         return LossTerm("kl_loss", value, parts=parts)
+
+
+def is_peft_model(model) -> bool:
+    """Whether `model` is a ``peft.PeftModel`` (PEFT is imported only if the user imported it)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 # -------------------------------------------------------------------------------------- the consumers' list

@@ -14,14 +14,16 @@ Per optimizer step, in ``ff.ProtectedTrainer``'s order:
 
 ``kl_to_base=lam`` makes the loss ``ff.anchored_lm_loss`` (CE + lam T^2 KL(p_base || p_theta), fused and chunked,
 never materialising the logits) on the final hidden states; the base model's come from ``base_model`` (a frozen
-copy) or, for a fastforget LoRA model, from the same model under ``ff.lora_disabled``, in a no-grad forward.
+copy) or, for a fastforget LoRA model or a PEFT model, from the same model with its adapters off
+(``ff.lora_disabled``, ``PeftModel.disable_adapter()``), in a no-grad forward.
 
 The Trainer's logs gain ``task_loss`` (the task's loss alone), ``replay_loss``, ``kl_loss`` (the KL term alone, one
 more no-grad LM-head pass computes the CE apart) and ``ewc_penalty``: means per optimizer step since the last log,
 over the ranks, each micro-batch counted as the Trainer counts it under gradient accumulation (``loss`` stays the
 Trainer's: everything differentiated);
 ``protection_time_ms`` holds the last step's EWC and protection times. ``end_task(dataset=None)`` consolidates the
-EWC over a dataset (default: the train dataset) through the Trainer's evaluation dataloader and collator, on the
+EWC over a dataset (default: the train dataset; any format the Trainer takes, prepared by its own processing, e.g.
+SFTTrainer's raw text or messages) through the Trainer's evaluation dataloader and collator, on the
 model as the Trainer wrapped it (under DDP: the Fisher of the union of the ranks' parts, the same on every rank), then
 offers its examples to the replay buffer. The EWC, protector and replay states are saved beside the weights by
 ``save_model`` and in every checkpoint (``fastforget_state.pt``, see ``fastforget.checkpoint``: written atomically
@@ -39,12 +41,14 @@ term is added multiplied by S and the protector reads g / S, so both act on true
 
 import collections
 import os
+import sys
 import time
 
 import torch
 
 from fastforget import _validation as check
 from fastforget._batch import to_device
+from fastforget.arguments import ProtectionArguments
 from fastforget.checkpoint import STATE_FILE, last_complete_checkpoint, load_state, save_state  # noqa: F401
 from fastforget.defences import DefenceAttributes, Defences, LMHeadInputs, LossContext, TaskData, build_defences
 from fastforget.fisher import scalar_loss
@@ -62,6 +66,14 @@ def hf_batch_loss(model, batch):
     return model(**batch).loss
 
 
+_DEFAULTS = {"replay_weight": 1.0, "ewc_estimator": "empirical", "kl_backend": "auto"}  # the others: None
+
+
+def _defence_keywords(keywords):
+    """The keywords of build_defences among ProtectionMixin's (or ProtectionArguments.build's)."""
+    return {key: value for key, value in keywords.items() if key not in ("ewc_estimator", "ewc_max_batches")}
+
+
 class ProtectionMixin(DefenceAttributes):
     """EWC, replay and gradient protection for a ``transformers.Trainer`` subclass (see the module doc).
 
@@ -70,32 +82,43 @@ class ProtectionMixin(DefenceAttributes):
     ``kl_to_base``, ``base_model``, ``kl_backend``: the anchored loss (see the module doc) and its backend.
     ``si``: an ``ff.SynapticIntelligence`` (it runs in a ``ProtectedAdamW`` optimizer's step).
     ``defences``: more ``ff.defences.Defence`` objects, run after those the keywords build (``self.defences``).
+    ``protection_args``: a ``fastforget.arguments.ProtectionArguments`` (e.g. parsed by ``HfArgumentParser``) that
+    builds the EWC, replay, protector and KL anchor, and sets their keywords, over the model the Trainer trains
+    (after its own preparation, e.g. SFTTrainer's ``peft_config`` wrapping); those keywords are then not given.
     """
 
     def __init__(
         self, *args, ewc=None, replay=None, protector=None, replay_weight=1.0, replay_batch_size=None,
         ewc_estimator="empirical", ewc_max_batches=None, kl_to_base=None, base_model=None, kl_backend="auto",
-        si=None, defences=None, **kwargs,
+        si=None, defences=None, protection_args=None, **kwargs,
     ):  # fmt: skip
-        built = Defences(
-            build_defences(
-                defences,
-                ewc=ewc,
-                replay=replay,
-                protector=protector,
-                si=si,
-                replay_weight=replay_weight,
-                replay_batch_size=replay_batch_size,
-                kl_to_base=kl_to_base,
-                base_model=base_model,
-                kl_backend=kl_backend,
-            )  # fmt: skip
-        )
-        self.ewc_max_batches = check.optional(check.check_int, "ewc_max_batches", ewc_max_batches, minimum=1)
+        keywords = {
+            "ewc": ewc, "replay": replay, "protector": protector, "replay_weight": replay_weight,
+            "replay_batch_size": replay_batch_size, "ewc_estimator": ewc_estimator, "ewc_max_batches": ewc_max_batches,
+            "kl_to_base": kl_to_base, "kl_backend": kl_backend,
+        }  # fmt: skip
+        if protection_args is not None:
+            if not isinstance(protection_args, ProtectionArguments):
+                raise TypeError(
+                    "protection_args must be a fastforget.arguments.ProtectionArguments, not "
+                    f"{type(protection_args).__name__}"
+                )
+            given = [key for key, value in keywords.items() if value is not None and value != _DEFAULTS.get(key)]
+            if given:
+                raise ValueError(
+                    f"{given[0]}= was passed beside protection_args=, which sets it: set it in the ProtectionArguments"
+                )
+        else:  # checked before the Trainer is built
+            built = Defences(build_defences(defences, si=si, base_model=base_model, **_defence_keywords(keywords)))
+        check.optional(check.check_int, "ewc_max_batches", keywords["ewc_max_batches"], minimum=1)
         super().__init__(*args, **kwargs)
+        if protection_args is not None:  # over the model the Trainer trains (e.g. SFTTrainer's PeftModel)
+            keywords = protection_args.build(self.model)
+            built = Defences(build_defences(defences, si=si, base_model=base_model, **_defence_keywords(keywords)))
         for d in built:
             d.check_model(self.model)
-        self.defences, self.ewc_estimator = built, ewc_estimator
+        self.defences, self.ewc_estimator = built, keywords["ewc_estimator"]
+        self.ewc_max_batches = keywords["ewc_max_batches"]
         self.protection_time_ms = {}
         # name -> each micro-batch's (or step's) share of its optimizer step's value, since the last log
         self._protection_logs = collections.defaultdict(list)
@@ -189,7 +212,8 @@ class ProtectionMixin(DefenceAttributes):
                 "as dicts of per-example token sequences (what end_task offers), padded by the data collator"
             )
         k = len(next(iter(stored.values())))
-        examples = [{key: part[i] for key, part in stored.items()} for i in range(k)]
+        # as the dataset gives them to the collator in training: lists of token ids
+        examples = [{key: part[i].tolist() for key, part in stored.items()} for i in range(k)]
         batch = to_device(self.data_collator(examples), self.args.device)
         return scalar_loss(hf_batch_loss(model, batch), "replayed")
 
@@ -239,18 +263,33 @@ class ProtectionMixin(DefenceAttributes):
         """Each defence's ``end_task`` over `dataset` (default: the train dataset), with the model as the Trainer
         wraps it (under DDP the Fisher reduces over the process group): the EWC consolidates at the current
         parameters, batched by the Trainer's evaluation dataloader and data collator, then every example of it is
-        offered to the replay buffer."""
-        dataset = self.train_dataset if dataset is None else dataset
+        offered to the replay buffer as the model inputs the Trainer would feed (no text columns).
+
+        `dataset` is anything the Trainer takes as a train dataset, prepared by its own processing: with TRL's
+        SFTTrainer raw text, conversational ("messages"), prompt-completion or tokenised examples (its
+        ``_prepare_dataset``: chat template, EOS, tokenising, labels, truncation); with a plain Trainer tokenised
+        examples (the columns its model's forward takes). Consolidation shows progress bars on the main process
+        unless ``disable_tqdm`` is set."""
+        dataset = self.train_dataset if dataset is None else self.task_dataset(dataset)
         if dataset is None or len(dataset) == 0:
             raise ValueError("end_task needs a non-empty dataset (the Trainer has no train_dataset)")
+        inputs = self._model_input_columns(_columns(dataset))
+        shown = not self.args.disable_tqdm and self.is_world_process_zero()
+
+        def loader():
+            batches = self.get_eval_dataloader(dataset)
+            total = len(batches) if self.ewc_max_batches is None else min(len(batches), self.ewc_max_batches)
+            return _progress(batches, "end_task: Fisher", total, shown)
 
         def buffer_batches():
-            for first in range(0, len(dataset), 256):
-                yield _example_parts([dataset[i] for i in range(first, min(first + 256, len(dataset)))])
+            starts = range(0, len(dataset), 256)
+            for first in _progress(starts, "end_task: replay buffer", len(starts), shown):
+                rows = [dataset[i] for i in range(first, min(first + 256, len(dataset)))]
+                yield _example_parts([{key: row[key] for key in inputs} for row in rows])
 
         task = TaskData(
-            self._wrapped_model(), lambda: self.get_eval_dataloader(dataset), buffer_batches, batch_loss=hf_batch_loss,
-            estimator=self.ewc_estimator, max_batches=self.ewc_max_batches,
+            self._wrapped_model(), loader, buffer_batches, batch_loss=hf_batch_loss, estimator=self.ewc_estimator,
+            max_batches=self.ewc_max_batches,
         )  # fmt: skip
         timings = {}
         for d in self.defences.with_hook("end_task"):
@@ -259,6 +298,56 @@ class ProtectionMixin(DefenceAttributes):
             if d.task_timer is not None:
                 timings[d.task_timer] = (time.perf_counter() - start) * 1e3
         return {"time_ms": timings}
+
+    def task_dataset(self, dataset):
+        """`dataset` as the Trainer prepares a train dataset: TRL's SFTTrainer through its own ``_prepare_dataset``
+        (a list of examples made a ``datasets.Dataset`` first); a plain Trainer takes it as it is. An unknown
+        format raises ValueError before anything runs. What ``end_task`` does to its dataset; for the next task:
+        ``trainer.train_dataset = trainer.task_dataset(raw_dataset)``."""
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"end_task needs a dataset with len() and indexing, not {type(dataset).__name__}")
+        if len(dataset) == 0:
+            raise ValueError("end_task needs a non-empty dataset")
+        first = dataset[0]
+        if not isinstance(first, dict):
+            raise TypeError(f"end_task needs a dataset of dicts (one per example), not of {type(first).__name__}")
+        if not _is_sft_trainer(self) or getattr(self, "_skip_prepare_dataset", False):
+            self._model_input_columns(list(first))  # raises on a format this Trainer does not feed its model
+            return dataset
+        text = self.args.dataset_text_field
+        formats = {
+            "raw text": (text,), "conversational": ("messages",), "conversational (ShareGPT)": ("conversations",),
+            "prompt-completion": ("prompt", "completion"), "tokenised": ("input_ids",),
+        }  # fmt: skip
+        if getattr(self, "_formatting_func", None) is None and not any(
+            all(key in first for key in keys) for keys in formats.values()
+        ):
+            known = "; ".join(f"{name}: {', '.join(map(repr, keys))}" for name, keys in formats.items())
+            raise ValueError(
+                f"end_task: the dataset's columns {list(first)} are none of the formats SFTTrainer prepares ({known})"
+            )
+        if isinstance(dataset, list):
+            import datasets
+
+            dataset = datasets.Dataset.from_list(dataset)
+        packing = self.args.packing if self.args.eval_packing is None else self.args.eval_packing
+        return self._prepare_dataset(
+            dataset, self.processing_class, self.args, packing, getattr(self, "_formatting_func", None), "end_task"
+        )
+
+    def _model_input_columns(self, columns):
+        """Those of `columns` that the Trainer feeds its model (its signature columns; all of them with
+        ``remove_unused_columns=False``), text columns never: what the replay buffer stores. None raises."""
+        self._set_signature_columns_if_needed()
+        inputs = [c for c in columns if not self.args.remove_unused_columns or c in self._signature_columns]
+        if not inputs:
+            raise ValueError(
+                f"end_task: the dataset's columns {columns} hold none of the model's inputs "
+                f"({', '.join(self._signature_columns)}); {type(self).__name__} trains on tokenised examples: "
+                "tokenise the dataset first, or train with TRL's SFTTrainer, which prepares raw text, "
+                "conversational and prompt-completion datasets itself"
+            )
+        return inputs
 
     def _wrapped_model(self):
         """In distributed training, the model as the Trainer trains it (DDP / FSDP wrapper): the Fisher is reduced
@@ -379,12 +468,40 @@ def _final_hidden(model, forward):
 
 
 def _example_parts(examples):
-    """Dataset examples (dicts of token sequences) as one buffer batch: a dict of per-example tensors (ragged)."""
+    """Dataset examples (dicts of token sequences) as one buffer batch: a dict of per-example tensors (ragged).
+    A column of text (str) is left out: the buffer holds tensors, and the collator pads token ids."""
     keys = list(examples[0])
     for i, example in enumerate(examples):
         if list(example) != keys:
             raise ValueError(f"example {i} has keys {list(example)}; expected {keys} like the first")
+    keys = [key for key in keys if not _is_text(examples[0][key])]
+    if not keys:
+        raise ValueError("end_task: the examples hold only text; the replay buffer stores token ids")
     return {key: [torch.as_tensor(example[key]) for example in examples] for key in keys}
+
+
+def _is_text(value):
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], str))
+
+
+def _columns(dataset):
+    names = getattr(dataset, "column_names", None)  # a datasets.Dataset
+    return list(names) if names is not None else list(dataset[0])
+
+
+def _is_sft_trainer(trainer):
+    """Whether `trainer` is TRL's SFTTrainer (or a subclass); TRL is imported only if the user imported it."""
+    trl = sys.modules.get("trl")
+    return trl is not None and isinstance(trainer, trl.SFTTrainer)
+
+
+def _progress(iterable, label, total, shown):
+    """`iterable` under a tqdm bar (transformers' own dependency) when `shown`; re-iterable as `iterable` is."""
+    if not shown:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=label, total=total, leave=False)
 
 
 class ProtectedHFTrainer(ProtectionMixin, transformers.Trainer):

@@ -97,6 +97,8 @@ def test_every_strategy_writes_its_row_table_and_plot(tiny_demo):
         assert row["tokens_per_s"]["fused"]["mean"] > 0 and row["tokens_per_s"]["reference"]["mean"] > 0
     for run in results["runs"]:
         before, after = run["ce_before"], run["ce_after"]
+        assert [point["step"] for point in run["curve"]] == [TINY.steps // 2, TINY.steps]  # every stage's end
+        assert {name: run["curve"][-1][name] for name in "AB"} == after
         assert run["forgetting"] == pytest.approx(after["A"] - before["A"])
         assert run["learning"] == pytest.approx(before["B"] - after["B"])
         assert run["probe_max_abs_param_diff"] < 1e-3, run["strategy"]  # fused and reference: the same steps
@@ -117,6 +119,47 @@ def test_finetune_forgets_and_ewc_replay_combined_forget_less(tiny_demo):
     assert forgetting["finetune"] > 0.05
     for strategy in ("ewc", "replay", "combined"):
         assert forgetting[strategy] < forgetting["finetune"] / 2, (strategy, forgetting)
+
+
+class RecordingBar:
+    """What run_lm tells its progress bar: the descriptions, in order, and the steps."""
+
+    def __init__(self):
+        self.descriptions, self.steps = [], 0
+
+    def set_description(self, text):
+        self.descriptions.append(text)
+
+    def update(self, n=1):
+        self.steps += n
+
+
+def test_progress_names_what_runs(tmp_path):
+    config = replace(TINY, pretrain_steps=4, steps=4, cache=str(tmp_path))
+    strategies = ("finetune", "kl")
+    for cached in (False, True):
+        bar = RecordingBar()
+        lm.run_lm(config, strategies, 1, "cpu", "auto", bar)
+        assert bar.steps == lm.total_steps(config, strategies, 1)
+        pretraining = "lm pre-training seed 0" + (": loaded from the cache" if cached else " (not cached yet)")
+        assert bar.descriptions == [
+            pretraining, "lm finetune seed 0", "lm finetune seed 0: timing fused vs reference",
+            "lm kl seed 0", "lm kl seed 0: timing fused vs reference", "lm kl λ=10 seed 0",
+        ]  # fmt: skip
+
+
+def test_the_forgetting_callback_measures_what_evaluate_does(tmp_path, corpora):
+    """The fine-tuning CEs come from ForgettingCallback at the end of every stage: the last equals `evaluate` on the
+    fine-tuned model (the same sequences, the same token-weighted mean), and its deltas are against `before`."""
+    config = replace(TINY, pretrain_steps=4, steps=4, cache=str(tmp_path))
+    state, si_state, _, _ = lm.pretrain(config, corpora, 0, "cpu")
+    before = lm.evaluate(lm.pretrained_model(state, config, 0, "cpu"), corpora, config)
+    result = lm.run_strategy("finetune", state, si_state, corpora, config, 0, "cpu", "auto", str(tmp_path), before)
+    assert [point["step"] for point in result["curve"]] == [2, 4]
+    after = lm.evaluate(result["model"], corpora, config)
+    for name in "AB":
+        assert result["ce"][name] == pytest.approx(after[name], rel=1e-6, abs=1e-6)
+        assert result["curve"][-1][name] == result["ce"][name]
 
 
 def test_cli_selects_the_lm_benchmark_and_its_settings(tmp_path):

@@ -6,7 +6,8 @@ the seed); then fine-tune on B in ``stages`` consecutive parts (the new domain a
 ``ff.optim.ProtectedAdamW`` under a constant learning rate, with the strategy's defences. Between A and B -- and
 between the parts of B -- every strategy closes the task the same way (``trainer.end_task``: the EWC consolidates,
 the buffer takes the examples), so ``ewc`` (one penalty per task) and ``online-ewc`` (one running Fisher anchored
-at the latest parameters) differ from B's second part on. Held-out cross-entropy on A and B before and after.
+at the latest parameters) differ from B's second part on. Held-out cross-entropy on A and B before fine-tuning,
+and during it by ``fastforget.callbacks.ForgettingCallback`` (at the end of every stage; the last is "after").
 """
 
 import copy
@@ -107,6 +108,11 @@ def evaluate(model, data, config):
             for name, corpus in zip("AB", data)}  # fmt: skip
 
 
+def held_out_sets(data, config):
+    """The evaluation sequences of A and B as datasets, for ForgettingCallback: the same ones `evaluate` reads."""
+    return {name: lm_data.TokenDataset(corpus.held_out[: config.eval_sequences]) for name, corpus in zip("AB", data)}
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 
@@ -182,10 +188,12 @@ def pretrain(config, data, seed, device, bar=None):
     the cache when there; returns (state_dict, si_state, seconds spent pre-training, cached)."""
     path = config.cache_dir() / f"lm-{_cache_key(config, data, seed, device)}.pt"
     if path.exists():
+        _describe(bar, f"lm pre-training seed {seed}: loaded from the cache")
         saved = torch.load(path, weights_only=True)
         if bar is not None:
             bar.update(config.pretrain_steps)
         return saved["model"], saved["si"], saved["seconds"], True
+    _describe(bar, f"lm pre-training seed {seed} (not cached yet)")
     model = make_model(config, seed, device)
     si = ff.SynapticIntelligence(model)
     start = time.perf_counter()
@@ -262,23 +270,31 @@ def _states(parts):
     return {name: parts[name].state_dict() for name in ("ewc", "protector", "replay", "si") if name in parts}
 
 
-def run_strategy(strategy, pretrained_state, si_state, data, config, seed, device, backend, folder, bar=None,
+def run_strategy(strategy, pretrained_state, si_state, data, config, seed, device, backend, folder, before, bar=None,
                  lam=None):  # fmt: skip
-    """Fine-tune the pre-trained model on B with `strategy`; returns the held-out CE after, the step times, and
-    the defences' states when B's training began (what the throughput probe starts from)."""
+    """Fine-tune the pre-trained model on B with `strategy`; returns the held-out CE after, the curve of CE_A and
+    CE_B at the end of every stage (ForgettingCallback, its deltas against `before`), the step times, the defences'
+    states when B's training began (what the throughput probe starts from) and the model."""
+    from fastforget.callbacks import ForgettingCallback
+
     model = prepared_model(strategy, pretrained_state, config, seed, device, backend)
     parts = build_parts(strategy, model, pretrained_state, si_state, config, seed, device, backend, lam)
     old_task, stages = finetune_sets(config, data, seed)
-    timer, start_states = _StepTimer(bar), None
+    timer, start_states, curve = _StepTimer(bar), None, []
     for k, stage in enumerate(stages):
-        trainer = _trainer(model, stage, len(stage) // config.batch_size, config.lr, config, seed + k, folder, device,
-                           parts, backend, timer)  # fmt: skip
+        steps = len(stage) // config.batch_size
+        trainer = _trainer(model, stage, steps, config.lr, config, seed + k, folder, device, parts, backend, timer)
+        watch = ForgettingCallback(trainer, held_out_sets(data, config), interval=steps, max_batches=None,
+                                   baseline=before, plot=False)  # fmt: skip
+        trainer.add_callback(watch)
         end_task(trainer, parts, old_task)  # A before the first stage, then the stage before
         if k == 0:
             start_states = copy.deepcopy(_states(parts))
         trainer.train()
+        curve += [{"step": k * steps + step, **ce} for step, ce in watch.history]
         old_task = stage
-    return {"ce": evaluate(model, data, config), "step_s": timer.times, "start_states": start_states}
+    after = {name: curve[-1][name] for name in "AB"}
+    return {"ce": after, "curve": curve, "step_s": timer.times, "start_states": start_states, "model": model}
 
 
 def probe(strategy, pretrained_state, si_state, start_states, data, config, seed, device, backend, folder):
@@ -318,7 +334,10 @@ def run_lm(config, strategies, seeds, device, backend, bar=None):
             del model
             for strategy in strategies:
                 lam, extra = lambdas(strategy, config)
-                result = run_strategy(strategy, state, si_state, data, config, seed, device, backend, folder, bar)
+                _describe(bar, f"lm {strategy} seed {seed}")
+                result = run_strategy(strategy, state, si_state, data, config, seed, device, backend, folder, before,
+                                      bar)  # fmt: skip
+                _describe(bar, f"lm {strategy} seed {seed}: timing fused vs reference")
                 # legs alternate between the backends so that a slow spell of this shared machine hits both; the
                 # fastest step of each is its figure (the least disturbed, as timeit advises)
                 times, params = {"fused": [], "reference": []}, {}
@@ -332,18 +351,26 @@ def run_lm(config, strategies, seeds, device, backend, bar=None):
                 runs.append({
                     "scenario": SCENARIO, "strategy": strategy, "seed": seed, "lambda": lam,
                     "ce_before": before, "ce_after": result["ce"], **_trade_off(before, result["ce"]),
+                    "curve": result["curve"],
                     "train_tokens_per_s": tokens_per_step / statistics.median(result["step_s"]),
                     "tokens_per_s": {side: tokens_per_step / s for side, s in seconds.items()},
                     "probe_max_abs_param_diff": max(float((a - b).abs().max())
                                                     for a, b in zip(params["fused"], params["reference"])),
                 })  # fmt: skip
                 for value in extra:
+                    _describe(bar, f"lm {strategy} λ={value:g} seed {seed}")
                     point = run_strategy(strategy, state, si_state, data, config, seed, device, backend, folder,
-                                         bar, lam=value)  # fmt: skip
+                                         before, bar, lam=value)  # fmt: skip
                     sweep.append({"strategy": strategy, "seed": seed, "lambda": value, "ce_after": point["ce"],
                                   **_trade_off(before, point["ce"])})  # fmt: skip
     return {"runs": runs, "sweep": sweep, "pretraining": pretraining, "corpora": [c.describe() for c in data],
             "parameters": parameters, "python": platform.python_version()}  # fmt: skip
+
+
+def _describe(bar, text):
+    """Name what runs now on the progress bar (pre-training is minutes long when not cached)."""
+    if bar is not None:
+        bar.set_description(text)
 
 
 def _trade_off(before, after):
