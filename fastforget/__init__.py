@@ -8,6 +8,7 @@ from fastforget import (
     optim,
 )
 from fastforget._version import __version__  # noqa: F401
+from fastforget.arguments import ProtectionArguments
 from fastforget.dispatch import BACKENDS, BackendStatus, available_backends
 from fastforget.ewc import EWC
 from fastforget.fisher import estimate_fisher
@@ -33,6 +34,7 @@ __all__ = [
     "GradientProtector",
     "LoRALinear",
     "ProtectedTrainer",
+    "ProtectionArguments",
     "ReplayBuffer",
     "SeedGradientProtector",
     "SynapticIntelligence",

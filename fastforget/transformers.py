@@ -49,6 +49,7 @@ import torch
 from fastforget import _validation as check
 from fastforget._batch import to_device
 from fastforget.arguments import ProtectionArguments
+from fastforget.callbacks import ForgettingCallback  # noqa: F401  (fastforget.transformers.ForgettingCallback)
 from fastforget.checkpoint import STATE_FILE, last_complete_checkpoint, load_state, save_state  # noqa: F401
 from fastforget.defences import DefenceAttributes, Defences, LMHeadInputs, LossContext, TaskData, build_defences
 from fastforget.fisher import scalar_loss
