@@ -437,11 +437,11 @@ class _DefencesHoldTheTrainedParameters(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         trained = {id(p) for p in self.trainer.model.parameters()}
-        for label, part in (("ewc", self.trainer.ewc), ("protector", self.trainer.protector)):
-            if part is not None and any(id(p) not in trained for p in part.params):
+        for defence in self.trainer.defences:
+            if any(id(p) not in trained for p in getattr(defence, "params", ())):
                 raise ValueError(
-                    f"the {label} holds parameters that the trained model does not have (the Trainer replaced them "
-                    "when it prepared the model, as accelerate's FSDP2 does, or it was built over another model): "
+                    f"the {defence.name} holds parameters that the trained model does not have (the Trainer replaced "
+                    "them when it prepared the model, as accelerate's FSDP2 does, or it was built over another model): "
                     "build it over the model the Trainer trains (under FSDP2: fully_shard the model first)"
                 )
 

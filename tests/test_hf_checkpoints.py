@@ -142,7 +142,7 @@ def test_save_model_writes_the_defences_state_and_load_protection_restores_it(tm
     model = fresh.model
     other = ProtectedHFTrainer(model=model, args=fresh.args, data_collator=child.collate, ewc=ff.EWC(model, lam=1.0))
     ewc_before = [t.clone() for t in other.ewc.state_dict()["fisher"]]
-    with pytest.raises(ValueError, match="protection state has a 'protector' part"):
+    with pytest.raises(ValueError, match=r"protection state has parts \['protector', 'replay'\] that no defence"):
         other.load_protection(tmp_path / "model")
     assert other.ewc.tasks == 0 and all(torch.equal(x, y) for x, y in zip(other.ewc.state_dict()["fisher"], ewc_before))
 
@@ -231,8 +231,7 @@ def test_defences_over_parameters_the_trainer_does_not_train_are_rejected(tmp_pa
     """As when accelerate's FSDP2 preparation replaces the parameters: an EWC over other tensors raises at the
     start of training instead of protecting nothing."""
     trainer = child.build(tmp_path)
-    other = child.build(tmp_path).model  # the same architecture, other tensors
-    trainer.ewc = ff.EWC(other, lam=1.0)
+    trainer.model = trainer.model_wrapped = child.build(tmp_path).model  # prepared into other tensors
     with pytest.raises(ValueError, match="the ewc holds parameters that the trained model does not have"):
         trainer.train()
     assert trainer.state.global_step == 0
