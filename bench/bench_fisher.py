@@ -13,6 +13,7 @@ CLI:    python bench/bench_fisher.py [--repeats N] [--json bench/results/fisher_
 """
 
 import argparse
+import datetime
 import json
 import resource
 import statistics
@@ -101,6 +102,23 @@ def test_fisher_cost(benchmark, name):
     benchmark.extra_info["sequences"] = sum(len(b["input_ids"]) for b in batches)
 
 
+def doc_table(figures):
+    """docs/ewc.md's table: each variant's time over forward+backward, its median, its Fisher's mean and max."""
+    names = {"train": "forward+backward"}
+    rows = []
+    for name, times in figures["ms"].items():
+        if not times:
+            continue
+        scale = figures["fisher_scale"].get(name)
+        rows.append([
+            names.get(name, f"`{name}`"), f"{figures['time_ratio_to_forward_backward'][name]:.2f}×",
+            f"{statistics.median(times):,.0f}", f"{scale['mean']:.3g}" if scale else "",
+            f"{scale['max']:.3g}" if scale else "",
+        ])  # fmt: skip
+    headers = ["variant", "time / forward+backward", "median ms", "Fisher mean", "Fisher max"]
+    return {"headers": headers, "align": ["---", "---:", "---:", "---:", "---:"], "rows": rows}
+
+
 def main():
     parser = harness.arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file (rewritten after each round)")
@@ -121,10 +139,15 @@ def main():
         "ms": {name: [] for name in run}, "time_ratio_to_forward_backward": {}, "peak_bytes": {}, "fisher_scale": {},
     }  # fmt: skip
 
-    def save():
+    def save():  # the results format of bench/results (rendered into docs/ewc.md), the raw figures beside it
         if args.json:
+            results = {
+                "benchmark": "bench_fisher", "command": "python " + " ".join(sys.argv),
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+                "machine": harness.machine(), "fastforget": ff.__version__, "tables": [doc_table(figures)], **figures,
+            }  # fmt: skip
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+            args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
 
     for _ in range(args.warmup):
         for name, fn in run.items():
