@@ -53,6 +53,8 @@ def cast_inputs(*values):
     if not isinstance(values[0], torch.Tensor):
         return values
     device_type = values[0].device.type
+    if device_type not in ("cpu", "cuda"):  # no autocast there (meta, ...): validation names the device
+        return values
     if not torch.is_autocast_enabled(device_type):  # the common case, on every call: nothing more to do
         return values
     return cast(torch.get_autocast_dtype(device_type), device_type, *values)

@@ -441,3 +441,86 @@ def test_protected_trainer_refuses_an_ewc_over_another_model():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="EWC"):
         ff.ProtectedTrainer(model, optimizer, torch.nn.functional.cross_entropy, ewc=ff.EWC(other))
+
+
+# ------------------------------------------------------------------------------------------- activation ops
+#
+# Ops over a few tensors (not lists): each corruption replaces one tensor argument by a non-tensor, an integer
+# tensor, a tensor of another shape or on another device, or one scalar by NaN / inf / a bool / an out-of-range value.
+
+
+def _lora_call():
+    x = torch.randn(3, 5, 8)
+    return {"x": x, "weight": torch.randn(6, 8), "bias": torch.randn(6), "lora_A": torch.randn(4, 8),
+            "lora_B": torch.randn(6, 4), "scale": 2.0, "dropout_p": 0.0}  # fmt: skip
+
+
+def _anchored_call():
+    return {"hidden": torch.randn(2, 5, 8), "weight": torch.randn(11, 8), "labels": torch.randint(0, 11, (2, 5)),
+            "ref_hidden": torch.randn(2, 5, 8), "kl_weight": 0.5, "temperature": 1.0}  # fmt: skip
+
+
+def _merge_call():
+    out = [torch.randn(3, 4), torch.randn(5)]
+    models = [[torch.randn_like(t) for t in out] for _ in range(2)]
+    fisher = [[torch.rand_like(t) for t in out] for _ in range(2)]
+    return {"out": out, "models": models, "weights": [0.5, 0.5], "fisher": fisher}
+
+
+TENSOR_OPS = {
+    "lora_linear": (ff.lora_linear, _lora_call, {"scale": None, "dropout_p": 1.0}),
+    "anchored_lm_loss": (ff.anchored_lm_loss, _anchored_call, {"kl_weight": -1.0, "temperature": 0.0}),
+}
+
+
+def _tensor_corruptions(kwargs, scalars):
+    out = []
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            out.append((f"{name} a list", name, {**kwargs, name: value.tolist()}))
+            if value.is_floating_point():
+                out.append((f"{name} int", name, {**kwargs, name: value.to(torch.int32)}))
+            out.append((f"{name} shape", name, {**kwargs, name: value.reshape(-1)[: max(1, value.numel() - 1)]}))
+            out.append((f"{name} meta", name, {**kwargs, name: value.to("meta")}))
+    for name, bad in scalars.items():
+        for value in (math.nan, math.inf, True, "1", *([bad] if bad is not None else [])):
+            out.append((f"{name}={value!r}", name, {**kwargs, name: value}))
+    return out
+
+
+@pytest.mark.parametrize("op", sorted(TENSOR_OPS))
+def test_every_corruption_of_each_activation_op(backend, op):
+    fn, make, scalars = TENSOR_OPS[op]
+    kwargs = make()
+    for what, name, bad in _tensor_corruptions(kwargs, scalars):
+        snapshot = _snapshot([v for v in kwargs.values() if isinstance(v, torch.Tensor)])
+        with pytest.raises((ValueError, TypeError)) as error:
+            fn(**bad, backend=backend)
+        assert _unchanged(snapshot), f"{op}: {what} changed a tensor"
+        assert name in str(error.value) or name == "labels" and "label" in str(error.value), (
+            f"{op}: {what}: {error.value}"
+        )
+
+
+def test_every_corruption_of_weight_merge(backend):
+    kwargs = _merge_call()
+    buffer = torch.randn(13)  # out[0] and a Fisher one element apart in the same memory (the same tensor is allowed)
+    kwargs["out"][0] = buffer[:12].view(3, 4)
+    shifted = buffer[1:].view(3, 4)
+    corruptions = [
+        ("out holds a list", {**kwargs, "out": [[1.0], kwargs["out"][1]]}),
+        ("a model too short", {**kwargs, "models": [kwargs["models"][0][:1], kwargs["models"][1]]}),
+        ("a model's shape", {**kwargs, "models": [[torch.zeros(9), kwargs["models"][0][1]], kwargs["models"][1]]}),
+        ("weights length", {**kwargs, "weights": [1.0]}),
+        ("weight NaN", {**kwargs, "weights": [math.nan, 0.5]}),
+        ("weight negative", {**kwargs, "weights": [-1.0, 0.5]}),
+        ("fisher length", {**kwargs, "fisher": kwargs["fisher"][:1]}),
+        ("fisher overlaps out", {**kwargs, "fisher": [[shifted, kwargs["fisher"][0][1]], kwargs["fisher"][1]]}),
+        ("out int", {**kwargs, "out": [kwargs["out"][0].int(), kwargs["out"][1]]}),
+    ]  # fmt: skip
+    for what, bad in corruptions:
+        tensors = [*kwargs["out"], *(t for m in kwargs["models"] for t in m), *(t for f in kwargs["fisher"] for t in f)]
+        snapshot = _snapshot(tensors)
+        with pytest.raises((ValueError, TypeError)):
+            ff.weight_merge_(**bad, backend=backend)
+        assert _unchanged(snapshot), what
