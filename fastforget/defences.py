@@ -275,11 +275,14 @@ class KLAnchor(Defence):
     """The KL anchor to the base model: the task loss becomes ``ff.anchored_lm_loss`` on the final hidden states,
     mean CE + weight T^2 KL(p_base || p_theta), fused and chunked (no logits materialised). The base's hidden
     states come from ``base_model`` (a frozen copy of the model before the task) or, for a fastforget LoRA model,
-    from the same model under ``ff.lora_disabled``, in a no-grad forward. Needs the consumer's ``LMHeadInputs``."""
+    from the same model under ``ff.lora_disabled``, in a no-grad forward. Needs the consumer's ``LMHeadInputs``.
+    ``loss_type`` takes TRL's ``SFTConfig.loss_type`` names: "nll" (the CE), "dft" (the CE weighted by the label's
+    probability; with a weight > 0 this is ASFT), and "eaft" (the entropy-adaptive gate): ``anchored_lm_loss``'s
+    ``token_weighting``. With weight 0 no base model is needed (DFT or EAFT alone)."""
 
     name = "kl_to_base"
 
-    def __init__(self, weight, base_model=None, backend="auto"):
+    def __init__(self, weight, base_model=None, backend="auto", loss_type="nll"):
         try:
             self.weight = check.check_real("kl_to_base", weight, minimum=0.0)
         except ValueError:
@@ -291,14 +294,18 @@ class KLAnchor(Defence):
 
             raise ValueError(f"kl_backend must be 'auto' or one of {BACKENDS}, got {backend!r}") from None
         self.base_model = base_model
+        self.loss_type = check_loss_type(loss_type)
 
     def __repr__(self):
-        return f"KLAnchor(weight={self.weight}, base_model={type(self.base_model).__name__}, backend={self.backend!r})"
+        return (
+            f"KLAnchor(weight={self.weight}, base_model={type(self.base_model).__name__}, backend={self.backend!r}, "
+            f"loss_type={self.loss_type!r})"
+        )
 
     def check_model(self, model):
         from fastforget.lora import lora_modules
 
-        if self.base_model is None and not lora_modules(model):
+        if self.weight and self.base_model is None and not lora_modules(model):
             raise ValueError(
                 "kl_to_base needs the base model's distribution: pass base_model= (a frozen copy), or train a "
                 "fastforget LoRA model, whose base outputs come from the same model under ff.lora_disabled"
@@ -324,8 +331,18 @@ class KLAnchor(Defence):
         value = anchored_lm_loss(
             out.hidden, out.weight, out.labels, bias=out.bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
             kl_weight=self.weight, shift=out.shift, backend=self.backend,
+            token_weighting=TOKEN_WEIGHTING[self.loss_type],
         )  # fmt: skip
         return LossTerm("kl_loss", value)
+
+
+# TRL's SFTConfig.loss_type names ("chunked_nll": its deprecated alias of "nll"), plus "eaft", as token weightings
+TOKEN_WEIGHTING = {"nll": None, "chunked_nll": None, "dft": "dft", "eaft": "eaft"}
+
+
+def check_loss_type(loss_type):
+    """One of TRL's SFTConfig.loss_type names or "eaft" (ValueError naming them otherwise)."""
+    return check.check_choice("loss_type", loss_type, tuple(TOKEN_WEIGHTING))
 
 
 # -------------------------------------------------------------------------------------- the consumers' list
@@ -333,16 +350,17 @@ class KLAnchor(Defence):
 
 def build_defences(
     defences=None, *, ewc=None, replay=None, protector=None, si=None, replay_weight=1.0, replay_batch_size=None,
-    kl_to_base=None, base_model=None, kl_backend="auto",
+    kl_to_base=None, base_model=None, kl_backend="auto", loss_type="nll",
 ):  # fmt: skip
     """The consumers' keyword arguments as one list, in the order the defences run: the EWC, SI, the protector, the
-    replay buffer (as ``Replay``), the KL anchor (as ``KLAnchor``), then `defences` (a list of ``Defence``).
-    Everything is checked before anything is built."""
+    replay buffer (as ``Replay``), the KL anchor (as ``KLAnchor``; also for a loss_type other than "nll", the fused
+    DFT / EAFT loss), then `defences` (a list of ``Defence``). Everything is checked before anything is built."""
     extra = [] if defences is None else list(defences)
     weight = check.check_real("replay_weight", replay_weight, minimum=0.0)
     batch = check.optional(check.check_int, "replay_batch_size", replay_batch_size, minimum=1)
-    anchor = None if kl_to_base is None else KLAnchor(kl_to_base, base_model, kl_backend)
-    if kl_to_base is None:
+    fused_loss = kl_to_base is not None or TOKEN_WEIGHTING[check_loss_type(loss_type)] is not None
+    anchor = KLAnchor(kl_to_base or 0.0, base_model, kl_backend, loss_type) if fused_loss else None
+    if anchor is None:
         check.check_backend("kl_backend", kl_backend)
     built = [ewc, si, protector, None if replay is None else Replay(replay, weight, batch), anchor]
     return [d for d in built if d is not None] + extra

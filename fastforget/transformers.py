@@ -15,6 +15,9 @@ Per optimizer step, in ``ff.ProtectedTrainer``'s order:
 ``kl_to_base=lam`` makes the loss ``ff.anchored_lm_loss`` (CE + lam T^2 KL(p_base || p_theta), fused and chunked,
 never materialising the logits) on the final hidden states; the base model's come from ``base_model`` (a frozen
 copy) or, for a fastforget LoRA model, from the same model under ``ff.lora_disabled``, in a no-grad forward.
+``loss_type`` (TRL's ``SFTConfig.loss_type`` names: "nll", "dft", and "eaft"; default: the Trainer's
+``args.loss_type`` when it has one, as TRL's ``SFTConfig`` does, else "nll") weights each token's CE inside the same
+fused loss: "dft" by the label's probability (DFT; with ``kl_to_base``, ASFT), "eaft" by the entropy-adaptive gate.
 
 The Trainer's logs gain ``ewc_penalty``, ``replay_loss`` and ``kl_loss`` (means since the last log);
 ``protection_time_ms`` holds the last step's EWC and protection times. ``end_task(dataset=None)`` consolidates the
@@ -38,6 +41,7 @@ import time
 import torch
 
 from fastforget._batch import to_device
+from fastforget.defences import TOKEN_WEIGHTING, check_loss_type
 from fastforget.dispatch import BACKENDS
 from fastforget.fisher import scalar_loss
 from fastforget.lora import lora_disabled, lora_modules
@@ -64,12 +68,13 @@ class ProtectionMixin:
     ``ewc``, ``replay``, ``protector``: an ``ff.EWC``, ``ff.ReplayBuffer``, ``ff.GradientProtector`` or None.
     ``ewc_estimator``, ``ewc_max_batches``: how ``end_task`` estimates the Fisher (``ff.EWC.consolidate``).
     ``kl_to_base``, ``base_model``, ``kl_backend``: the anchored loss (see the module doc) and its backend.
+    ``loss_type``: "nll", "dft" or "eaft" (see the module doc); None takes ``args.loss_type`` if there is one.
     """
 
     def __init__(
         self, *args, ewc=None, replay=None, protector=None, replay_weight=1.0, replay_batch_size=None,
         ewc_estimator="empirical", ewc_max_batches=None, kl_to_base=None, base_model=None, kl_backend="auto",
-        **kwargs,
+        loss_type=None, **kwargs,
     ):  # fmt: skip
         if kl_to_base is not None and (
             isinstance(kl_to_base, bool) or not isinstance(kl_to_base, (int, float)) or not 0 <= kl_to_base < math.inf
@@ -77,6 +82,8 @@ class ProtectionMixin:
             raise ValueError(f"kl_to_base must be a finite number >= 0, got {kl_to_base!r}")
         if kl_backend not in ("auto", *BACKENDS):
             raise ValueError(f"kl_backend must be 'auto' or one of {BACKENDS}, got {kl_backend!r}")
+        if loss_type is not None:
+            check_loss_type(loss_type)
         if replay_weight < 0:
             raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
         if replay_batch_size is not None and replay_batch_size < 1:
@@ -86,6 +93,7 @@ class ProtectionMixin:
         self.replay_weight, self.replay_batch_size = replay_weight, replay_batch_size
         self.ewc_estimator, self.ewc_max_batches = ewc_estimator, ewc_max_batches
         self.kl_to_base, self.base_model, self.kl_backend = kl_to_base, base_model, kl_backend
+        self.token_weighting = TOKEN_WEIGHTING[check_loss_type(loss_type or getattr(self.args, "loss_type", "nll"))]
         if kl_to_base is not None and base_model is None and not lora_modules(self.model):
             raise ValueError(
                 "kl_to_base needs the base model's distribution: pass base_model= (a frozen copy), or train a "
@@ -104,7 +112,7 @@ class ProtectionMixin:
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.kl_to_base is not None and model.training:
+        if (self.kl_to_base is not None or self.token_weighting is not None) and model.training:
             result = self._anchored_loss(model, inputs, return_outputs, num_items_in_batch)
         else:
             result = super().compute_loss(
@@ -131,22 +139,24 @@ class ProtectionMixin:
         forward = {k: v for k, v in inputs.items() if k != "labels"}
         hidden = _final_hidden(model, forward)
         unwrapped = self.accelerator.unwrap_model(model)
+        head = unwrapped.get_output_embeddings()
+        ref_hidden, ref_head = None, head
         with torch.no_grad():
-            if self.base_model is not None:
+            if self.base_model is not None and self.kl_to_base:
                 ref_hidden, ref_head = _final_hidden(self.base_model, forward), self.base_model.get_output_embeddings()
-            else:
+            elif self.kl_to_base:
                 with lora_disabled(unwrapped):
                     ref_hidden, ref_head = _final_hidden(model, forward), unwrapped.get_output_embeddings()
-        head = unwrapped.get_output_embeddings()
         loss = anchored_lm_loss(
             hidden, head.weight, labels, bias=head.bias, ref_hidden=ref_hidden,
-            ref_weight=None if ref_head.weight is head.weight else ref_head.weight, kl_weight=self.kl_to_base,
-            shift=True, backend=self.kl_backend,
+            ref_weight=None if ref_head.weight is head.weight else ref_head.weight, kl_weight=self.kl_to_base or 0.0,
+            shift=True, backend=self.kl_backend, token_weighting=self.token_weighting,
         )  # fmt: skip
         if num_items_in_batch is not None and self._scaled_for_accumulation(num_items_in_batch):
             counted = (labels[..., 1:] != -100).sum()
             loss = loss * counted / num_items_in_batch
-        self._protection_logs["kl_loss"].append(loss.detach())
+        if self.kl_to_base is not None:
+            self._protection_logs["kl_loss"].append(loss.detach())
         return (loss, None) if return_outputs else loss
 
     def _replay_loss(self, model, batch_size):

@@ -413,9 +413,9 @@ def test_token_weighting_equals_the_plain_formula_on_every_backend(backend, weig
         assert_close_matmul(g, w, torch.float32)
 
 
-def test_dft_equals_trl_sft_trainer_loss_type_dft(backend, tmp_path):
-    """TRL's own SFTTrainer(loss_type="dft").compute_loss on a batch of its collator, against ff.anchored_lm_loss on
-    the same model's final hidden states: the loss and every parameter's gradient."""
+def sft_trainer(tmp_path, trainer_class=None, config_loss_type="dft", **extra):
+    """A TRL SFTTrainer (or trainer_class) on a 1-layer LLaMA and 3 texts of unequal lengths (its collator pads with
+    -100), and one batch of its dataloader."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     tokenizers = pytest.importorskip("tokenizers")
@@ -427,8 +427,7 @@ def test_dft_equals_trl_sft_trainer_loss_type_dft(backend, tmp_path):
         tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
     )
     g = torch.Generator().manual_seed(0)
-    lengths = (5, 8, 3)  # unequal: the collator pads, padding is -100
-    texts = [" ".join(f"t{int(i)}" for i in torch.randint(0, 40, (n,), generator=g)) for n in lengths]
+    texts = [" ".join(f"t{int(i)}" for i in torch.randint(0, 40, (n,), generator=g)) for n in (5, 8, 3)]
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -437,26 +436,73 @@ def test_dft_equals_trl_sft_trainer_loss_type_dft(backend, tmp_path):
     model = transformers.LlamaForCausalLM(config)
     args = trl.SFTConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1, report_to=[], use_cpu=True,
-        save_strategy="no", disable_tqdm=True, max_length=16, loss_type="dft", bf16=False,
+        save_strategy="no", disable_tqdm=True, max_length=16, loss_type=config_loss_type, bf16=False,
     )  # fmt: skip
     data = datasets.Dataset.from_list([{"text": t} for t in texts])
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer = (trainer_class or trl.SFTTrainer)(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, **extra
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] == -100).any()
-    params = [p for p in model.parameters() if p.requires_grad]
+    return trainer, batch
 
-    want = trainer.compute_loss(model, batch)
-    want_grads = torch.autograd.grad(want, params, allow_unused=True)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    hidden = model.model(**inputs).last_hidden_state
-    head = model.get_output_embeddings()
-    got = ff.anchored_lm_loss(hidden, head.weight, batch["labels"], shift=True, token_weighting="dft", backend=backend)
-    got_grads = torch.autograd.grad(got, params, allow_unused=True)
-    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
-    for g, w in zip(got_grads, want_grads):
+
+def loss_and_param_grads(loss_fn, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = loss_fn()
+    return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def assert_same_loss_and_grads(got, want):
+    torch.testing.assert_close(got[0], want[0].float(), rtol=1e-5, atol=1e-6)
+    for g, w in zip(got[1], want[1]):
         assert (g is None) == (w is None)
         if g is not None:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_dft_equals_trl_sft_trainer_loss_type_dft(backend, tmp_path):
+    """TRL's own SFTTrainer(loss_type="dft").compute_loss on a batch of its collator, against ff.anchored_lm_loss on
+    the same model's final hidden states: the loss and every parameter's gradient."""
+    trainer, batch = sft_trainer(tmp_path)
+    model = trainer.model
+    want = loss_and_param_grads(lambda: trainer.compute_loss(model, batch), model)
+
+    def fused():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        head = model.get_output_embeddings()
+        return ff.anchored_lm_loss(
+            hidden, head.weight, batch["labels"], shift=True, token_weighting="dft", backend=backend
+        )  # fmt: skip
+
+    assert_same_loss_and_grads(loss_and_param_grads(fused, model), want)
+
+
+def test_protection_mixin_takes_trls_loss_type(tmp_path):
+    """ProtectionMixin in front of SFTTrainer reads SFTConfig(loss_type="dft") and computes it in the fused loss:
+    the same loss and gradients as TRL's own; loss_type="eaft" gives the plain EAFT; unknown names are refused."""
+    trl = pytest.importorskip("trl")
+    from fastforget.transformers import ProtectionMixin
+
+    class Protected(ProtectionMixin, trl.SFTTrainer):
+        pass
+
+    trainer, batch = sft_trainer(tmp_path)
+    want = loss_and_param_grads(lambda: trainer.compute_loss(trainer.model, batch), trainer.model)
+    protected, _ = sft_trainer(tmp_path, Protected)
+    assert protected.token_weighting == "dft"
+    protected.model.train()
+    got = loss_and_param_grads(lambda: protected.compute_loss(protected.model, batch), protected.model)
+    assert_same_loss_and_grads(got, want)
+
+    eaft, _ = sft_trainer(tmp_path, Protected, config_loss_type="nll", loss_type="eaft")
+    eaft.model.train()
+    got = eaft.compute_loss(eaft.model, batch)
+    logits = eaft.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = eaft_plain(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="loss_type must be one of 'nll', 'chunked_nll', 'dft', 'eaft'"):
+        sft_trainer(tmp_path, Protected, loss_type="focal")
 
 
 def test_token_weighting_under_torch_compile():
