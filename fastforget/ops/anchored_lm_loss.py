@@ -209,7 +209,7 @@ def anchored_lm_loss(
     kl="forward", ignore_index=-100, token_weights=None, shift=False, chunk_size=None, backend="auto",
     token_weighting=None, eaft_alpha=1.0,
 ):  # fmt: skip
-    """mean over counted tokens of [w_t CE_t + kl_weight T^2 KL_t] (see the module docstring), a 0-dim fp32 tensor
+    """mean over counted tokens of [w_t g_t CE_t + kl_weight T^2 KL_t] (the module docstring), a 0-dim fp32 tensor
     (fp64 for fp64 inputs), without materialising the (N, V) logits on a fused backend.
 
     hidden (N, H) or (B, T, H), weight (V, H) (the LM head), labels shaped like hidden's leading dims (a label equal
