@@ -5,6 +5,8 @@ hidden states and of the LM head's weight:
   unfused             ff.anchored_lm_loss_ref: HF-style full logits, F.cross_entropy + F.kl_div(log_softmax)
   compiled_unfused    torch.compile of the same function (Inductor)
   fused-<backend>     ff.anchored_lm_loss (chunks of logits; the gradient computed in the forward)
+  <variant>+dft       the same with token_weighting="dft" (DFT + the KL anchor: ASFT)
+  <variant>+eaft      the same with token_weighting="eaft" (EAFT's top-20 entropy gate, with the KL anchor)
 
 Peak memory is measured, not estimated: each variant runs once more in a fresh subprocess with glibc's mmap
 threshold fixed at 64 KiB (every large allocation is mapped on malloc and unmapped on free), and the peak is the
@@ -37,6 +39,7 @@ from bench import harness  # noqa: E402
 
 TOKENS, HIDDEN, VOCAB = 4096, 1024, 32000
 KL_WEIGHT, TEMPERATURE = 0.5, 1.0
+TOKEN_WEIGHTINGS = ("dft", "eaft")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,35 +76,44 @@ def loss_step(loss_fn, inputs: LossInputs):
     return run
 
 
-def unfused_loss(hidden, weight, labels, ref_hidden):
-    return ff.anchored_lm_loss_ref(
-        hidden, weight, labels, ref_hidden=ref_hidden, kl_weight=KL_WEIGHT, temperature=TEMPERATURE
-    )
+def unfused_loss(token_weighting=None):
+    def loss(hidden, weight, labels, ref_hidden):
+        return ff.anchored_lm_loss_ref(
+            hidden, weight, labels, ref_hidden=ref_hidden, kl_weight=KL_WEIGHT, temperature=TEMPERATURE,
+            token_weighting=token_weighting,
+        )  # fmt: skip
+
+    return loss
 
 
-def fused_loss(backend):
+def fused_loss(backend, token_weighting=None):
     def loss(hidden, weight, labels, ref_hidden):
         return ff.anchored_lm_loss(
             hidden, weight, labels, ref_hidden=ref_hidden, kl_weight=KL_WEIGHT, temperature=TEMPERATURE,
-            backend=backend,
+            backend=backend, token_weighting=token_weighting,
         )  # fmt: skip
 
     return loss
 
 
 def variant_step(name, inputs):
-    """(forward + backward function, compile ms or None) of the variant called `name`."""
+    """(forward + backward function, compile ms or None) of the variant called `name` (`+dft` / `+eaft`: with that
+    token weighting)."""
+    name, _, weighting = name.partition("+")
+    weighting = weighting or None
     if name == "unfused":
-        return loss_step(unfused_loss, inputs), None
+        return loss_step(unfused_loss(weighting), inputs), None
     if name == "compiled_unfused":
-        step = loss_step(torch.compile(unfused_loss), inputs)
+        step = loss_step(torch.compile(unfused_loss(weighting)), inputs)
         return step, harness.time_first_call_ms(step)
-    return loss_step(fused_loss(name.removeprefix("fused-")), inputs), None
+    return loss_step(fused_loss(name.removeprefix("fused-"), weighting), inputs), None
 
 
 def variant_names(device):
     backends, _ = harness.usable_backends(ff.available_backends(), device)
-    return ["unfused", "compiled_unfused", *(f"fused-{b}" for b in backends if b != "reference")]
+    plain = ["unfused", "compiled_unfused", *(f"fused-{b}" for b in backends if b != "reference")]
+    weighted = [f"{n}+{w}" for w in TOKEN_WEIGHTINGS for n in plain if n != "compiled_unfused"]
+    return plain + weighted
 
 
 # ---------------------------------------------------------------------------------------------------- peak memory
@@ -144,11 +156,16 @@ def inputs():
     return make_inputs(*sizes(harness.bench_scale()), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", ["unfused", "compiled_unfused", *(f"fused-{b}" for b in ff.BACKENDS)])
+PLAIN_VARIANTS = ["unfused", "compiled_unfused", *(f"fused-{b}" for b in ff.BACKENDS)]
+WEIGHTED_VARIANTS = [f"{n}+{w}" for w in TOKEN_WEIGHTINGS for n in PLAIN_VARIANTS if n != "compiled_unfused"]
+
+
+@pytest.mark.parametrize("name", PLAIN_VARIANTS + WEIGHTED_VARIANTS)
 def test_variant(benchmark, inputs, name):
     if name.startswith("fused-"):
-        harness.require_backend(name.removeprefix("fused-"), ff.available_backends(), inputs.hidden.device)
-        if name == "fused-reference":
+        backend = name.removeprefix("fused-").partition("+")[0]
+        harness.require_backend(backend, ff.available_backends(), inputs.hidden.device)
+        if backend == "reference":
             pytest.skip("the reference backend is the unfused variant")
     step, compile_ms = variant_step(name, inputs)
     benchmark(harness.synchronized(step))

@@ -71,7 +71,8 @@ def register(op: str, rules):
         def kernel(*args, device_type=device_type, excluded=excluded):
             lower = torch.get_autocast_dtype(device_type)
             targets = {LOWER: lower, FP32: torch.float32, None: None}
-            args = [cast(targets[rule], device_type, a)[0] for a, rule in zip(args, rules, strict=True)]
+            # the dispatcher leaves out trailing arguments equal to their schema defaults: rules may be longer
+            args = [cast(targets[rule], device_type, a)[0] for a, rule in zip(args, rules[: len(args)], strict=True)]
             with torch._C._ExcludeDispatchKeyGuard(excluded):
                 return overload(*args)
 

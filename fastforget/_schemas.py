@@ -59,17 +59,19 @@ SCHEMAS = {
     # anchored LM loss, one chunk of rows (logits (C, V), ref_logits (C, V) or None, labels (C,) int64,
     # token_weights (C,) fp32 or None, scale a 1-element fp32 tensor): per row, scale * c * (w CE + kl_weight T^2 KL)
     # (fp32; fp64 for fp64) and its gradient d/dlogits (logits' dtype), c = labels != ignore_index; reverse picks
-    # KL(p_theta || p_ref) over KL(p_ref || p_theta); the KL is on logits / T
+    # KL(p_theta || p_ref) over KL(p_ref || p_theta); the KL is on logits / T; dft multiplies w by exp(-CE) (DFT)
     "anchored_lm_loss_rows": (
         "(Tensor logits, Tensor? ref_logits, Tensor labels, Tensor? token_weights, Tensor scale, float kl_weight, "
-        "float temperature, bool reverse, int ignore_index) -> (Tensor, Tensor)"
+        "float temperature, bool reverse, int ignore_index, bool dft=False) -> (Tensor, Tensor)"
     ),
     # the whole loss, chunk_size rows at a time (GEMMs + anchored_lm_loss_rows): returns the loss (0-dim) and its
-    # gradients d hidden, d weight, d bias (None where output_mask says not needed), all computed in the forward
+    # gradients d hidden, d weight, d bias (None where output_mask says not needed), all computed in the forward;
+    # dft as the row op's, eaft_alpha >= 0 multiplies the token weights by the EAFT gate (H20 / 3)^eaft_alpha
     "anchored_lm_loss": (
         "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_hidden, Tensor? ref_weight, "
         "Tensor? ref_bias, Tensor? token_weights, float kl_weight, float temperature, bool reverse, "
-        "int ignore_index, int chunk_size, bool[3] output_mask) -> (Tensor, Tensor?, Tensor?, Tensor?)"
+        "int ignore_index, int chunk_size, bool[3] output_mask, bool dft=False, float eaft_alpha=-1.0) "
+        "-> (Tensor, Tensor?, Tensor?, Tensor?)"
     ),
     # One AdamW step over a param list with, each optional (an empty list / None when absent): the EWC term
     # g += 2 lam F (theta - anchor), per-tensor protection g *= factors[t] or per-element protection (the EMA

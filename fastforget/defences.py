@@ -312,24 +312,31 @@ class KLAnchor(Defence):
     a PEFT model (``peft.get_peft_model``), from the same model with its adapters off (``ff.lora_disabled``, PEFT's
     ``disable_adapter()``: the same weights, no copy), in a no-grad forward. Needs the consumer's ``LMHeadInputs``.
     Asked for its parts (``ctx.split``), it computes the cross-entropy alone in one more no-grad, chunked pass over
-    the LM head: ``task_loss`` (CE) and ``kl_loss`` (the KL term, weight T^2 KL)."""
+    the LM head: ``task_loss`` (CE) and ``kl_loss`` (the KL term, weight T^2 KL).
+    ``loss_type`` takes TRL's ``SFTConfig.loss_type`` names: "nll" (the CE), "dft" (the CE weighted by the label's
+    probability; with a weight > 0 this is ASFT), and "eaft" (the entropy-adaptive gate): ``anchored_lm_loss``'s
+    ``token_weighting``. With weight 0 no base model is needed (DFT or EAFT alone)."""
 
     name = "kl_to_base"
 
-    def __init__(self, weight, base_model=None, backend="auto"):
+    def __init__(self, weight, base_model=None, backend="auto", loss_type="nll"):
         try:
             self.weight = check.check_real("kl_to_base", weight, minimum=0.0)
         except ValueError:
             raise ValueError(f"kl_to_base must be a finite number >= 0, got {weight!r}") from None
         self.backend, self.base_model = _kl_backend(backend), base_model
+        self.loss_type = check_loss_type(loss_type)
 
     def __repr__(self):
-        return f"KLAnchor(weight={self.weight}, base_model={type(self.base_model).__name__}, backend={self.backend!r})"
+        return (
+            f"KLAnchor(weight={self.weight}, base_model={type(self.base_model).__name__}, backend={self.backend!r}, "
+            f"loss_type={self.loss_type!r})"
+        )
 
     def check_model(self, model):
         from fastforget.lora import lora_modules
 
-        if self.base_model is None and not lora_modules(model) and not is_peft_model(model):
+        if self.weight and self.base_model is None and not lora_modules(model) and not is_peft_model(model):
             raise ValueError(
                 "kl_to_base needs the base model's distribution: pass base_model= (a frozen copy), or train a "
                 "fastforget LoRA model or a PEFT model, whose base outputs come from the same model with its "
@@ -357,13 +364,17 @@ class KLAnchor(Defence):
         value = anchored_lm_loss(
             out.hidden, out.weight, out.labels, bias=out.bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
             kl_weight=self.weight, shift=out.shift, backend=self.backend,
+            token_weighting=TOKEN_WEIGHTING[self.loss_type],
         )  # fmt: skip
         parts = None
-        if ctx.split:
+        if ctx.split and not self.weight:  # DFT / EAFT alone: the whole loss is the task loss
+            parts = {"task_loss": value.detach()}
+        elif ctx.split:
             with torch.no_grad():
                 ce = anchored_lm_loss(
-                    out.hidden, out.weight, out.labels, bias=out.bias, shift=out.shift, backend=self.backend
-                )
+                    out.hidden, out.weight, out.labels, bias=out.bias, shift=out.shift, backend=self.backend,
+                    token_weighting=TOKEN_WEIGHTING[self.loss_type],
+                )  # fmt: skip
             parts = {"task_loss": ce, "kl_loss": value.detach() - ce}
         return LossTerm("kl_loss", value, parts=parts)
 
@@ -372,6 +383,15 @@ def is_peft_model(model) -> bool:
     """Whether `model` is a ``peft.PeftModel`` (PEFT is imported only if the user imported it)."""
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
+
+
+# TRL's SFTConfig.loss_type names ("chunked_nll": its deprecated alias of "nll"), plus "eaft", as token weightings
+TOKEN_WEIGHTING = {"nll": None, "chunked_nll": None, "dft": "dft", "eaft": "eaft"}
+
+
+def check_loss_type(loss_type):
+    """One of TRL's SFTConfig.loss_type names or "eaft" (ValueError naming them otherwise)."""
+    return check.check_choice("loss_type", loss_type, tuple(TOKEN_WEIGHTING))
 
 
 # -------------------------------------------------------------------------------------- the consumers' list
@@ -422,15 +442,16 @@ class DefenceAttributes:
 
 def build_defences(
     defences=None, *, ewc=None, replay=None, protector=None, si=None, replay_weight=1.0, replay_batch_size=None,
-    kl_to_base=None, base_model=None, kl_backend="auto",
+    kl_to_base=None, base_model=None, kl_backend="auto", loss_type="nll",
 ):  # fmt: skip
     """The consumers' keyword arguments as one list, in the order the defences run: the EWC, SI, the protector, the
-    replay buffer (as ``Replay``), the KL anchor (as ``KLAnchor``), then `defences` (a list of ``Defence``).
-    Everything is checked before anything is built."""
+    replay buffer (as ``Replay``), the KL anchor (as ``KLAnchor``; also for a loss_type other than "nll", the fused
+    DFT / EAFT loss), then `defences` (a list of ``Defence``). Everything is checked before anything is built."""
     extra = [] if defences is None else list(defences)
     weight = check.check_real("replay_weight", replay_weight, minimum=0.0)
     batch = check.optional(check.check_int, "replay_batch_size", replay_batch_size, minimum=1)
-    anchor = None if kl_to_base is None else KLAnchor(kl_to_base, base_model, kl_backend)
+    fused_loss = kl_to_base is not None or TOKEN_WEIGHTING[check_loss_type(loss_type)] is not None
+    anchor = KLAnchor(kl_to_base or 0.0, base_model, kl_backend, loss_type) if fused_loss else None
     _kl_backend(kl_backend)
     built = [ewc, si, protector, None if replay is None else Replay(replay, weight, batch), anchor]
     return [d for d in built if d is not None] + extra

@@ -16,6 +16,9 @@ Per optimizer step, in ``ff.ProtectedTrainer``'s order:
 never materialising the logits) on the final hidden states; the base model's come from ``base_model`` (a frozen
 copy) or, for a fastforget LoRA model or a PEFT model, from the same model with its adapters off
 (``ff.lora_disabled``, ``PeftModel.disable_adapter()``), in a no-grad forward.
+``loss_type`` (TRL's ``SFTConfig.loss_type`` names: "nll", "dft", and "eaft"; default: the Trainer's
+``args.loss_type`` when it has one, as TRL's ``SFTConfig`` does, else "nll") weights each token's CE inside the same
+fused loss: "dft" by the label's probability (DFT; with ``kl_to_base``, ASFT), "eaft" by the entropy-adaptive gate.
 
 The Trainer's logs gain ``task_loss`` (the task's loss alone), ``replay_loss``, ``kl_loss`` (the KL term alone, one
 more no-grad LM-head pass computes the CE apart) and ``ewc_penalty``: means per optimizer step since the last log,
@@ -67,7 +70,17 @@ def hf_batch_loss(model, batch):
     return model(**batch).loss
 
 
-_DEFAULTS = {"replay_weight": 1.0, "ewc_estimator": "empirical", "kl_backend": "auto"}  # the others: None
+_DEFAULTS = {
+    "replay_weight": 1.0, "ewc_estimator": "empirical", "kl_backend": "auto", "loss_type": "nll"
+}  # the others: None  # fmt: skip
+
+
+def _loss_type(loss_type, args, kwargs):
+    """The loss type: given, else the Trainer arguments' ``loss_type`` (TRL's ``SFTConfig``), else "nll"."""
+    if loss_type is not None:
+        return loss_type
+    training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+    return getattr(training_args, "loss_type", None) or "nll"
 
 
 def _defence_keywords(keywords):
@@ -86,17 +99,18 @@ class ProtectionMixin(DefenceAttributes):
     ``protection_args``: a ``fastforget.arguments.ProtectionArguments`` (e.g. parsed by ``HfArgumentParser``) that
     builds the EWC, replay, protector and KL anchor, and sets their keywords, over the model the Trainer trains
     (after its own preparation, e.g. SFTTrainer's ``peft_config`` wrapping); those keywords are then not given.
+    ``loss_type``: "nll", "dft" or "eaft" (see the module doc); None takes ``args.loss_type`` if there is one.
     """
 
     def __init__(
         self, *args, ewc=None, replay=None, protector=None, replay_weight=1.0, replay_batch_size=None,
         ewc_estimator="empirical", ewc_max_batches=None, kl_to_base=None, base_model=None, kl_backend="auto",
-        si=None, defences=None, protection_args=None, **kwargs,
+        si=None, defences=None, protection_args=None, loss_type=None, **kwargs,
     ):  # fmt: skip
         keywords = {
             "ewc": ewc, "replay": replay, "protector": protector, "replay_weight": replay_weight,
             "replay_batch_size": replay_batch_size, "ewc_estimator": ewc_estimator, "ewc_max_batches": ewc_max_batches,
-            "kl_to_base": kl_to_base, "kl_backend": kl_backend,
+            "kl_to_base": kl_to_base, "kl_backend": kl_backend, "loss_type": _loss_type(loss_type, args, kwargs),
         }  # fmt: skip
         if protection_args is not None:
             if not isinstance(protection_args, ProtectionArguments):
@@ -114,7 +128,7 @@ class ProtectionMixin(DefenceAttributes):
         check.optional(check.check_int, "ewc_max_batches", keywords["ewc_max_batches"], minimum=1)
         super().__init__(*args, **kwargs)
         if protection_args is not None:  # over the model the Trainer trains (e.g. SFTTrainer's PeftModel)
-            keywords = protection_args.build(self.model)
+            keywords = {**protection_args.build(self.model), "loss_type": keywords["loss_type"]}
             built = Defences(build_defences(defences, si=si, base_model=base_model, **_defence_keywords(keywords)))
         for d in built:
             d.check_model(self.model)

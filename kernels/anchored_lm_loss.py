@@ -3,7 +3,8 @@
 Pass 1 sweeps the vocabulary once in blocks with online softmax sums (Milakov & Gimelshein 2018): the running
 maximum m and sum s of exp(x - m) of the logits z, of z / T and of the reference's a / T, and the running
 KL cross term (sum of r (a - z) / T, or of q (z - a) / T for the reverse KL) rescaled with its softmax's maximum.
-Pass 2 writes d loss / d z = s c (w (p - onehot) + kl_weight T g). Sums in fp32 (fp64 for fp64); the gradient is
+Pass 2 writes d loss / d z = s c (w (p - onehot) + kl_weight T g); with DFT, w is multiplied by the label's
+probability exp(-CE), never differentiated. Sums in fp32 (fp64 for fp64); the gradient is
 rounded once to the logits' dtype. An ignored row (c = 0) gets loss 0 and a zero gradient.
 """
 
@@ -29,7 +30,8 @@ def _online(m, s, x, mask):
 def _rows_kernel(
     z_ptr, a_ptr, labels_ptr, weights_ptr, scale_ptr, loss_ptr, d_ptr, V, stride_z, stride_a, stride_d,
     kl_weight, temperature, ignore_index,
-    ANCHORED: tl.constexpr, REVERSE: tl.constexpr, WEIGHTED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ANCHORED: tl.constexpr, REVERSE: tl.constexpr, WEIGHTED: tl.constexpr, DFT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
@@ -65,6 +67,8 @@ def _rows_kernel(
                 cross = cross * tl.exp(old_r - m_r) - tl.sum(tl.exp(aq - m_r) * gap, 0)
     lse_z = m_z + tl.log(s_z)
     ce = lse_z - tl.load(z_row + label).to(ACC)
+    if DFT:  # the CE weighted by sg(p_y) = exp(-CE)
+        c_ce = c_ce * tl.exp(-ce)
     loss = c_ce * ce
     lse_q, lse_r, kl = zero, zero, zero
     if ANCHORED:
@@ -94,7 +98,7 @@ def _rows_kernel(
 
 
 def anchored_lm_loss_rows(logits, ref_logits, labels, token_weights, scale, kl_weight, temperature, reverse,
-                          ignore_index):  # fmt: skip
+                          ignore_index, dft=False):  # fmt: skip
     rows, vocab = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if labels.shape != (rows,) or labels.dtype != torch.int64:
@@ -118,7 +122,7 @@ def anchored_lm_loss_rows(logits, ref_logits, labels, token_weights, scale, kl_w
         _rows_kernel[(rows,)](
             logits, ref, labels, token_weights if token_weights is not None else logits, scale.to(acc), loss, grad,
             vocab, logits.stride(0), ref.stride(0), grad.stride(0), float(kl_weight), float(temperature), ignore_index,
-            ANCHORED=anchored, REVERSE=reverse, WEIGHTED=token_weights is not None, ACC=ACCUMULATE_TYPES[acc],
+            ANCHORED=anchored, REVERSE=reverse, WEIGHTED=token_weights is not None, DFT=dft, ACC=ACCUMULATE_TYPES[acc],
             BLOCK=block,
         )  # fmt: skip
     return loss, grad

@@ -216,11 +216,19 @@ def opcheck_samples(device):
     scale = torch.tensor([0.25], device=device)
     yield "anchored_lm_loss_rows", (logits, ref_logits, x["labels"], x["token_weights"], scale, 0.5, 2.0, False, -100)
     yield "anchored_lm_loss_rows", (logits, None, x["labels"], None, scale, 0.0, 1.0, True, -100)
+    yield "anchored_lm_loss_rows", (logits, ref_logits, x["labels"], x["token_weights"], scale, 0.5, 2.0, False, -100,
+                                    True)  # fmt: skip
     leaves = [x[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
     for mask in ([True] * 3, [True, False, False]):
         yield "anchored_lm_loss", (
             *leaves, x["labels"], x["ref_hidden"], x["weight"], x["bias"], x["token_weights"], 0.5, 1.5, True, -100,
             4, mask,
+        )  # fmt: skip
+    dft_and_eaft = (True, 0.7), (False, 1.0)  # DFT with the anchor (ASFT); EAFT
+    for extra in dft_and_eaft:
+        yield "anchored_lm_loss", (
+            *leaves, x["labels"], x["ref_hidden"], x["weight"], x["bias"], x["token_weights"], 0.5, 1.5, False, -100,
+            4, [True] * 3, *extra,
         )  # fmt: skip
 
 
@@ -334,3 +342,199 @@ def test_trainer_kl_to_base_needs_hidden_states():
     )
     with pytest.raises(TypeError, match="LMHeadInputs"):
         trainer.step((torch.zeros(2, 3, dtype=torch.long),))
+
+
+# ---------------------------------------------------------------------------------------------------- token weighting
+
+
+def dft_formula(z, labels, ignore_index=-100):
+    """DFT written out: mean over counted tokens of sg(p_y) CE (TRL's per_token_loss * log_probs.exp().detach())."""
+    counted = labels != ignore_index
+    log_p = torch.log_softmax(z, -1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    return torch.where(counted, -log_p * log_p.exp().detach(), 0).sum() / counted.sum().clamp(min=1)
+
+
+def eaft_plain(z, labels, alpha=1.0, ignore_index=-100):
+    """EAFT as LLaMA-Factory's _eaft_cross_entropy computes it (k = 20, the entropy divided by 3, a mean over the
+    counted tokens), written out on the full logits; fewer than 20 logits: all of them (Axolotl's min(k, V))."""
+    counted = labels != ignore_index
+    ce = F.cross_entropy(z[counted], labels[counted], reduction="none")
+    with torch.no_grad():
+        top = torch.topk(z[counted].detach(), k=min(20, z.shape[-1]), dim=-1).values
+        log_p = top - torch.logsumexp(top, dim=-1, keepdim=True)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        gate = (entropy / 3.0) ** alpha
+    return (ce * gate).mean()
+
+
+@pytest.mark.parametrize("vocab", [11, 37])  # fewer and more than EAFT's 20
+def test_reference_token_weighting_is_the_formula(vocab):
+    x = make_inputs(9, 5, vocab, torch.float64, "cpu")
+    z = F.linear(x["hidden"], x["weight"], x["bias"])
+    y = x["labels"]
+    for weighting, want in (("dft", dft_formula(z, y)), ("eaft", eaft_plain(z, y, alpha=1.3))):
+        got = ff.anchored_lm_loss_ref(x["hidden"], x["weight"], y, bias=x["bias"], token_weighting=weighting,
+                                      eaft_alpha=1.3)  # fmt: skip
+        torch.testing.assert_close(got, want)
+    # ASFT = DFT + kl_weight KL(p_ref || p_theta): the KL part is the plain anchor's
+    anchor = dict(bias=x["bias"], ref_hidden=x["ref_hidden"], kl_weight=0.4)
+    asft = ff.anchored_lm_loss_ref(x["hidden"], x["weight"], y, token_weighting="dft", **anchor)
+    kl_only = ff.anchored_lm_loss_ref(x["hidden"], x["weight"], y, **anchor) - F.cross_entropy(z, y)
+    torch.testing.assert_close(asft, dft_formula(z, y) + kl_only)
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.6], ids=["alone", "with-kl"])
+@pytest.mark.parametrize("weighting", ["dft", "eaft"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_token_weighting_matches_reference(backend, dtype, weighting, kl_weight):
+    n, h, v, chunk = sizes(backend)
+    inputs = make_inputs(n, h, v, dtype, device_of(backend))
+    check_matches_reference(
+        backend, inputs, dtype, kl_weight=kl_weight, temperature=1.5, token_weighting=weighting, eaft_alpha=0.7,
+        chunk_size=chunk,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("weighting", ["dft", "eaft"])
+def test_token_weighting_equals_the_plain_formula_on_every_backend(backend, weighting):
+    """Independently of the reference: the fused loss and its gradients against DFT / EAFT written out on the
+    full logits (fp64 inputs: the fused backends agree to rounding)."""
+    n, h, v, chunk = sizes(backend)
+    x = make_inputs(n, h, v, torch.float32, device_of(backend))
+    leaves = [x[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    got = ff.anchored_lm_loss(*leaves[:2], x["labels"], bias=leaves[2], token_weighting=weighting, chunk_size=chunk,
+                              backend=backend)  # fmt: skip
+    got_grads = torch.autograd.grad(got, leaves)
+    plain = dft_formula if weighting == "dft" else eaft_plain
+    want = plain(F.linear(leaves[0], leaves[1], leaves[2]), x["labels"])
+    want_grads = torch.autograd.grad(want, leaves)
+    assert_close_matmul(got, want, torch.float32)
+    for g, w in zip(got_grads, want_grads):
+        assert_close_matmul(g, w, torch.float32)
+
+
+def sft_trainer(tmp_path, trainer_class=None, config_loss_type="dft", **extra):
+    """A TRL SFTTrainer (or trainer_class) on a 1-layer LLaMA and 3 texts of unequal lengths (its collator pads with
+    -100), and one batch of its dataloader."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {f"t{i}": i for i in range(40)} | {"<pad>": 40, "<unk>": 41, "<eos>": 42}
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"t{int(i)}" for i in torch.randint(0, 40, (n,), generator=g)) for n in (5, 8, 3)]
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(vocab), max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, max_length=16, loss_type=config_loss_type, bf16=False,
+    )  # fmt: skip
+    data = datasets.Dataset.from_list([{"text": t} for t in texts])
+    trainer = (trainer_class or trl.SFTTrainer)(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, **extra
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any()
+    return trainer, batch
+
+
+def loss_and_param_grads(loss_fn, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = loss_fn()
+    return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def assert_same_loss_and_grads(got, want):
+    torch.testing.assert_close(got[0], want[0].float(), rtol=1e-5, atol=1e-6)
+    for g, w in zip(got[1], want[1]):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_dft_equals_trl_sft_trainer_loss_type_dft(backend, tmp_path):
+    """TRL's own SFTTrainer(loss_type="dft").compute_loss on a batch of its collator, against ff.anchored_lm_loss on
+    the same model's final hidden states: the loss and every parameter's gradient."""
+    trainer, batch = sft_trainer(tmp_path)
+    model = trainer.model
+    want = loss_and_param_grads(lambda: trainer.compute_loss(model, batch), model)
+
+    def fused():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        head = model.get_output_embeddings()
+        return ff.anchored_lm_loss(
+            hidden, head.weight, batch["labels"], shift=True, token_weighting="dft", backend=backend
+        )  # fmt: skip
+
+    assert_same_loss_and_grads(loss_and_param_grads(fused, model), want)
+
+
+def test_protection_mixin_takes_trls_loss_type(tmp_path):
+    """ProtectionMixin in front of SFTTrainer reads SFTConfig(loss_type="dft") and computes it in the fused loss:
+    the same loss and gradients as TRL's own; loss_type="eaft" gives the plain EAFT; unknown names are refused."""
+    trl = pytest.importorskip("trl")
+    from fastforget.transformers import ProtectionMixin
+
+    class Protected(ProtectionMixin, trl.SFTTrainer):
+        pass
+
+    trainer, batch = sft_trainer(tmp_path)
+    want = loss_and_param_grads(lambda: trainer.compute_loss(trainer.model, batch), trainer.model)
+    protected, _ = sft_trainer(tmp_path, Protected)
+    assert protected.token_weighting == "dft"
+    protected.model.train()
+    got = loss_and_param_grads(lambda: protected.compute_loss(protected.model, batch), protected.model)
+    assert_same_loss_and_grads(got, want)
+
+    eaft, _ = sft_trainer(tmp_path, Protected, config_loss_type="nll", loss_type="eaft")
+    eaft.model.train()
+    got = eaft.compute_loss(eaft.model, batch)
+    logits = eaft.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = eaft_plain(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="loss_type must be one of 'nll', 'chunked_nll', 'dft', 'eaft'"):
+        sft_trainer(tmp_path, Protected, loss_type="focal")
+
+
+def test_token_weighting_under_torch_compile():
+    if "cpu" not in FUSED_BACKENDS:
+        pytest.skip("the C++ extension is not built")
+    x = make_inputs(9, 8, 37, torch.float32, "cpu")
+
+    def loss(hidden, weight, bias, weighting):
+        return ff.anchored_lm_loss(
+            hidden, weight, x["labels"], bias=bias, ref_hidden=x["ref_hidden"], kl_weight=0.5,
+            token_weighting=weighting, chunk_size=4, backend="cpu",
+        )  # fmt: skip
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for weighting in ("dft", "eaft"):
+        got, want = ([x[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")] for _ in range(2))
+        out, expected = compiled(*got, weighting), loss(*want, weighting)
+        out.backward()
+        expected.backward()
+        assert_close_matmul(out, expected, torch.float32)
+        for g, w in zip(got, want):
+            assert_close_matmul(g.grad, w.grad, torch.float32)
+
+
+BAD_WEIGHTING = [
+    (dict(token_weighting="focal"), ValueError, "token_weighting must be one of 'dft', 'eaft'"),
+    (dict(token_weighting="DFT"), ValueError, "token_weighting must be one of"),
+    (dict(token_weighting="eaft", eaft_alpha=-0.5), ValueError, "eaft_alpha must be >= 0"),
+    (dict(token_weighting="eaft", eaft_alpha=float("nan")), ValueError, "eaft_alpha must be finite"),
+]
+
+
+@pytest.mark.parametrize("bad, error, match", BAD_WEIGHTING, ids=[m for _, _, m in BAD_WEIGHTING])
+def test_bad_token_weighting_is_rejected_before_any_work(backend, bad, error, match):
+    test_bad_inputs_are_rejected_before_any_work(backend, bad, error, match)

@@ -184,6 +184,25 @@ def test_anchored_lm_loss_equals_the_unfused_formula_under_the_same_autocast(bac
         assert_close_matmul(got_grad, want_grad, dtype)
 
 
+@pytest.mark.parametrize("weighting", ["dft", "eaft"])
+def test_token_weighting_equals_the_unfused_formula_under_the_same_autocast(backend, weighting):
+    """DFT / EAFT (with the KL anchor) under bf16 autocast: the gate from the bf16 GEMM's logits upcast to fp32, as
+    the unfused formula computes it there; loss and fp32 gradients."""
+    n, h, v, chunk = sizes(backend)
+    inputs = make_inputs(n, h, v, F32, device_of(backend))
+    options = dict(kl_weight=0.5, temperature=1.5, token_weighting=weighting, eaft_alpha=0.8)
+    with autocast(backend, BF16):
+        got, grads = lm_loss_and_grads(
+            lambda *a, **k: ff.anchored_lm_loss(*a, **k, chunk_size=chunk, backend=backend), inputs, **options
+        )  # fmt: skip
+        want, want_grads = lm_loss_and_grads(ff.anchored_lm_loss_ref, inputs, **options)
+    assert got.dtype == want.dtype == F32
+    assert_close_matmul(got, want, BF16)
+    for got_grad, want_grad in zip(grads, want_grads):
+        assert got_grad.dtype == F32
+        assert_close_matmul(got_grad, want_grad, BF16)
+
+
 def test_anchored_lm_loss_computes_the_logits_in_the_autocast_dtype(fused_backend):
     """Not fp32 logits in disguise: under autocast the loss equals the fp32 computation on bf16-rounded logits'
     inputs, and differs from the plain fp32 loss."""

@@ -232,7 +232,8 @@ class Emulator:
             step.add_((1 - skip).to(step.dtype))
         return penalty
 
-    def anchored_lm_loss_rows(self, logits, ref, labels, weights, scale, kl_weight, temperature, reverse, ignore):
+    def anchored_lm_loss_rows(self, logits, ref, labels, weights, scale, kl_weight, temperature, reverse, ignore,
+                              dft=False):  # fmt: skip
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         anchored = ref is not None and kl_weight != 0
         z = logits.contiguous()
@@ -243,7 +244,7 @@ class Emulator:
         self._call("ff_emu_anchored_lm_loss_rows", _ptr(z), _ptr(a), _ptr(labels.contiguous()), _ptr(w), _ptr(c),
                    _ptr(loss), _ptr(grad), ctypes.c_int64(z.shape[0]), ctypes.c_int64(z.shape[1]),
                    ctypes.c_double(kl_weight), ctypes.c_double(temperature), int(reverse), int(anchored),
-                   ctypes.c_int64(ignore), CODES[z.dtype])  # fmt: skip
+                   int(dft), ctypes.c_int64(ignore), CODES[z.dtype])  # fmt: skip
         return loss, grad
 
 
@@ -555,7 +556,7 @@ def test_protected_adamw_step(emu, case, size, dtype):
         agree(a, e)
 
 
-def anchored_rows_ref(logits, ref, labels, weights, scale, kl_weight, temperature, reverse, ignore):
+def anchored_rows_ref(logits, ref, labels, weights, scale, kl_weight, temperature, reverse, ignore, dft=False):
     """Per row: scale * anchored_lm_loss_ref of that row alone (a one-token batch), and its gradient by autograd,
     the logits being the hidden states of an identity head."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -566,7 +567,7 @@ def anchored_rows_ref(logits, ref, labels, weights, scale, kl_weight, temperatur
         loss = anchored_lm_loss_ref(
             z, eye, labels[t : t + 1], ref_hidden=None if ref is None else ref[t : t + 1], kl_weight=kl_weight,
             temperature=temperature, kl="reverse" if reverse else "forward", ignore_index=ignore,
-            token_weights=None if weights is None else weights[t : t + 1],
+            token_weights=None if weights is None else weights[t : t + 1], token_weighting="dft" if dft else None,
         ) * scale.to(acc)  # fmt: skip
         (grad,) = torch.autograd.grad(loss, z)
         losses.append(loss.detach())
@@ -576,17 +577,19 @@ def anchored_rows_ref(logits, ref, labels, weights, scale, kl_weight, temperatur
 
 @pytest.mark.parametrize("vocab", [1, 31, BLOCK, BLOCK + 1, 1001])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["ce", "forward", "reverse"])
+@pytest.mark.parametrize("mode", ["ce", "forward", "reverse", "dft", "asft"])
 def test_anchored_lm_loss_rows(emu, vocab, dtype, mode):
     gen = torch.Generator().manual_seed(vocab)
     rows = 5
     logits = randn((rows, vocab), dtype, gen, 3.0)
-    ref = (logits.double() + randn((rows, vocab), torch.float64, gen)).to(dtype) if mode != "ce" else None
+    anchored = mode not in ("ce", "dft")
+    ref = (logits.double() + randn((rows, vocab), torch.float64, gen)).to(dtype) if anchored else None
     labels = torch.randint(0, vocab, (rows,), generator=gen)
     labels[2] = -100  # an ignored row: loss 0, zero gradient
-    weights = torch.rand(rows, generator=gen) + 0.5 if mode == "forward" else None
+    weights = torch.rand(rows, generator=gen) + 0.5 if mode in ("forward", "asft") else None
     scale = torch.tensor(1.0 / 4)
-    args = (logits, ref, labels, weights, scale, 0.0 if mode == "ce" else 0.7, 1.5, mode == "reverse", -100)
+    args = (logits, ref, labels, weights, scale, 0.7 if anchored else 0.0, 1.5, mode == "reverse", -100)
+    args += (mode in ("dft", "asft"),)  # DFT's gate exp(-CE), with the forward KL: ASFT
     loss, grad = under_seeds(emu, lambda: emu.anchored_lm_loss_rows(*args))
     expected_loss, expected_grad = anchored_rows_ref(*args)
     agree(loss, expected_loss)

@@ -3,6 +3,8 @@
 //
 //   loss_row = s c (w CE + kl_weight T^2 KL),   d loss / d z_j = s c (w (p_j - [j = y]) + kl_weight T g_j)
 //
+// with DFT (Wu et al. 2025) w multiplied by the label's probability p_y = exp(-CE), never differentiated.
+//
 // One parallel region over the chunk's rows; each row is summed by one thread in a fixed order (deterministic for
 // any thread count). Per row: the maxima, then one pass that writes e = exp(z - max) (and the tempered and
 // reference ones) to thread-local buffers while summing them, then the pass that writes the gradient from those
@@ -134,7 +136,7 @@ const acc_t* widened(const scalar_t* x, acc_t* buffer, int64_t n) {
 struct Options {
   int64_t vocab;
   double kl_weight, temperature;
-  bool reverse, anchored;
+  bool reverse, anchored, dft;
   int64_t ignore_index;
 };
 
@@ -155,6 +157,7 @@ struct Rows {
     const acc_t m_z = max_of(z, n);
     const acc_t s_z = exp_sum(z, acc_t(1), m_z, e_z, n);
     const acc_t ce = m_z + std::log(s_z) - z[label];
+    if (o.dft) weight *= std::exp(-ce);  // DFT: the CE weighted by sg(p_y)
     const acc_t grad_p = scale * weight / s_z;  // d CE part = grad_p e_z - scale weight [j = y]
     if (!o.anchored) {
       for (int64_t j = 0; j < n; ++j) d[j] = grad_p * e_z[j];
@@ -225,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor> anchored_lm_loss_rows(const at::Tensor& logit
                                                          const at::Tensor& labels_,
                                                          const std::optional<at::Tensor>& token_weights,
                                                          const at::Tensor& scale, double kl_weight,
-                                                         double temperature, bool reverse, int64_t ignore_index) {
+                                                         double temperature, bool reverse, int64_t ignore_index,
+                                                         bool dft) {
   TORCH_CHECK(logits_.dim() == 2, "fastforget: logits must be 2-D (rows, vocab), got ", logits_.sizes());
   const int64_t rows = logits_.size(0), vocab = logits_.size(1);
   TORCH_CHECK(vocab >= 1, "fastforget: logits has an empty vocabulary");
@@ -256,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> anchored_lm_loss_rows(const at::Tensor& logit
   const at::Tensor weights = weighted ? token_weights->to(acc_type).contiguous() : at::Tensor();
   at::Tensor loss = at::empty({rows}, logits.options().dtype(acc_type));
   at::Tensor grad = at::empty({rows, vocab}, logits.options());
-  const Options o{vocab, kl_weight, temperature, reverse, anchored, ignore_index};
+  const Options o{vocab, kl_weight, temperature, reverse, anchored, dft, ignore_index};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "anchored_lm_loss_rows", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t s = scale.to(at::kDouble).item<double>();

@@ -35,7 +35,8 @@ std::tuple<at::Tensor, at::Tensor> anchored_lm_loss_rows_cuda(const at::Tensor& 
                                                               const at::Tensor& labels_,
                                                               const std::optional<at::Tensor>& token_weights,
                                                               const at::Tensor& scale_, double kl_weight,
-                                                              double temperature, bool reverse, int64_t ignore_index) {
+                                                              double temperature, bool reverse, int64_t ignore_index,
+                                                              bool dft) {
   TORCH_CHECK(logits_.dim() == 2, "fastforget: logits must be 2-D (rows, vocab), got ", logits_.sizes());
   const int64_t rows = logits_.size(0), vocab = logits_.size(1);
   TORCH_CHECK(vocab >= 1, "fastforget: logits has an empty vocabulary");
@@ -70,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> anchored_lm_loss_rows_cuda(const at::Tensor& 
         reinterpret_cast<const device_t*>(ref.const_data_ptr<scalar_t>()), labels.const_data_ptr<int64_t>(),
         weighted ? weights.const_data_ptr<acc_t>() : nullptr, scale.const_data_ptr<acc_t>(),
         loss.mutable_data_ptr<acc_t>(), reinterpret_cast<device_t*>(grad.mutable_data_ptr<scalar_t>()), rows, vocab,
-        kl_weight, temperature, reverse, anchored, ignore_index, c10::cuda::getCurrentCUDAStream());
+        kl_weight, temperature, reverse, anchored, dft, ignore_index, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_CHECK(err);
   });
   return {loss, grad};

@@ -5,6 +5,7 @@
 //   pass 2  sums of exp(z - m_z), exp(z / T - m_q), exp(a / T - m_r) and the KL cross term (fixed-order block sums)
 //   pass 3  d loss / d z_j = s c (w (p_j - [j = y]) + kl_weight T g_j), rounded once to the logits' dtype
 //
+// With dft (DFT, Wu et al. 2025) w is multiplied by the label's probability exp(-CE), never differentiated.
 // All arithmetic in acc_t (double for fp64 logits, else float); every reduction has a fixed order, so the result
 // does not depend on scheduling. An ignored row (label == ignore_index) gets loss 0 and a zero gradient; a label
 // outside [0, V) (the Python layer rejects those first) gives NaN.
@@ -61,7 +62,7 @@ template <typename acc_t>
 struct AnchoredOptions {
   int64_t vocab;
   acc_t kl_weight, temperature;
-  bool reverse, anchored;
+  bool reverse, anchored, dft;
   int64_t ignore_index;
 };
 
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const bool valid = label >= 0 && label < n;
   const acc_t lse_z = m_z + log_of(s_z);
   const acc_t ce = valid ? lse_z - acc_t(widen(z[label])) : acc_t(NAN);
-  const acc_t c = *scale, w = weights ? weights[row] : acc_t(1);
+  const acc_t c = *scale, w = (weights ? weights[row] : acc_t(1)) * (o.dft ? exp_of(-ce) : acc_t(1));
   acc_t row_loss = c * w * ce, lse_q = 0, lse_r = 0, kl = 0;
   if (o.anchored) {
     s_q = block_allreduce_sum(s_q);
@@ -137,10 +138,11 @@ template <typename scalar_t, typename acc_t>
 cudaError_t launch_anchored_lm_loss_rows(const scalar_t* logits, const scalar_t* ref, const int64_t* labels,
                                          const acc_t* weights, const acc_t* scale, acc_t* loss, scalar_t* grad,
                                          int64_t rows, int64_t vocab, double kl_weight, double temperature,
-                                         bool reverse, bool anchored, int64_t ignore_index, cudaStream_t stream) {
+                                         bool reverse, bool anchored, bool dft, int64_t ignore_index,
+                                         cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const AnchoredOptions<acc_t> o{vocab, static_cast<acc_t>(kl_weight), static_cast<acc_t>(temperature), reverse,
-                                 anchored, ignore_index};
+                                 anchored, dft, ignore_index};
   return launch_kernel(anchored_lm_loss_rows_kernel<scalar_t, acc_t>, rows, stream, logits, ref, labels, weights,
                        scale, loss, grad, o);
 }

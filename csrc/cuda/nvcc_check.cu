@@ -71,20 +71,20 @@ template cudaError_t launch_protected_adamw_step<double>(const int64_t*, int64_t
 
 template cudaError_t launch_anchored_lm_loss_rows<float, float>(const float*, const float*, const int64_t*,
                                                                  const float*, const float*, float*, float*, int64_t,
-                                                                 int64_t, double, double, bool, bool, int64_t,
+                                                                 int64_t, double, double, bool, bool, bool, int64_t,
                                                                  cudaStream_t);
 template cudaError_t launch_anchored_lm_loss_rows<double, double>(const double*, const double*, const int64_t*,
                                                                    const double*, const double*, double*, double*,
-                                                                   int64_t, int64_t, double, double, bool, bool,
+                                                                   int64_t, int64_t, double, double, bool, bool, bool,
                                                                    int64_t, cudaStream_t);
 template cudaError_t launch_anchored_lm_loss_rows<__nv_bfloat16, float>(const __nv_bfloat16*, const __nv_bfloat16*,
                                                                          const int64_t*, const float*, const float*,
                                                                          float*, __nv_bfloat16*, int64_t, int64_t,
-                                                                         double, double, bool, bool, int64_t,
+                                                                         double, double, bool, bool, bool, int64_t,
                                                                          cudaStream_t);
 template cudaError_t launch_anchored_lm_loss_rows<__half, float>(const __half*, const __half*, const int64_t*,
                                                                   const float*, const float*, float*, __half*,
-                                                                  int64_t, int64_t, double, double, bool, bool,
+                                                                  int64_t, int64_t, double, double, bool, bool, bool,
                                                                   int64_t, cudaStream_t);
 
 }  // namespace fastforget::gpu

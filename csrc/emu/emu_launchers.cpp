@@ -165,15 +165,16 @@ int ff_emu_protected_adamw_step(int64_t n, const int64_t* numel, const int64_t* 
 // logits_dtype: a gpu::DtypeCode (acc_t is double for fp64 logits, else float).
 int ff_emu_anchored_lm_loss_rows(const void* logits, const void* ref, const int64_t* labels, const void* weights,
                                  const void* scale, void* loss, void* grad, int64_t rows, int64_t vocab,
-                                 double kl_weight, double temperature, int reverse, int anchored, int64_t ignore_index,
-                                 int logits_dtype) {
+                                 double kl_weight, double temperature, int reverse, int anchored, int dft,
+                                 int64_t ignore_index, int logits_dtype) {
   const auto run = [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
     return gpu::launch_anchored_lm_loss_rows<scalar_t, acc_t>(
         static_cast<const scalar_t*>(logits), static_cast<const scalar_t*>(ref), labels,
         static_cast<const acc_t*>(weights), static_cast<const acc_t*>(scale), static_cast<acc_t*>(loss),
-        static_cast<scalar_t*>(grad), rows, vocab, kl_weight, temperature, reverse != 0, anchored != 0, ignore_index,
+        static_cast<scalar_t*>(grad), rows, vocab, kl_weight, temperature, reverse != 0, anchored != 0, dft != 0,
+        ignore_index,
         nullptr);
   };
   switch (logits_dtype) {

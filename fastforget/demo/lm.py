@@ -27,7 +27,7 @@ import torch
 import fastforget as ff
 from fastforget.demo import lm_data
 
-LM_STRATEGIES = ("finetune", "ewc", "online-ewc", "replay", "lora", "protect", "kl", "si", "combined")
+LM_STRATEGIES = ("finetune", "ewc", "online-ewc", "replay", "lora", "protect", "kl", "si", "combined", "dft", "asft")
 SCENARIO = "lm/prose→code"
 CACHE_VERSION = 1  # bump when pre-training changes in a way the key does not see
 
@@ -165,6 +165,7 @@ def _trainer(model, dataset, steps, lr, config, seed, folder, device, parts=None
         protector=parts.get("protector"), replay_weight=config.replay_weight,
         ewc_max_batches=parts.get("fisher_batches"),
         kl_to_base=parts.get("kl"), base_model=parts.get("base_model"), kl_backend=backend,
+        loss_type=parts.get("loss_type", "nll"),
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line, once per trainer
     return trainer
@@ -231,7 +232,8 @@ def finetune_sets(config, data, seed):
 
 def build_parts(strategy, model, pretrained_state, si_state, config, seed, device, backend, lam=None):
     """The strategy's defences over `model` (already carrying its LoRA adapters): ewc, protector, si, replay, kl,
-    base_model; `lam` overrides the strategy's lambda (ewc / online-ewc / combined: EWC's; kl: the KL weight)."""
+    base_model, loss_type; `lam` overrides the strategy's lambda (ewc / online-ewc / combined: EWC's; kl, asft: the
+    KL weight)."""
     parts = {"fisher_batches": max(1, config.fisher_sequences // config.batch_size)}
     if strategy in ("ewc", "online-ewc", "combined"):
         mode = "online" if strategy == "online-ewc" else "separate"
@@ -244,7 +246,9 @@ def build_parts(strategy, model, pretrained_state, si_state, config, seed, devic
         parts["replay"] = ff.ReplayBuffer(config.replay_capacity, generator=torch.Generator().manual_seed(seed))
     if strategy in ("protect", "combined"):
         parts["protector"] = ff.GradientProtector(model, backend=backend)
-    if strategy == "kl":
+    if strategy in ("dft", "asft"):  # DFT's token weighting inside the fused loss; asft: with kl's anchor
+        parts["loss_type"] = "dft"
+    if strategy in ("kl", "asft"):
         parts["kl"] = config.kl_lambda if lam is None else lam
         base = pretrained_model(pretrained_state, config, seed, device)  # the anchor: a frozen copy
         parts["base_model"] = base.requires_grad_(False).eval()

@@ -7,18 +7,25 @@ labels, c_t = [y_t != ignore_index] and w_t the token weights (1 by default), ov
     q_t   = softmax(z_t / T),   r_t = softmax(a_t / T)
     KL_t  = sum_j r_tj (log r_tj - log q_tj)      kl="forward": KL(p_ref || p_theta)
           = sum_j q_tj (log q_tj - log r_tj)      kl="reverse": KL(p_theta || p_ref)
-    loss  = sum_t c_t (w_t CE_t + kl_weight T^2 KL_t) / max(1, sum_t c_t)
+    loss  = sum_t c_t (w_t g_t CE_t + kl_weight T^2 KL_t) / max(1, sum_t c_t)
+
+where g_t, a token gate that is never differentiated, is 1, or with token_weighting:
+
+    "dft"   g_t = sg(p_t[y_t]) = exp(-CE_t)                  DFT (Wu et al. 2025), TRL's loss_type="dft"
+    "eaft"  g_t = (H20_t / 3)^alpha,  H20_t = the entropy of softmax over the 20 largest logits of z_t
+                                                             EAFT (Diao et al. 2026), LLaMA-Factory's use_eaft_loss
 
 and its gradient with respect to the logits (s = 1 / max(1, sum_t c_t), p_t = softmax(z_t)):
 
-    d loss / d z_tj = s c_t (w_t (p_tj - [j = y_t]) + kl_weight T g_tj)
-    g_tj = q_tj - r_tj                                     (forward)
-    g_tj = q_tj (log q_tj - log r_tj - KL_t)               (reverse)
+    d loss / d z_tj = s c_t (w_t g_t (p_tj - [j = y_t]) + kl_weight T k_tj)
+    k_tj = q_tj - r_tj                                     (forward)
+    k_tj = q_tj (log q_tj - log r_tj - KL_t)               (reverse)
 
 The fused backends never hold more than chunk_size x V logits: per chunk of rows the logits come from one GEMM,
 the row kernel (fastforget::anchored_lm_loss_rows: per row, the softmax sums over the vocabulary -- online in one
 sweep on Triton -- then a sweep that writes the gradient) gives the rows' losses and d loss / d z, and then
-dh = dz W and dW += dz^T h. The
+dh = dz W and dW += dz^T h. The DFT gate is the row kernel's (it needs CE_t, which the kernel has); the EAFT
+gate is a top-20 of the chunk's logits (torch.topk, chunk_size x 20) folded into the token weights. The
 gradients are computed in the forward (as Liger-Kernel does); backward only scales them by the upstream gradient.
 """
 
@@ -34,6 +41,9 @@ from fastforget._dtypes import FLOAT_DTYPES
 from fastforget._schemas import FLAVOURS, qualname
 
 KL_DIRECTIONS = ("forward", "reverse")
+TOKEN_WEIGHTINGS = ("dft", "eaft")
+EAFT_TOP_K = 20  # LLaMA-Factory's and Axolotl's k
+EAFT_NORM = 3.0  # LLaMA-Factory divides the top-20 entropy by 3 (about ln 20, its maximum)
 
 # ---------------------------------------------------------------------------------------------------- reference
 
@@ -47,9 +57,21 @@ def _shifted(labels, token_weights, ignore_index):
     return labels, token_weights
 
 
+def eaft_gate(logits, alpha):
+    """EAFT's token gate (H20 / 3)^alpha from (rows, V) logits, in fp32 (fp64 for fp64), never differentiated: the
+    entropy of the softmax over each row's 20 largest logits (all of them when V < 20), as LLaMA-Factory's
+    _eaft_cross_entropy computes it."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        top = torch.topk(logits.detach().to(acc), min(EAFT_TOP_K, logits.shape[-1]), dim=-1).values
+        log_p = top - torch.logsumexp(top, dim=-1, keepdim=True)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        return (entropy / EAFT_NORM).pow(alpha)
+
+
 def anchored_lm_loss_ref(
     hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, kl_weight=0.0, temperature=1.0,
-    kl="forward", ignore_index=-100, token_weights=None, shift=False,
+    kl="forward", ignore_index=-100, token_weights=None, shift=False, token_weighting=None, eaft_alpha=1.0,
 ):  # fmt: skip
     """The unfused formula on the full logits (HF style): F.cross_entropy + F.kl_div(log_softmax), in fp32 (fp64
     for fp64 inputs) after the GEMM in the inputs' dtype. The oracle of the fused backends; takes no validation."""
@@ -59,9 +81,13 @@ def anchored_lm_loss_ref(
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     counted = labels != ignore_index
     logits = F.linear(hidden, weight, bias).to(acc)
-    per_token = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    per_token = ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
     if token_weights is not None:
         per_token = per_token * token_weights.reshape(-1).to(acc)
+    if token_weighting == "dft":  # TRL: per_token_loss * log_probs.exp().detach()
+        per_token = per_token * torch.exp(-ce).detach()
+    elif token_weighting == "eaft":
+        per_token = per_token * eaft_gate(logits, eaft_alpha)
     if kl_weight:
         with torch.no_grad():
             head = (weight, bias) if ref_weight is None else (ref_weight, None)
@@ -109,7 +135,10 @@ def _check_labels(labels, vocab, ignore_index):
 
 
 def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, kl_weight, temperature, kl, ignore_index,
-                  token_weights, shift, chunk_size):  # fmt: skip
+                  token_weights, shift, chunk_size, token_weighting, eaft_alpha):  # fmt: skip
+    if token_weighting is not None:
+        check.check_choice("token_weighting", token_weighting, TOKEN_WEIGHTINGS)
+    eaft_alpha = check.check_scalar("eaft_alpha", eaft_alpha, minimum=0.0)
     _check_tensor("hidden", hidden)
     _check_tensor("weight", weight)
     if weight.dtype != hidden.dtype:
@@ -161,7 +190,7 @@ def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, kl_weigh
     if token_weights is not None and not torch.compiler.is_compiling() and not torch.isfinite(token_weights).all():
         raise ValueError("token_weights has a non-finite value")
     _check_labels(labels, vocab, ignore_index)
-    return kl_weight, temperature
+    return kl_weight, temperature, eaft_alpha
 
 
 def default_chunk_size(tokens, width, vocab):
@@ -178,18 +207,23 @@ def default_chunk_size(tokens, width, vocab):
 def anchored_lm_loss(
     hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, kl_weight=0.0, temperature=1.0,
     kl="forward", ignore_index=-100, token_weights=None, shift=False, chunk_size=None, backend="auto",
+    token_weighting=None, eaft_alpha=1.0,
 ):  # fmt: skip
-    """mean over counted tokens of [w_t CE_t + kl_weight T^2 KL_t] (see the module docstring), a 0-dim fp32 tensor
+    """mean over counted tokens of [w_t g_t CE_t + kl_weight T^2 KL_t] (the module docstring), a 0-dim fp32 tensor
     (fp64 for fp64 inputs), without materialising the (N, V) logits on a fused backend.
 
     hidden (N, H) or (B, T, H), weight (V, H) (the LM head), labels shaped like hidden's leading dims (a label equal
     to ignore_index is not counted), bias (V,) or None. The reference distribution comes from ref_hidden (hidden's
     leading dims, H_ref) and ref_weight (V, H_ref; default: weight and bias, a shared head) and is never
     differentiated; it is only needed when kl_weight > 0. token_weights (one per label, not differentiated) scale
-    the CE. shift=True predicts labels[..., t + 1] from hidden[..., t, :] (the causal-LM shift). Gradients flow to
-    hidden, weight and bias. Errors: TypeError for wrong types or dtypes (all float tensors of hidden's dtype),
-    ValueError for shapes, devices, a label outside [0, V) that is not ignore_index (naming the first), a negative
-    or non-finite kl_weight, a non-positive or non-finite temperature, non-finite token_weights.
+    the CE. token_weighting gates each token's CE by a factor that is never differentiated (module docstring):
+    "dft" (Dynamic Fine-Tuning: the label's probability, TRL's loss_type="dft"; with kl_weight > 0 this is ASFT),
+    "eaft" (entropy-adaptive: (H20 / 3)^eaft_alpha, LLaMA-Factory's EAFT), or None. shift=True predicts
+    labels[..., t + 1] from hidden[..., t, :] (the causal-LM shift). Gradients flow to hidden, weight and bias.
+    Errors: TypeError for wrong types or dtypes (all float tensors of hidden's dtype), ValueError for shapes,
+    devices, a label outside [0, V) that is not ignore_index (naming the first), a negative or non-finite kl_weight,
+    a non-positive or non-finite temperature, non-finite token_weights, a token_weighting other than "dft", "eaft"
+    or None, a negative or non-finite eaft_alpha.
 
     Under ``torch.autocast`` it computes what the unfused formula computes there: hidden, weight, bias, ref_hidden
     and ref_weight are cast to the autocast dtype for the logits' GEMMs (F.linear's rule), the softmax, CE and KL
@@ -197,9 +231,9 @@ def anchored_lm_loss(
     gradients reach fp32 masters in fp32.
     """
     hidden, weight, bias, ref_hidden, ref_weight = _autocast.cast_inputs(hidden, weight, bias, ref_hidden, ref_weight)
-    kl_weight, temperature = _check_inputs(
+    kl_weight, temperature, eaft_alpha = _check_inputs(
         hidden, weight, labels, bias, ref_hidden, ref_weight, kl_weight, temperature, kl, ignore_index,
-        token_weights, shift, chunk_size,
+        token_weights, shift, chunk_size, token_weighting, eaft_alpha,
     )  # fmt: skip
     if kl_weight == 0:
         ref_hidden = ref_weight = None
@@ -209,6 +243,7 @@ def anchored_lm_loss(
         return anchored_lm_loss_ref(
             hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, kl_weight=kl_weight,
             temperature=temperature, kl=kl, ignore_index=ignore_index, token_weights=token_weights, shift=shift,
+            token_weighting=token_weighting, eaft_alpha=eaft_alpha,
         )  # fmt: skip
     if shift:
         labels, token_weights = _shifted(labels, token_weights, ignore_index)
@@ -226,7 +261,8 @@ def anchored_lm_loss(
     chunk = chunk_size or default_chunk_size(*hidden2d.shape, weight.shape[0])
     loss, *_ = dispatch.native_op("anchored_lm_loss", backend)(
         hidden2d, weight, bias, labels1d, ref_hidden, ref_weight, ref_bias, token_weights, kl_weight, temperature,
-        kl == "reverse", ignore_index, chunk, output_mask,
+        kl == "reverse", ignore_index, chunk, output_mask, token_weighting == "dft",
+        eaft_alpha if token_weighting == "eaft" else -1.0,
     )  # fmt: skip
     return loss
 
@@ -245,7 +281,7 @@ def _chunked(rows_op):
     """The fused op's kernel for one flavour: the chunk loop around that flavour's row op (any device)."""
 
     def run(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, token_weights, kl_weight, temperature,
-            reverse, ignore_index, chunk_size, output_mask):  # fmt: skip
+            reverse, ignore_index, chunk_size, output_mask, dft=False, eaft_alpha=-1.0):  # fmt: skip
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         need_hidden, need_weight, need_bias = output_mask
         n = hidden.shape[0]
@@ -268,8 +304,11 @@ def _chunked(rows_op):
                 logits = F.linear(h, weight, bias)
                 ref_logits = F.linear(ref_hidden[rows], ref_weight, ref_bias) if ref_hidden is not None else None
             weights = token_weights[rows] if token_weights is not None else None
+            if eaft_alpha >= 0:  # the EAFT gate from this chunk's logits (a no-grad top-20), folded into the weights
+                gate = eaft_gate(logits, eaft_alpha).float()
+                weights = gate if weights is None else weights * gate
             loss_rows, d_logits = rows_op(
-                logits, ref_logits, labels[rows], weights, scale, kl_weight, temperature, reverse, ignore_index
+                logits, ref_logits, labels[rows], weights, scale, kl_weight, temperature, reverse, ignore_index, dft
             )
             del logits, ref_logits  # before the gradient GEMMs: at most two chunks of logits live at once
             partials.append(loss_rows.sum())
@@ -294,13 +333,13 @@ def _register(flavour):
     rows, fused = qualname("anchored_lm_loss_rows", flavour), qualname("anchored_lm_loss", flavour)
 
     @torch.library.register_fake(rows)
-    def _(logits, ref_logits, labels, token_weights, scale, kl_weight, temperature, reverse, ignore_index):
+    def _(logits, ref_logits, labels, token_weights, scale, kl_weight, temperature, reverse, ignore_index, dft=False):
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty(logits.shape)
 
     @torch.library.register_fake(fused)
     def _(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, token_weights, kl_weight, temperature,
-          reverse, ignore_index, chunk_size, output_mask):  # fmt: skip
+          reverse, ignore_index, chunk_size, output_mask, dft=False, eaft_alpha=-1.0):  # fmt: skip
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         shapes = (hidden.shape, weight.shape, weight.shape[:1])
         grads = [hidden.new_empty(s) if need else None for s, need in zip(shapes, output_mask)]
@@ -311,8 +350,8 @@ def _register(flavour):
     # torch.autocast, as on the unfused formula: the GEMMs' inputs in the autocast dtype, the row math (softmax,
     # CE, KL) on fp32 logits; token_weights and scale are fp32 in any case
     lower, fp32 = _autocast.LOWER, _autocast.FP32
-    _autocast.register(fused.split("::")[1], (lower, lower, lower, None, lower, lower, lower, fp32) + (None,) * 6)
-    _autocast.register(rows.split("::")[1], (fp32, fp32, None, fp32, fp32) + (None,) * 4)
+    _autocast.register(fused.split("::")[1], (lower, lower, lower, None, lower, lower, lower, fp32) + (None,) * 8)
+    _autocast.register(rows.split("::")[1], (fp32, fp32, None, fp32, fp32) + (None,) * 5)
     device_types = ("cpu", "cuda")
     torch.library.register_kernel(fused, device_types, _chunked(rows_op))
 
@@ -323,7 +362,7 @@ def _register(flavour):
 
     def backward(ctx, grad_loss, *_):
         grads = [None if g is None else g * grad_loss for g in ctx.saved_tensors]
-        return *grads, *[None] * 11  # labels .. output_mask get none
+        return *grads, *[None] * 13  # labels .. eaft_alpha get none
 
     torch.library.register_autograd(fused, backward, setup_context=setup_context)
 
