@@ -439,6 +439,11 @@ class DefenceAttributes:
         anchor = self.defences.named("kl_to_base")
         return None if anchor is None else anchor.base_model
 
+    @property
+    def token_weighting(self):
+        anchor = self.defences.named("kl_to_base")
+        return None if anchor is None else TOKEN_WEIGHTING[anchor.loss_type]
+
 
 def build_defences(
     defences=None, *, ewc=None, replay=None, protector=None, si=None, replay_weight=1.0, replay_batch_size=None,

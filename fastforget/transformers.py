@@ -141,6 +141,12 @@ class ProtectionMixin(DefenceAttributes):
 
     # -------------------------------------------------------------------------------------------- training
 
+    @property
+    def _accumulation_steps(self):
+        """The Trainer's micro-batches per optimizer step (set by train(); its arguments' value before it runs, e.g.
+        for a compute_loss called by hand)."""
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
     def _scaled_for_accumulation(self, num_items_in_batch):
         """Whether the Trainer takes this micro-batch's loss as already normalised over the accumulated batch (it
         then does not divide it by the accumulation steps): its own rule in training_step."""
@@ -153,7 +159,7 @@ class ProtectionMixin(DefenceAttributes):
         accumulation steps, a loss it normalises over the accumulated batch (num_items_in_batch) it takes as is."""
         if self._scaled_for_accumulation(num_items_in_batch):
             return value.detach()
-        return value.detach() / self.current_gradient_accumulation_steps
+        return value.detach() / self._accumulation_steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         anchor = self.defences.task_loss
@@ -179,8 +185,8 @@ class ProtectionMixin(DefenceAttributes):
             if term is None:
                 continue
             # the term, a mean, must end up divided by the accumulation steps once, as the Trainer's own loss
-            self._protection_logs[term.name].append(term.value.detach() / self.current_gradient_accumulation_steps)
-            steps = self.current_gradient_accumulation_steps if self._scaled_for_accumulation(num_items_in_batch) else 1
+            self._protection_logs[term.name].append(term.value.detach() / self._accumulation_steps)
+            steps = self._accumulation_steps if self._scaled_for_accumulation(num_items_in_batch) else 1
             loss = loss + term.weight / steps * term.value
         return (loss, outputs) if return_outputs else loss
 
