@@ -123,30 +123,6 @@ def check_distinct(name: str, tensors: list) -> None:
             raise ValueError(f"{name}[{j}] and {name}[{i}] are the same tensor")
 
 
-def check_no_overlap(name: str, tensors: list) -> None:
-    """Tensors written in place must not share memory, or one element would be updated twice. None is skipped.
-
-    Not checked while torch.compile traces (fake tensors have no addresses): the eager call is the guard."""
-    if torch.compiler.is_compiling():
-        return
-    spans = []
-    for i, t in enumerate(tensors):
-        if t is None or t.numel() == 0:
-            continue
-        if torch._debug_has_internal_overlap(t) == 1:  # e.g. an expand()ed tensor: elements share memory
-            raise ValueError(f"{name}[{i}] has elements that share memory (an expanded view?); it cannot be written")
-        start = t.data_ptr()
-        if t.is_contiguous():
-            extent = t.numel()
-        else:
-            extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
-        spans.append((start, start + extent * t.element_size(), i))
-    spans.sort()
-    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
-        if start < end:
-            raise ValueError(f"{name}[{min(i, j)}] and {name}[{max(i, j)}] overlap in memory")
-
-
 def _span(t):
     """[start, end) byte addresses of t's memory (its extent for a strided view)."""
     start = t.data_ptr()

@@ -84,7 +84,6 @@ def _check_state(name, state, grads, acc):
             raise TypeError(f"{name}[{i}] has dtype {s.dtype}; the state must be all float32 or all float64")
         if not s.is_contiguous():
             raise ValueError(f"{name}[{i}] is not contiguous; the state is updated in place")
-    check.check_no_overlap(name, state)
     return state
 
 
