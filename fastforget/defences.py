@@ -457,7 +457,8 @@ def build_defences(
     batch = check.optional(check.check_int, "replay_batch_size", replay_batch_size, minimum=1)
     fused_loss = kl_to_base is not None or TOKEN_WEIGHTING[check_loss_type(loss_type)] is not None
     anchor = KLAnchor(kl_to_base or 0.0, base_model, kl_backend, loss_type) if fused_loss else None
-    _kl_backend(kl_backend)
+    if anchor is None:  # the anchor checked it
+        _kl_backend(kl_backend)
     built = [ewc, si, protector, None if replay is None else Replay(replay, weight, batch), anchor]
     return [d for d in built if d is not None] + extra
 

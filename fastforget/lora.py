@@ -97,8 +97,7 @@ class LoRALinear(nn.Module):
 
     @backend.setter
     def backend(self, value):
-        if value not in ("auto", *BACKENDS):
-            raise ValueError(f"unknown backend {value!r}; expected one of {('auto',) + BACKENDS}")
+        _check_backend(value)
         self._backend = value
 
     @property
@@ -206,6 +205,10 @@ def _check_adapter(r, alpha, dropout, use_rslora, backend):
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     check.check_bool("use_rslora", use_rslora)
+    _check_backend(backend)
+
+
+def _check_backend(backend):
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}")
 
