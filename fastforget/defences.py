@@ -179,17 +179,12 @@ class Defence:
         """Called once by a trainer with the model it trains; raise if this defence cannot work on it. By default: a
         defence over parameters (``self.params``) must cover parameters of this model, or its work would go into
         another model's gradients."""
-        params = getattr(self, "params", None)
-        if not params:
-            return
-        owned = {id(p) for p in model.parameters()}
-        names = getattr(self, "names", None) or [f"params[{i}]" for i in range(len(params))]
-        for name, p in zip(names, params):
-            if id(p) not in owned:
-                raise ValueError(
-                    f"the {type(self).__name__} covers {name!r}, which is not a parameter of the model being trained: "
-                    "build it over this model"
-                )
+        name = foreign_parameter(self, model)
+        if name is not None:
+            raise ValueError(
+                f"the {type(self).__name__} covers {name!r}, which is not a parameter of the model being trained: "
+                "build it over this model"
+            )
 
     def task_loss(self, ctx: LossContext) -> LossTerm | None:
         """The micro-batch's task loss computed by this defence instead of the consumer (at most one defence does),
@@ -241,6 +236,14 @@ class Defence:
 def overrides(defence, hook: str) -> bool:
     """Whether `defence` does something in `hook` (overrides the protocol's no-op): consumers time only those."""
     return getattr(type(defence), hook) is not getattr(Defence, hook)
+
+
+def foreign_parameter(defence, model):
+    """The name of the first of ``defence.params`` (if it has any) that is not a parameter of `model`, or None."""
+    params = getattr(defence, "params", None) or []
+    owned = {id(p) for p in model.parameters()} if params else set()
+    names = getattr(defence, "names", None) or [f"params[{i}]" for i in range(len(params))]
+    return next((name for name, p in zip(names, params) if id(p) not in owned), None)
 
 
 def check_covers(params, members, label):

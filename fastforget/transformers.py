@@ -54,7 +54,15 @@ from fastforget._batch import to_device
 from fastforget.arguments import ProtectionArguments
 from fastforget.callbacks import ForgettingCallback  # noqa: F401  (fastforget.transformers.ForgettingCallback)
 from fastforget.checkpoint import STATE_FILE, last_complete_checkpoint, load_state, save_state  # noqa: F401
-from fastforget.defences import DefenceAttributes, Defences, LMHeadInputs, LossContext, TaskData, build_defences
+from fastforget.defences import (
+    DefenceAttributes,
+    Defences,
+    LMHeadInputs,
+    LossContext,
+    TaskData,
+    build_defences,
+    foreign_parameter,
+)
 from fastforget.fisher import scalar_loss
 
 try:
@@ -456,9 +464,8 @@ class _DefencesHoldTheTrainedParameters(transformers.TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        trained = {id(p) for p in self.trainer.model.parameters()}
         for defence in self.trainer.defences:
-            if any(id(p) not in trained for p in getattr(defence, "params", ())):
+            if foreign_parameter(defence, self.trainer.model) is not None:
                 raise ValueError(
                     f"the {defence.name} holds parameters that the trained model does not have (the Trainer replaced "
                     "them when it prepared the model, as accelerate's FSDP2 does, or it was built over another model): "
