@@ -10,11 +10,17 @@
 
 Sources are ``nn.Module`` objects, state dicts (name -> tensor) or ``ff.EWC`` objects (their anchors, and Fisher);
 parameters are matched by name. Every input is checked before anything is written.
+
+Under FSDP2 (DTensor parameters sharded over a 1-D mesh) each rank merges its local shards: a source's tensor is
+sharded like its parameter first (a full tensor as rank 0 holds it, a DTensor resharded), and ``normalize``'s
+Fisher norms are summed over the process group, so every rank writes its part of the single-process result.
 """
 
 import torch
+import torch.distributed as dist
 
 from fastforget import _validation as check
+from fastforget import distributed as dist_util
 from fastforget.ewc import EWC
 from fastforget.lora import lora_modules
 from fastforget.ops.weight_merge import weight_merge_
@@ -55,9 +61,15 @@ def _is_adapter(name):
 
 
 def _named_trainable(model):
+    """`model`'s trainable (name, parameter) pairs and the process group they are sharded over (None: plain)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, found {type(model).__name__}")
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return named, dist_util.check_parameters([n for n, _ in named], [p for _, p in named])
+
+
+def _shards(params):
+    return [dist_util.local(p) for p in params]
 
 
 def _state(name, source, fisher=False):
@@ -75,7 +87,8 @@ def _state(name, source, fisher=False):
 
 
 def _gather(name, state, names, params):
-    """state's tensors for `names`, each shaped like its parameter, or a ValueError naming the first mismatch."""
+    """state's tensors for `names`, each shaped like its parameter (its local shard under FSDP2), or a ValueError
+    naming the first mismatch; every entry is checked before any is sharded (a collective)."""
     tensors = []
     for n, p in zip(names, params):
         t = state.get(n)
@@ -85,8 +98,8 @@ def _gather(name, state, names, params):
             raise TypeError(f"{name}[{n!r}] must be a tensor, found {type(t).__name__}")
         if t.shape != p.shape:
             raise ValueError(f"{name}[{n!r}] has shape {tuple(t.shape)}; expected {tuple(p.shape)}")
-        tensors.append(t.detach().to(p.device))
-    return tensors
+        tensors.append(t.detach())
+    return [dist_util.local(dist_util.shard_like(t, p)).to(dist_util.local(p).device) for t, p in zip(tensors, params)]
 
 
 def wise_ft(model, base=None, alpha=0.5, *, backend="auto"):
@@ -101,7 +114,7 @@ def wise_ft(model, base=None, alpha=0.5, *, backend="auto"):
     Returns ``model``. Nothing is changed when an argument is rejected.
     """
     alpha = check.check_real("alpha", alpha, minimum=0.0, maximum=1.0)
-    named = _named_trainable(model)
+    named, _ = _named_trainable(model)
     adapters = _adapter_scales(model)
     others = [(n, p) for n, p in named if not _is_adapter(n)]
     if not adapters and not others:
@@ -115,9 +128,9 @@ def wise_ft(model, base=None, alpha=0.5, *, backend="auto"):
     anchors = _gather("base", _state("base", base), names, params) if others else []
     with torch.no_grad():
         if others:
-            weight_merge_(params, [anchors, params], [1.0 - alpha, alpha], backend=backend)
+            weight_merge_(_shards(params), [anchors, _shards(params)], [1.0 - alpha, alpha], backend=backend)
         if adapters:
-            weight_merge_(adapters, [adapters], [alpha], backend=backend)
+            weight_merge_(_shards(adapters), [_shards(adapters)], [alpha], backend=backend)
     return model
 
 
@@ -136,7 +149,7 @@ def fisher_merge(model, sources, weights=None, fishers=None, *, fisher_floor=1e-
     ``normalize`` divides each w_k by the L2 norm of F_k over the whole model (their ``normalize_fishers``).
     Returns ``model``. Nothing is changed when an argument is rejected.
     """
-    named = _named_trainable(model)
+    named, group = _named_trainable(model)
     if not named:
         raise ValueError("fisher_merge: the model has no trainable parameters to merge into")
     names, params = [n for n, _ in named], [p for _, p in named]
@@ -158,7 +171,7 @@ def fisher_merge(model, sources, weights=None, fishers=None, *, fisher_floor=1e-
     if fishers is None:  # the isometric (plain weighted) average
         total = sum(weights)
         with torch.no_grad():
-            weight_merge_(params, thetas, [w / total for w in weights], backend=backend)
+            weight_merge_(_shards(params), thetas, [w / total for w in weights], backend=backend)
         return model
     if not isinstance(fishers, (list, tuple)) or len(fishers) != k:
         raise ValueError(f"fishers must be a list of {k} Fishers (one per source), found {type(fishers).__name__}")
@@ -172,12 +185,14 @@ def fisher_merge(model, sources, weights=None, fishers=None, *, fisher_floor=1e-
     if not favor_first and fisher_floor <= 0:
         raise ValueError("fisher_floor must be > 0 (else 0 / 0 where no Fisher sees a parameter)")
     if normalize:
-        norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.float() for t in f]))).item()
-                 for f in fisher]  # fmt: skip
+        squares = torch.stack([torch.stack([t.double().square().sum() for t in f]).sum() for f in fisher])
+        if group is not None:  # each rank holds its shards' part of every norm
+            dist.all_reduce(squares, group=group)
+        norms = squares.sqrt().tolist()
         if any(n == 0 for n in norms):
             raise ValueError(f"fishers[{norms.index(0)}] is zero everywhere; it cannot be normalized")
         weights = [w / n for w, n in zip(weights, norms)]
     floors = [fisher_floor] + [0.0 if favor_first else fisher_floor] * (k - 1)
     with torch.no_grad():
-        weight_merge_(params, thetas, weights, fisher=fisher, floors=floors, backend=backend)
+        weight_merge_(_shards(params), thetas, weights, fisher=fisher, floors=floors, backend=backend)
     return model

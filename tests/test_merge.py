@@ -7,6 +7,7 @@ import torch
 from conftest import FUSED_BACKENDS
 
 import fastforget as ff
+from fastforget import distributed as dist_util
 from fastforget.testing import assert_close
 
 BACKENDS = FUSED_BACKENDS + ["reference"]
@@ -212,3 +213,54 @@ def test_fisher_merge_bad_input_changes_nothing():
     with pytest.raises(TypeError, match=r"sources\[1\] must be"):
         ff.fisher_merge(models[0], [models[0], [1, 2]])
     assert_unchanged(models[0], before)
+
+
+def fsdp_merges(rank, world_size):
+    """wise_ft and fisher_merge (weighted, favor_first, normalize) on an FSDP2-sharded model, each from the same
+    full-tensor sources as the single-process run; sources include the sharded model itself (DTensors)."""
+    from test_distributed import full, sharded_mlp
+
+    base, tuned, fishers = merge_sources()
+    results = {}
+    for case, merge in MERGES.items():
+        model = sharded_mlp()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(dist_util.shard_like(tuned[n], p))
+        merge(model, base, fishers)
+        results[case] = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    return results
+
+
+def merge_sources():
+    from test_distributed import mlp
+
+    g = torch.Generator().manual_seed(3)
+    base = {n: t.clone() for n, t in mlp().state_dict().items()}
+    tuned = {n: t + 0.3 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+    fishers = [{n: torch.rand(t.shape, generator=g) ** 3 for n, t in base.items()} for _ in range(2)]
+    return base, tuned, fishers
+
+
+MERGES = {
+    "wise_ft": lambda model, base, fishers: ff.wise_ft(model, base, 0.3),
+    "fisher_merge": lambda model, base, fishers: ff.fisher_merge(model, [model, base], [0.7, 0.3], fishers),
+    "normalize": lambda model, base, fishers: ff.fisher_merge(
+        model, [base, model], [0.5, 0.5], fishers, normalize=True, favor_first=False
+    ),
+}
+
+
+def test_merges_under_fsdp2_equal_the_single_process_merge(tmp_path):
+    from distributed_utils import run_ranks
+    from test_distributed import mlp
+
+    ranks = run_ranks(fsdp_merges, tmp_path)
+    base, tuned, fishers = merge_sources()
+    for case, merge in MERGES.items():
+        model = mlp()
+        model.load_state_dict(tuned)
+        merge(model, base, fishers)
+        for n, p in model.named_parameters():
+            for rank in ranks:
+                torch.testing.assert_close(rank[case][n], p.detach(), rtol=1e-6, atol=1e-7, msg=f"{case} {n}")
