@@ -300,14 +300,6 @@ class Replay(Defence):
         self.buffer.load_state_dict(state)
 
 
-def _kl_backend(backend):
-    from fastforget.dispatch import BACKENDS
-
-    if not any(backend == b and type(backend) is type(b) for b in ("auto", *BACKENDS)):
-        raise ValueError(f"kl_backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
 class KLAnchor(Defence):
     """The KL anchor to the base model: the task loss becomes ``ff.anchored_lm_loss`` on the final hidden states,
     mean CE + weight T^2 KL(p_base || p_theta), fused and chunked (no logits materialised). The base's hidden
@@ -327,7 +319,7 @@ class KLAnchor(Defence):
             self.weight = check.check_real("kl_to_base", weight, minimum=0.0)
         except ValueError:
             raise ValueError(f"kl_to_base must be a finite number >= 0, got {weight!r}") from None
-        self.backend, self.base_model = _kl_backend(backend), base_model
+        self.backend, self.base_model = check.check_backend("kl_backend", backend), base_model
         self.loss_type = check_loss_type(loss_type)
 
     def __repr__(self):
@@ -461,7 +453,7 @@ def build_defences(
     fused_loss = kl_to_base is not None or TOKEN_WEIGHTING[check_loss_type(loss_type)] is not None
     anchor = KLAnchor(kl_to_base or 0.0, base_model, kl_backend, loss_type) if fused_loss else None
     if anchor is None:  # the anchor checked it
-        _kl_backend(kl_backend)
+        check.check_backend("kl_backend", kl_backend)
     built = [ewc, si, protector, None if replay is None else Replay(replay, weight, batch), anchor]
     return [d for d in built if d is not None] + extra
 
