@@ -35,9 +35,12 @@ def sources(root: Path, with_cuda: bool) -> list[Path]:
 
 
 def hashed_files(root: Path) -> list[Path]:
-    """Every file a build reads from the source tree (sources and headers, any sub-folder)."""
+    """Every file a build reads from the source tree (sources and headers, any sub-folder but csrc/emu: the CUDA
+    emulator is built by its tests, never into the extension)."""
     suffixes = {".cpp", ".cu", ".h", ".hpp", ".cuh"}
-    return sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.is_file())
+    return sorted(
+        p for p in root.rglob("*") if p.suffix in suffixes and p.is_file() and "emu" not in p.relative_to(root).parts
+    )
 
 
 def cpu_arch() -> str:
