@@ -18,6 +18,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 import fastforget as ff
 from fastforget import checkpoint
@@ -181,10 +182,8 @@ def fsdp_run(folder, rank):
     }  # fmt: skip
 
 
-if __name__ == "__main__":
-    from pathlib import Path
-
-    out = Path(sys.argv[1])
+@record  # a failing rank's traceback goes to torchrun's summary (error.json), not only to its own stderr
+def main(out):
     torch.set_num_threads(1)
     result = {"sft": sft_run(out / "sft")}
     rank = dist.get_rank()
@@ -193,3 +192,9 @@ if __name__ == "__main__":
     torch.save(result, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    main(Path(sys.argv[1]))
