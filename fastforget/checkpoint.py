@@ -13,6 +13,9 @@ atomic on POSIX) and its folder ``fsync``'ed so that the rename itself is durabl
 complete state, and a kill leaves at most a stray ``.tmp``. A DCP folder is written to ``fastforget_state.tmp/``
 (DCP writes its ``.metadata`` last) and renamed by rank 0 once every rank has finished.
 
+With several processes ``save_state`` ends with a barrier: when it returns on any rank, every rank's files are in
+place under their final names, and any rank may load them at once.
+
 A Trainer checkpoint is *complete* when its ``trainer_state.json`` (the Trainer writes it last, before it deletes
 older checkpoints) parses and every fastforget file the run needs is there: ``last_complete_checkpoint`` picks the
 newest such folder. ``load_state`` turns a missing or torn file into a ``ValueError`` naming the checkpoint.
@@ -97,6 +100,7 @@ def _save_sharded(state, folder, rank):
         os.replace(temporary, final)
         _fsync_folder(folder)
         shutil.rmtree(previous, ignore_errors=True)
+    # the other ranks wait in save_state's closing barrier until the rename is done
 
 
 def save_state(state, folder, *, rank=0, world_size=1, writer=True):
@@ -104,7 +108,8 @@ def save_state(state, folder, *, rank=0, world_size=1, writer=True):
 
     `writer`: whether this rank writes the shared file (the Trainer's ``args.should_save``). With world_size > 1 each
     rank writes its PER_RANK parts to its own file; a shared state that holds DTensors (FSDP2) goes through DCP on
-    every rank (collectives: then every rank must call)."""
+    every rank. With world_size > 1 every rank must call (collectives): it returns once all ranks' files are
+    written, so that any rank may load them right away."""
     os.makedirs(folder, exist_ok=True)
     own = {name: state[name] for name in PER_RANK if name in state and world_size > 1}
     shared = {name: part for name, part in state.items() if name not in own}
@@ -114,6 +119,8 @@ def save_state(state, folder, *, rank=0, world_size=1, writer=True):
         _write_atomically(shared, os.path.join(folder, STATE_FILE))
     if own:
         _write_atomically(own, os.path.join(folder, rank_file(rank)))
+    if world_size > 1:
+        dist.barrier()
 
 
 def _torn(path):

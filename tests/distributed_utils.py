@@ -5,10 +5,15 @@ Each rank runs ``fn(rank, world_size, *args)`` under ``init_process_group("gloo"
 others are terminated and the exception is re-raised here (torch.multiprocessing's ``ProcessRaisedException``);
 if the ranks are not done within ``timeout`` seconds they are killed and ``TimeoutError`` is raised, so a hung
 collective cannot hang the test suite.
+
+``torchrun`` launches a script under ``torchrun`` instead (when it needs torchrun's environment, e.g. a Trainer's own
+DDP), each rank's output in its own log file, so that a failure shows every rank's traceback in full.
 """
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -50,3 +55,24 @@ def run_ranks(fn, out_dir, *args, world_size=2, timeout=120):
                 process.kill()
                 process.join()
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def torchrun(script, *args, log_dir, nproc=2, timeout=400):
+    """Run ``script args`` under ``torchrun --nproc_per_node nproc`` with this checkout first on PYTHONPATH.
+
+    Each rank's stdout and stderr go to their own files under `log_dir` (``--redirects 3``). If the launch fails,
+    AssertionError carries the end of every rank's stderr -- its traceback -- and torchrun's summary: the rank that
+    failed first is then not hidden behind the peer that only saw it go (gloo's "Connection closed by peer")."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), f"--master_port={free_port()}",
+        "--log-dir", str(log_dir), "--redirects", "3", str(script), *map(str, args),
+    ]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if run.returncode != 0:
+        logs = sorted(Path(log_dir).glob("*/attempt_*/*/stderr.log"), key=lambda path: path.parent.name)
+        ranks = [f"--- local rank {log.parent.name}, {log}:\n{log.read_text()[-5000:]}" for log in logs]
+        summary = run.stderr[-3000:]
+        raise AssertionError("\n".join([f"torchrun exited with {run.returncode}", *ranks, "--- torchrun:", summary]))

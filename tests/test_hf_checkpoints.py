@@ -170,16 +170,9 @@ def test_under_ddp_sft_fisher_weights_replay_checkpoints_and_fsdp2_dcp(tmp_path)
     rank's file and continues bitwise; an FSDP2-sharded EWC
     and protector go through DCP (no fastforget_state.pt) and load back on 2 ranks and into one process."""
     pytest.importorskip("trl")
-    from distributed_utils import free_port
+    from distributed_utils import torchrun
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}"]
-    run = subprocess.run(
-        [*torchrun, str(Path(__file__).with_name("trainers_ddp.py")), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-4000:]
+    torchrun(Path(__file__).with_name("trainers_ddp.py"), tmp_path, log_dir=tmp_path / "logs", timeout=400)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     # SFTTrainer: the same Fisher (before and after training) and weights on both ranks

@@ -4,20 +4,26 @@ tests/test_hf_checkpoints.py, plus fastforget's DCP checkpoint of an FSDP2-shard
 1. TRL's SFTTrainer + ProtectionMixin + EWC on raw text: end_task() before training (the model not wrapped yet),
    2 steps, end_task() (the DDP-wrapped model), 2 more steps. Each rank returns both Fishers and its weights.
 2. ProtectedHFTrainer with a replay buffer per rank (generators seeded by the rank): end_task, 4 steps with
-   checkpoints at 2 and 4, save_model; a fresh trainer restoring through load_protection; rank 1's replay file
-   removed from checkpoint-4, and a fresh trainer's train(resume_from_checkpoint=True) redoing steps 3 and 4.
+   checkpoints at 2 and 4, save_model (rank 0's renames lagging); a fresh trainer restoring through load_protection
+   right away; rank 1's replay file removed from checkpoint-4, and a fresh trainer's
+   train(resume_from_checkpoint=True) redoing steps 3 and 4.
 3. A model sharded by fully_shard with EWC + element protector: fastforget.checkpoint.save_state writes it
-   through DCP (every rank its shards), load_state + load_state_dict restore it into fresh objects.
+   through DCP (every rank its shards; rank 0's renames lagging), load_state + load_state_dict restore it into
+   fresh objects right away.
 
     torchrun --nproc_per_node 2 tests/trainers_ddp.py OUT_DIR
 Rank r saves what it saw to OUT_DIR/rank<r>.pt; the folders it wrote stay in OUT_DIR.
 """
 
+import contextlib
 import os
 import sys
+import time
+from unittest import mock
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 import fastforget as ff
 from fastforget import checkpoint
@@ -93,6 +99,23 @@ def sft_run(folder):
     return {"fisher_before": first, "fisher_after": second, "weights": [p.detach().clone() for p in model.parameters()]}
 
 
+@contextlib.contextmanager
+def renames_lag_on_rank0(rank, seconds=2.0):
+    """Rank 0's os.replace calls lag, as on a loaded machine (where CI once saw rank 1 look for the DCP folder
+    before rank 0 had renamed it into place): a save must return on no rank before every file is in place."""
+    if rank != 0:
+        yield
+        return
+    replace = os.replace
+
+    def late_replace(source, target):
+        time.sleep(seconds)
+        replace(source, target)
+
+    with mock.patch.object(os, "replace", late_replace):
+        yield
+
+
 def collate(examples):
     ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -117,7 +140,8 @@ def replay_run(folder, rank):
     trainer = replay_trainer(folder / "run", rank, max_steps=4)
     trainer.end_task()
     trainer.train()
-    trainer.save_model(str(folder / "model"))
+    with renames_lag_on_rank0(rank):  # then every rank loads at once
+        trainer.save_model(str(folder / "model"))
     saved = trainer.protection_state_dict()
     restored = replay_trainer(folder / "other", rank, max_steps=0)
     restored.load_protection(folder / "model")
@@ -160,7 +184,8 @@ def fsdp_run(folder, rank):
         model(torch.randn(6, 4, generator=g)).square().mean().backward()
         protector.protect_()
     state = {"ewc": ewc.state_dict(), "protector": protector.state_dict()}
-    checkpoint.save_state(state, str(folder / "fsdp"), rank=rank, world_size=2, writer=rank == 0)
+    with renames_lag_on_rank0(rank):  # then every rank loads at once
+        checkpoint.save_state(state, str(folder / "fsdp"), rank=rank, world_size=2, writer=rank == 0)
     fresh = sharded_model()
     ewc2, protector2 = ff.EWC(fresh, lam=0.5), ff.GradientProtector(fresh, mode="element")
     loaded = checkpoint.load_state(
@@ -181,10 +206,8 @@ def fsdp_run(folder, rank):
     }  # fmt: skip
 
 
-if __name__ == "__main__":
-    from pathlib import Path
-
-    out = Path(sys.argv[1])
+@record  # a failing rank's traceback goes to torchrun's summary (error.json), not only to its own stderr
+def main(out):
     torch.set_num_threads(1)
     result = {"sft": sft_run(out / "sft")}
     rank = dist.get_rank()
@@ -193,3 +216,9 @@ if __name__ == "__main__":
     torch.save(result, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    main(Path(sys.argv[1]))
