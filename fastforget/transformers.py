@@ -427,9 +427,9 @@ class ProtectionMixin(DefenceAttributes):
         therefore complete on disk (written atomically) before the checkpoint can count as complete and before
         the previous one may be deleted; overriding ``_save_checkpoint`` itself could only write after rotation.
         It is written before the weights, so that a ``push_to_hub`` at the end of a user's call carries it."""
+        # save_state returns on every rank once all ranks' files are on disk: a checkpoint's state is complete
+        # before rank 0 writes trainer_state.json
         self.save_protection(self.args.output_dir if output_dir is None else output_dir)
-        if _internal_call:  # a checkpoint: every rank's files are on disk before rank 0 writes trainer_state.json
-            self.accelerator.wait_for_everyone()
         return super().save_model(output_dir, _internal_call)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
