@@ -77,14 +77,24 @@ class QuantMap {
     for (; i < n; ++i) out[i] = nearest(std::min(std::max(x[i] * inv, -1.0f), 1.0f));
   }
 
-  // out[0..n) = values[codes] * absmax (one block).
+  // out[0..n) = values[codes] * absmax (one block). The 256 values sit in 16 vector registers, looked up by 8
+  // two-register permutes and a blend tree on the code's top 3 bits (faster here than a gather).
   void dequantize(const uint8_t* codes, float absmax, float* out, int64_t n) const {
     int64_t i = 0;
 #if defined(__AVX512F__)
     const __m512 scale = _mm512_set1_ps(absmax);
+    __m512 t[16];
+    for (int k = 0; k < 16; ++k) t[k] = _mm512_loadu_ps(values_ + 16 * k);
     for (; i + 16 <= n; i += 16) {
       const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
-      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(c, values_, 4), scale));
+      __m512 r[8];
+      for (int k = 0; k < 8; ++k) r[k] = _mm512_permutex2var_ps(t[2 * k], c, t[2 * k + 1]);
+      const __mmask16 b5 = _mm512_test_epi32_mask(c, _mm512_set1_epi32(32));
+      const __mmask16 b6 = _mm512_test_epi32_mask(c, _mm512_set1_epi32(64));
+      const __mmask16 b7 = _mm512_test_epi32_mask(c, _mm512_set1_epi32(128));
+      for (int k = 0; k < 4; ++k) r[k] = _mm512_mask_blend_ps(b5, r[2 * k], r[2 * k + 1]);
+      for (int k = 0; k < 2; ++k) r[k] = _mm512_mask_blend_ps(b6, r[2 * k], r[2 * k + 1]);
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mask_blend_ps(b7, r[0], r[1]), scale));
     }
 #endif
     for (; i < n; ++i) out[i] = values_[codes[i]] * absmax;
