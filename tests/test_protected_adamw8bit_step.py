@@ -121,10 +121,13 @@ def bnb_adam_step(p, g, state, step, lr, betas, eps, weight_decay):
 
 
 @pytest.mark.parametrize("shape", [(4097,), (33, 17), (257,)], ids=str)
-def test_reference_is_bitsandbytes_adamw8bit(shape):
-    """Plain AdamW over several steps: the reference against bitsandbytes' CPU 8-bit Adam using its own
-    nearest-code quantizer (that of its CUDA kernel). Its first moment is m beta1 + (1 - beta1) g where torch (and
-    we) lerp, so a rounding tie can fall differently: a handful of codes may be one apart."""
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_is_bitsandbytes_adamw8bit(shape, backend):
+    """Plain AdamW over several steps: the reference and the C++ kernel against bitsandbytes' CPU 8-bit Adam using
+    its own nearest-code quantizer (that of its CUDA kernel). Its first moment is m beta1 + (1 - beta1) g where
+    torch (and we) lerp, so a rounding tie can fall differently: a handful of codes may be one apart."""
+    if backend == "cpu" and not ff.available_backends()["cpu"]:
+        pytest.skip("no C++ build")
     gen = torch.Generator().manual_seed(1)
     p = torch.randn(shape, generator=gen)
     state = [torch.full(shape, 127, dtype=torch.uint8), torch.zeros(shape, dtype=torch.uint8)]
@@ -136,7 +139,7 @@ def test_reference_is_bitsandbytes_adamw8bit(shape):
         for k in range(6):
             g = torch.randn(shape, generator=gen)
             bnb_adam_step(p, g, state, k + 1, **hyper)
-            ff.protected_adamw8bit_step([ours[0]], [g], *([t] for t in ours[1:]), [step], **hyper, backend="reference")
+            ff.protected_adamw8bit_step([ours[0]], [g], *([t] for t in ours[1:]), [step], **hyper, backend=backend)
             for name, got, want in zip(("exp_avg", "exp_avg_sq"), ours[1:3], state[:2]):
                 off = (got.int() - want.int()).abs()
                 assert bool((off <= 1).all()) and int((off > 0).sum()) <= 4, (k, name)
@@ -201,6 +204,16 @@ def test_matches_reference(backend, parts, param_dtype):
     assert_close(penalty, expected, torch.float32)
     assert_state_close(kw, want, param_dtype)
     assert all(float(s) == 3 * i + 1 for i, s in enumerate(kw["steps"]))
+
+
+@pytest.mark.parametrize("parts", ["ewc8", "all_element"])
+def test_half_params_bf16_anchors_grad_scale_and_maximize(backend, parts):
+    device = device_of(backend)
+    kw = make_case(SHAPES, torch.float16, PARTS[parts], device, anchor_dtype=torch.bfloat16)
+    want = clone(kw)
+    extra = dict(grad_scale=torch.tensor(64.0, device=device), found_inf=torch.zeros((), device=device))
+    assert_close(run(kw, backend, maximize=True, **extra), run(want, "reference", maximize=True, **extra))
+    assert_state_close(kw, want, torch.float16)
 
 
 @pytest.mark.parametrize("parts", ["plain", "all_tensor", "all_element"])
