@@ -48,8 +48,14 @@ pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compi
 
 
 def _sources(root):
-    """Everything the library is built from: the emulator, the kernel headers and the shared per-element math."""
-    return [*sorted((root / "emu").glob("*")), *sorted((root / "cuda").glob("*.cuh")), root / "elementwise.h"]
+    """Everything the library is built from: the emulator, the kernel headers, the shared per-element math and the
+    bindings' launch checks."""
+    return [
+        *sorted((root / "emu").glob("*")),
+        *sorted((root / "cuda").glob("*.cuh")),
+        root / "elementwise.h",
+        root / "launch_checks.h",
+    ]
 
 
 def _cache_dir():
@@ -81,11 +87,29 @@ def build_library(root=CSRC):
 
 
 class LaunchError(RuntimeError):
-    pass
+    """A failed or refused emulated launch: its cudaError_t code and ff_emu_last_message()."""
+
+    def __init__(self, name, code, message):
+        super().__init__(f"{name}: cudaError {code}: {message}")
+        self.code, self.message = code, message
+
+
+class LaunchLists(ctypes.Structure):
+    """csrc/launch_checks.h's LaunchLists: each list's length; per tensor, list after list, its number of dimensions,
+    its sizes (concatenated), data pointer and dtype code."""
+
+    _fields_ = [("num_lists", ctypes.c_int64)] + [
+        (name, ctypes.POINTER(ctypes.c_int64)) for name in ("length", "dim", "sizes", "ptr", "dtype")
+    ]
 
 
 def _ptr(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+def _sized(t):
+    """A per-list tensor argument as the launchers take it: its data pointer and element count."""
+    return _ptr(t), ctypes.c_int64(t.numel())
 
 
 def _acc(tensors):
@@ -108,6 +132,7 @@ class Emulator:
 
     def __init__(self, lib):
         self.lib = lib
+        self.tamper = None  # (field, index, value): overwrites one entry of the next LaunchLists built
         lib.ff_emu_last_message.restype = ctypes.c_char_p
         lib.ff_emu_seed.argtypes = [ctypes.c_uint64]
 
@@ -117,24 +142,31 @@ class Emulator:
     def _call(self, name, *args):
         err = getattr(self.lib, name)(*args)
         if err:
-            raise LaunchError(f"{name}: cudaError {err}: {self.lib.ff_emu_last_message().decode()}")
+            raise LaunchError(name, err, self.lib.ff_emu_last_message().decode())
 
-    @staticmethod
-    def _lists(roles):
-        """(n, numel, ptr, dtype) as pack_meta builds them: role r of tensor i at [r * n + i]; absent roles null."""
-        n = len(roles[0])
-        numel = (ctypes.c_int64 * max(n, 1))(*[t.numel() for t in roles[0]])
-        ptrs = [lst[i].data_ptr() if lst else 0 for lst in roles for i in range(n)]
-        codes = [CODES[lst[i].dtype] if lst else 0 for lst in roles for i in range(n)]
-        size = max(len(ptrs), 1)
-        return ctypes.c_int64(n), numel, (ctypes.c_int64 * size)(*ptrs), (ctypes.c_int64 * size)(*codes)
+    def _lists(self, lists):
+        """A pointer to the LaunchLists of these tensor lists, as binding.h's HostLists reads them off the tensors
+        (dtype code -1 for a dtype no kernel reads)."""
+        tensors = [t for lst in lists for t in lst]
+        fields = {
+            "length": [len(lst) for lst in lists],
+            "dim": [t.dim() for t in tensors],
+            "sizes": [size for t in tensors for size in t.shape],
+            "ptr": [t.data_ptr() for t in tensors],
+            "dtype": [CODES.get(t.dtype, -1) for t in tensors],
+        }
+        if self.tamper is not None:
+            (field, index, value), self.tamper = self.tamper, None
+            fields[field][index] = value
+        arrays = [(ctypes.c_int64 * max(len(v), 1))(*v) for v in fields.values()]
+        return ctypes.pointer(LaunchLists(len(lists), *arrays))  # the structure keeps the arrays alive
 
     def ewc_penalty(self, params, anchors, fisher, lam, grads=None):
         acc = _acc(params)
         out = torch.empty((), dtype=acc)
         work = _contiguous(grads) if grads is not None else []
         roles = [_contiguous(params), _contiguous(anchors), _contiguous(fisher), work]
-        self._call("ff_emu_ewc_penalty", *self._lists(roles), ctypes.c_double(lam), int(grads is not None),
+        self._call("ff_emu_ewc_penalty", self._lists(roles), ctypes.c_double(lam), int(grads is not None),
                    int(acc == torch.float64), _ptr(out))  # fmt: skip
         if grads is not None:
             _copy_back(grads, work)
@@ -144,24 +176,22 @@ class Emulator:
         acc = _acc(params)
         p = _contiguous(params)
         grads = [torch.empty_like(t) for t in p]
-        g = grad_out.to(acc).reshape(())
+        g = grad_out.to(acc).reshape(-1)
         roles = [p, _contiguous(anchors), _contiguous(fisher), grads]
-        self._call("ff_emu_ewc_penalty_backward", *self._lists(roles), ctypes.c_double(lam), _ptr(g),
+        self._call("ff_emu_ewc_penalty_backward", self._lists(roles), ctypes.c_double(lam), *_sized(g),
                    int(acc == torch.float64))  # fmt: skip
         return grads
 
     def fisher_update(self, fisher, grads, decay, scale, absolute):
         work, g = _contiguous(fisher), _contiguous(grads)
-        samples = [1 if gi.dim() == f.dim() else gi.shape[0] for f, gi in zip(work, g)]
-        self._call("ff_emu_fisher_update", *self._lists([work, g]), (ctypes.c_int64 * max(len(samples), 1))(*samples),
-                   ctypes.c_double(decay), ctypes.c_double(scale), int(absolute),
-                   int(_acc(fisher) == torch.float64))  # fmt: skip
+        self._call("ff_emu_fisher_update", self._lists([work, g]), ctypes.c_double(decay), ctypes.c_double(scale),
+                   int(absolute), int(_acc(fisher) == torch.float64))  # fmt: skip
         _copy_back(fisher, work)
 
     def scale_grads(self, grads, factors):
         work = _contiguous(grads)
         f = factors.to(_acc(grads)).contiguous()
-        self._call("ff_emu_scale_grads", *self._lists([work]), _ptr(f), int(f.dtype == torch.float64))
+        self._call("ff_emu_scale_grads", self._lists([work]), *_sized(f), int(f.dtype == torch.float64))
         _copy_back(grads, work)
 
     def weight_merge(self, out, models, weights, fisher=None, floors=None):
@@ -169,37 +199,35 @@ class Emulator:
         work = _contiguous(out)
         sources = [_contiguous(m) for m in models]
         flat, flat_fisher = [t for m in sources for t in m], [t for f in fisher or [] for t in _contiguous(f)]
-        count = len(flat)
-        src = self._lists([flat, flat_fisher])[1:]  # (numel, ptr, dtype) of the count (model, Fisher) records
         coefs = torch.tensor([*weights, *(floors or [])], dtype=acc)
-        self._call("ff_emu_weight_merge", *self._lists([work]), ctypes.c_int64(count), *src,
-                   ctypes.c_int64(len(weights)), _ptr(coefs), int(fisher is not None),
+        self._call("ff_emu_weight_merge", self._lists([work]), self._lists([flat, flat_fisher]),
+                   ctypes.c_int64(len(weights)), ctypes.c_int64(len(floors or [])), _ptr(coefs),
                    int(acc == torch.float64))  # fmt: skip
         _copy_back(out, work)
 
     def grad_ema_stats(self, grads, mean, var, inv_scale, alpha):
         acc = _acc(mean)
         out = torch.zeros(len(grads), dtype=acc)
-        scale, alphas = inv_scale.to(acc).reshape(1), alpha.to(acc).contiguous()
-        self._call("ff_emu_grad_ema_stats", *self._lists([_contiguous(grads), mean, var]), _ptr(scale), _ptr(alphas),
-                   _ptr(out), int(acc == torch.float64))  # fmt: skip
+        scale, alphas = inv_scale.to(acc).reshape(-1), alpha.to(acc).reshape(-1).contiguous()
+        self._call("ff_emu_grad_ema_stats", self._lists([_contiguous(grads), mean, var]), *_sized(scale),
+                   *_sized(alphas), _ptr(out), int(acc == torch.float64))  # fmt: skip
         return out
 
     def grad_ema_protect(self, grads, mean, var, inv_scale, alpha, var_scale, skip, threshold):
         acc = _acc(mean)
         work = _contiguous(grads)
-        scale, alphas, scales = inv_scale.to(acc).reshape(1), alpha.to(acc).contiguous(), var_scale.to(acc)
-        flag = skip.to(torch.bool).reshape(1)
-        self._call("ff_emu_grad_ema_protect", *self._lists([work, mean, var]), _ptr(scale), _ptr(alphas),
-                   _ptr(scales.contiguous()), _ptr(flag), ctypes.c_double(threshold),
+        scale, alphas = inv_scale.to(acc).reshape(-1), alpha.to(acc).reshape(-1).contiguous()
+        scales, flag = var_scale.to(acc).reshape(-1).contiguous(), skip.to(torch.bool).reshape(-1)
+        self._call("ff_emu_grad_ema_protect", self._lists([work, mean, var]), *_sized(scale), *_sized(alphas),
+                   *_sized(scales), *_sized(flag), ctypes.c_double(threshold),
                    int(acc == torch.float64))  # fmt: skip
         _copy_back(grads, work)
 
     def grad_moments(self, grads, inv_scale):
         acc = _acc(grads)
         out = torch.empty(len(grads), 3, dtype=acc)
-        scale = torch.as_tensor(inv_scale, dtype=acc).reshape(1)
-        self._call("ff_emu_grad_moments", *self._lists([_contiguous(grads)]), _ptr(scale), _ptr(out),
+        scale = torch.as_tensor(inv_scale, dtype=acc).reshape(-1)
+        self._call("ff_emu_grad_moments", self._lists([_contiguous(grads)]), *_sized(scale), _ptr(out),
                    int(acc == torch.float64))  # fmt: skip
         return out
 
@@ -224,7 +252,7 @@ class Emulator:
         scalars = (ctypes.c_double * 7)(2 * lam, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, threshold)
         protect = 1 if factors is not None else 2 if ema_mean else 0
         penalty = torch.empty((), dtype=acc)
-        self._call("ff_emu_protected_adamw_step", *self._lists(roles), int(bool(anchors)), protect, int(bool(omega)),
+        self._call("ff_emu_protected_adamw_step", self._lists(roles), int(bool(anchors)), protect, int(bool(omega)),
                    _ptr(table), _ptr(grad_factor), scalars, _ptr(skip), ctypes.c_double(lam), _ptr(penalty),
                    int(acc == torch.float64))  # fmt: skip
         _copy_back(params, work)
@@ -632,7 +660,7 @@ def test_16_bit_conversions_round_to_nearest_even(emu):
 def test_launch_of_no_block_is_rejected(emu):
     """A grid of zero blocks is an invalid configuration, as on the GPU (the bindings reject empty lists first)."""
     with pytest.raises(LaunchError, match="cudaError 9"):
-        emu._call("ff_emu_grad_moments", *emu._lists([[]]), _ptr(torch.ones(1)), _ptr(torch.empty(0)), 0)
+        emu._call("ff_emu_grad_moments", emu._lists([[]]), *_sized(torch.ones(1)), _ptr(torch.empty(0)), 0)
 
 
 # Planted bugs: (file, the exact text, its mutant, the checks that must catch it). Each text must occur exactly
@@ -685,6 +713,7 @@ def mutant_root(tmp, name):
     shutil.copytree(CSRC / "emu", root / "emu")
     shutil.copytree(CSRC / "cuda", root / "cuda", ignore=shutil.ignore_patterns("*.cu", "*.h"))
     shutil.copy(CSRC / "elementwise.h", root)
+    shutil.copy(CSRC / "launch_checks.h", root)
     source = (root / "cuda" / file).read_text()
     assert source.count(text) == 1, f"{name}: the text to mutate is not in {file} exactly once"
     (root / "cuda" / file).write_text(source.replace(text, mutant))
