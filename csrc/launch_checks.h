@@ -134,7 +134,8 @@ class Lists {
              std::vector<int64_t>(roles * n, gpu::kFloat32)};
     for (int64_t i = 0; i < n; ++i) p.numel[i] = at(0, i).numel();
     for (int r = 0; r < roles; ++r) {
-      for (int64_t i = 0; i < (size(r) == n ? n : 0); ++i) {
+      if (size(r) != n) continue;  // a list not given
+      for (int64_t i = 0; i < n; ++i) {
         p.ptr[r * n + i] = at(r, i).ptr;
         p.dtype[r * n + i] = at(r, i).dtype;
       }

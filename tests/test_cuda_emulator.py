@@ -5,7 +5,8 @@ with g++ at test time and cached by source hash) exposes every launcher on CPU m
 schedule seeds (threads in a random order, preempted at random points: a race or a missing barrier changes the
 result) and asserts the seeds agree bitwise, as the kernels' fixed-order reductions promise. The host side mirrors
 the bindings (csrc/cuda/*.cu): contiguous copies written back, acc_t scalars, the metadata packed by the same
-``pack_meta_words``. ``test_planted_bugs_are_caught`` rebuilds the library from mutated copies of the headers and
+``pack_meta_words``, after the same checks (csrc/launch_checks.h: a launch the binding would refuse is refused with its
+message). ``test_planted_bugs_are_caught`` rebuilds the library from mutated copies of the headers and
 asserts that the checks fail for each planted bug.
 """
 
@@ -50,9 +51,11 @@ pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compi
 # ---------------------------------------------------------------------------------------------------- the matrix
 #
 # Each op runs over its own tests' matrix (test_<op>.py's sizes and dtypes, imported: a size or dtype added there
-# runs here too), with fp64 and the CUDA kernels' thread-block and chunk edges added. Sizes above four chunks are
-# left out: the op tests' 65537 (16 chunks + 1) crosses no edge that 3 chunks + 1 does not, at five times the time.
-EDGES = [1, BLOCK - 1, BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 1]
+# runs here too), with fp64 and the CUDA kernels' edges the op tests' sizes do not reach: a thread block - 1, a chunk
+# - 1, a chunk, a chunk + 1 and a few chunks + 1 (their 1025 is a block multiple + 1, as BLOCK + 1 would be). Sizes
+# above four chunks are left out: the op tests' 65537 (16 chunks + 1) crosses no edge that 3 chunks + 1 does not, at
+# five times the time.
+EDGES = [BLOCK - 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 1]
 
 
 def sizes_of(op_sizes, edges=EDGES):
@@ -69,9 +72,9 @@ FISHER_SIZES, FISHER_DTYPES = sizes_of(fisher_tests.SIZES), dtypes_of(fisher_tes
 EMA_SIZES, EMA_DTYPES = sizes_of(ema_tests.SIZES), dtypes_of(ema_tests.DTYPES)
 MOMENTS_SIZES, MOMENTS_DTYPES = sizes_of(moments_tests.SIZES), dtypes_of(moments_tests.DTYPES)
 MERGE_SIZES, MERGE_DTYPES = sizes_of(merge_tests.SIZES), dtypes_of(merge_tests.DTYPES)
-# protected_adamw_step's tests list shapes and parametrise dtypes inline: the element counts of those shapes, fewer
-# edges (five modes each) and DTYPES.
-ADAMW_SIZES = sizes_of([math.prod(s) for s in adamw_tests.SHAPES], [1, BLOCK + 1, CHUNK, CHUNK + 1, 3 * CHUNK + 1])
+# protected_adamw_step's tests list shapes and parametrise dtypes inline: the element counts of those shapes, the
+# chunk edges (five modes each) and DTYPES.
+ADAMW_SIZES = sizes_of([math.prod(s) for s in adamw_tests.SHAPES], [CHUNK, CHUNK + 1, 3 * CHUNK + 1])
 
 
 # ---------------------------------------------------------------------------------------------------- the library

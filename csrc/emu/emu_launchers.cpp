@@ -136,8 +136,7 @@ int ff_emu_weight_merge(const LaunchLists* out, const LaunchLists* sources, int6
   const int64_t n = out->length[0], count = sources->length[0];
   const bool fisher = sources->length[1] != 0;
   const Packed m = pack<gpu::MergeMeta>(*out, gpu::SetIndex{});
-  auto a = checks::pack_arrays(*sources, gpu::kMergeSourceRoles);
-  a.numel.resize(count);  // the models' counts (pack_arrays gives role 0's)
+  const auto a = checks::pack_arrays(*sources, gpu::kMergeSourceRoles);
   std::vector<int64_t> words(count * gpu::MergeSource::kWords);
   gpu::pack_merge_sources(words.data(), count, a.numel.data(), a.ptr.data(), a.dtype.data());
   return dispatch(acc_fp64, [&](auto zero) {
