@@ -11,8 +11,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -55,11 +55,20 @@ inline int64_t element_bytes(int64_t code) {
   return code == gpu::kFloat64 ? 8 : code == gpu::kFloat32 ? 4 : 2;
 }
 
+// The message: parts (strings and integers) concatenated (no <sstream>: this header is compiled into every test
+// build of the emulator).
+inline void append(std::string& out, const std::string& part) { out += part; }
+inline void append(std::string& out, const char* part) { out += part; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+void append(std::string& out, T part) {
+  out += std::to_string(part);
+}
+
 template <typename... Parts>
 std::string cat(const Parts&... parts) {
-  std::ostringstream out;
-  (out << ... << parts);
-  return out.str();
+  std::string out;
+  (append(out, parts), ...);
+  return out;
 }
 
 struct Tensor {
@@ -82,11 +91,9 @@ struct Tensor {
   }
   // As torch prints an IntArrayRef: [2, 3]; [] for a 0-dim tensor.
   std::string shape() const {
-    std::ostringstream out;
-    out << "[";
-    for (int64_t d = 0; d < dim; ++d) out << (d ? ", " : "") << sizes[d];
-    out << "]";
-    return out.str();
+    std::string out = "[";
+    for (int64_t d = 0; d < dim; ++d) out += cat(d ? ", " : "", sizes[d]);
+    return out + "]";
   }
 };
 

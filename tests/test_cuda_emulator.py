@@ -51,11 +51,11 @@ pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compi
 # ---------------------------------------------------------------------------------------------------- the matrix
 #
 # Each op runs over its own tests' matrix (test_<op>.py's sizes and dtypes, imported: a size or dtype added there
-# runs here too), with fp64 and the CUDA kernels' edges the op tests' sizes do not reach: a thread block - 1, a chunk
-# - 1, a chunk, a chunk + 1 and a few chunks + 1 (their 1025 is a block multiple + 1, as BLOCK + 1 would be). Sizes
-# above four chunks are left out: the op tests' 65537 (16 chunks + 1) crosses no edge that 3 chunks + 1 does not, at
-# five times the time.
-EDGES = [BLOCK - 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 1]
+# runs here too), with fp64 and the CUDA kernels' chunk edges added: a chunk - 1, a chunk, a chunk + 1 and a few
+# chunks + 1. The op tests' sizes already hold the thread-block edges (97: a part of a block; 1025: a block multiple
+# + 1). Sizes above four chunks are left out: the op tests' 65537 (16 chunks + 1) crosses no edge that 3 chunks + 1
+# does not, at five times the time.
+EDGES = [CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 1]
 
 
 def sizes_of(op_sizes, edges=EDGES):
