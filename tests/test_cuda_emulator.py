@@ -5,7 +5,8 @@ with g++ at test time and cached by source hash) exposes every launcher on CPU m
 schedule seeds (threads in a random order, preempted at random points: a race or a missing barrier changes the
 result) and asserts the seeds agree bitwise, as the kernels' fixed-order reductions promise. The host side mirrors
 the bindings (csrc/cuda/*.cu): contiguous copies written back, acc_t scalars, the metadata packed by the same
-``pack_meta_words``. ``test_planted_bugs_are_caught`` rebuilds the library from mutated copies of the headers and
+``pack_meta_words``, after the same checks (csrc/launch_checks.h: a launch the binding would refuse is refused with its
+message). ``test_planted_bugs_are_caught`` rebuilds the library from mutated copies of the headers and
 asserts that the checks fail for each planted bug.
 """
 
@@ -20,6 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import test_ewc_penalty as ewc_tests
+import test_fisher_update as fisher_tests
+import test_grad_ema as ema_tests
+import test_grad_moments as moments_tests
+import test_protected_adamw_step as adamw_tests
+import test_weight_merge as merge_tests
 import torch
 
 from fastforget.ops.anchored_lm_loss import anchored_lm_loss_ref
@@ -37,19 +44,51 @@ CXX = os.environ.get("CXX", "g++")
 FLAGS = ["-std=c++17", "-O1", "-shared", "-fPIC", "-U_FORTIFY_SOURCE", "-Wall", "-Wno-unknown-pragmas"]
 SEEDS = (0, 1, 2)
 CHUNK, BLOCK = 4096, 256  # multi_tensor.cuh's kChunkSize and kBlockThreads
-SIZES = [1, BLOCK - 1, BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 1]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
 pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX})")
+
+# ---------------------------------------------------------------------------------------------------- the matrix
+#
+# Each op runs over its own tests' matrix (test_<op>.py's sizes and dtypes, imported: a size or dtype added there
+# runs here too), with fp64 and the CUDA kernels' chunk edges added: a chunk - 1, a chunk, a chunk + 1 and a few
+# chunks + 1. The op tests' sizes already hold the thread-block edges (97: a part of a block; 1025: a block multiple
+# + 1). Sizes above four chunks are left out: the op tests' 65537 (16 chunks + 1) crosses no edge that 3 chunks + 1
+# does not, at five times the time.
+EDGES = [CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 1]
+
+
+def sizes_of(op_sizes, edges=EDGES):
+    return sorted({*(s for s in op_sizes if s <= 4 * CHUNK), *edges})
+
+
+def dtypes_of(op_dtypes):
+    return [*op_dtypes, *({torch.float64} - set(op_dtypes))]
+
+
+# ewc_penalty's, and the matrix of the ops whose tests parametrise inline (scale_grads, the loss rows' dtypes)
+SIZES, DTYPES = sizes_of(ewc_tests.SIZES), dtypes_of(ewc_tests.PARAM_DTYPES)
+FISHER_SIZES, FISHER_DTYPES = sizes_of(fisher_tests.SIZES), dtypes_of(fisher_tests.DTYPES)
+EMA_SIZES, EMA_DTYPES = sizes_of(ema_tests.SIZES), dtypes_of(ema_tests.DTYPES)
+MOMENTS_SIZES, MOMENTS_DTYPES = sizes_of(moments_tests.SIZES), dtypes_of(moments_tests.DTYPES)
+MERGE_SIZES, MERGE_DTYPES = sizes_of(merge_tests.SIZES), dtypes_of(merge_tests.DTYPES)
+# protected_adamw_step's tests list shapes and parametrise dtypes inline: the element counts of those shapes, the
+# chunk edges (five modes each) and DTYPES.
+ADAMW_SIZES = sizes_of([math.prod(s) for s in adamw_tests.SHAPES], [CHUNK, CHUNK + 1, 3 * CHUNK + 1])
 
 
 # ---------------------------------------------------------------------------------------------------- the library
 
 
 def _sources(root):
-    """Everything the library is built from: the emulator, the kernel headers and the shared per-element math."""
-    return [*sorted((root / "emu").glob("*")), *sorted((root / "cuda").glob("*.cuh")), root / "elementwise.h"]
+    """Everything the library is built from: the emulator, the kernel headers, the shared per-element math and the
+    bindings' launch checks."""
+    return [
+        *sorted((root / "emu").glob("*")),
+        *sorted((root / "cuda").glob("*.cuh")),
+        root / "elementwise.h",
+        root / "launch_checks.h",
+    ]
 
 
 def _cache_dir():
@@ -81,11 +120,29 @@ def build_library(root=CSRC):
 
 
 class LaunchError(RuntimeError):
-    pass
+    """A failed or refused emulated launch: its cudaError_t code and ff_emu_last_message()."""
+
+    def __init__(self, name, code, message):
+        super().__init__(f"{name}: cudaError {code}: {message}")
+        self.code, self.message = code, message
+
+
+class LaunchLists(ctypes.Structure):
+    """csrc/launch_checks.h's LaunchLists: each list's length; per tensor, list after list, its number of dimensions,
+    its sizes (concatenated), data pointer and dtype code."""
+
+    _fields_ = [("num_lists", ctypes.c_int64)] + [
+        (name, ctypes.POINTER(ctypes.c_int64)) for name in ("length", "dim", "sizes", "ptr", "dtype")
+    ]
 
 
 def _ptr(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+def _sized(t):
+    """A per-list tensor argument as the launchers take it: its data pointer and element count."""
+    return _ptr(t), ctypes.c_int64(t.numel())
 
 
 def _acc(tensors):
@@ -108,6 +165,7 @@ class Emulator:
 
     def __init__(self, lib):
         self.lib = lib
+        self.tamper = None  # (field, list, index, change): changes one tensor's entry in the next LaunchLists built
         lib.ff_emu_last_message.restype = ctypes.c_char_p
         lib.ff_emu_seed.argtypes = [ctypes.c_uint64]
 
@@ -117,24 +175,32 @@ class Emulator:
     def _call(self, name, *args):
         err = getattr(self.lib, name)(*args)
         if err:
-            raise LaunchError(f"{name}: cudaError {err}: {self.lib.ff_emu_last_message().decode()}")
+            raise LaunchError(name, err, self.lib.ff_emu_last_message().decode())
 
-    @staticmethod
-    def _lists(roles):
-        """(n, numel, ptr, dtype) as pack_meta builds them: role r of tensor i at [r * n + i]; absent roles null."""
-        n = len(roles[0])
-        numel = (ctypes.c_int64 * max(n, 1))(*[t.numel() for t in roles[0]])
-        ptrs = [lst[i].data_ptr() if lst else 0 for lst in roles for i in range(n)]
-        codes = [CODES[lst[i].dtype] if lst else 0 for lst in roles for i in range(n)]
-        size = max(len(ptrs), 1)
-        return ctypes.c_int64(n), numel, (ctypes.c_int64 * size)(*ptrs), (ctypes.c_int64 * size)(*codes)
+    def _lists(self, lists):
+        """A pointer to the LaunchLists of these tensor lists, as binding.h's HostLists reads them off the tensors
+        (dtype code -1 for a dtype no kernel reads)."""
+        tensors = [t for lst in lists for t in lst]
+        fields = {
+            "length": [len(lst) for lst in lists],
+            "dim": [t.dim() for t in tensors],
+            "sizes": [size for t in tensors for size in t.shape],
+            "ptr": [t.data_ptr() for t in tensors],
+            "dtype": [CODES.get(t.dtype, -1) for t in tensors],
+        }
+        if self.tamper is not None:
+            (field, r, i, change), self.tamper = self.tamper, None
+            k = sum(len(lst) for lst in lists[:r]) + i  # tensor i of list r
+            fields[field][k] = change(fields[field][k])
+        arrays = [(ctypes.c_int64 * max(len(v), 1))(*v) for v in fields.values()]
+        return ctypes.pointer(LaunchLists(len(lists), *arrays))  # the structure keeps the arrays alive
 
     def ewc_penalty(self, params, anchors, fisher, lam, grads=None):
         acc = _acc(params)
         out = torch.empty((), dtype=acc)
         work = _contiguous(grads) if grads is not None else []
         roles = [_contiguous(params), _contiguous(anchors), _contiguous(fisher), work]
-        self._call("ff_emu_ewc_penalty", *self._lists(roles), ctypes.c_double(lam), int(grads is not None),
+        self._call("ff_emu_ewc_penalty", self._lists(roles), ctypes.c_double(lam), int(grads is not None),
                    int(acc == torch.float64), _ptr(out))  # fmt: skip
         if grads is not None:
             _copy_back(grads, work)
@@ -144,24 +210,22 @@ class Emulator:
         acc = _acc(params)
         p = _contiguous(params)
         grads = [torch.empty_like(t) for t in p]
-        g = grad_out.to(acc).reshape(())
+        g = grad_out.to(acc).reshape(-1)
         roles = [p, _contiguous(anchors), _contiguous(fisher), grads]
-        self._call("ff_emu_ewc_penalty_backward", *self._lists(roles), ctypes.c_double(lam), _ptr(g),
+        self._call("ff_emu_ewc_penalty_backward", self._lists(roles), ctypes.c_double(lam), *_sized(g),
                    int(acc == torch.float64))  # fmt: skip
         return grads
 
     def fisher_update(self, fisher, grads, decay, scale, absolute):
         work, g = _contiguous(fisher), _contiguous(grads)
-        samples = [1 if gi.dim() == f.dim() else gi.shape[0] for f, gi in zip(work, g)]
-        self._call("ff_emu_fisher_update", *self._lists([work, g]), (ctypes.c_int64 * max(len(samples), 1))(*samples),
-                   ctypes.c_double(decay), ctypes.c_double(scale), int(absolute),
-                   int(_acc(fisher) == torch.float64))  # fmt: skip
+        self._call("ff_emu_fisher_update", self._lists([work, g]), ctypes.c_double(decay), ctypes.c_double(scale),
+                   int(absolute), int(_acc(fisher) == torch.float64))  # fmt: skip
         _copy_back(fisher, work)
 
     def scale_grads(self, grads, factors):
         work = _contiguous(grads)
         f = factors.to(_acc(grads)).contiguous()
-        self._call("ff_emu_scale_grads", *self._lists([work]), _ptr(f), int(f.dtype == torch.float64))
+        self._call("ff_emu_scale_grads", self._lists([work]), *_sized(f), int(f.dtype == torch.float64))
         _copy_back(grads, work)
 
     def weight_merge(self, out, models, weights, fisher=None, floors=None):
@@ -169,37 +233,35 @@ class Emulator:
         work = _contiguous(out)
         sources = [_contiguous(m) for m in models]
         flat, flat_fisher = [t for m in sources for t in m], [t for f in fisher or [] for t in _contiguous(f)]
-        count = len(flat)
-        src = self._lists([flat, flat_fisher])[1:]  # (numel, ptr, dtype) of the count (model, Fisher) records
         coefs = torch.tensor([*weights, *(floors or [])], dtype=acc)
-        self._call("ff_emu_weight_merge", *self._lists([work]), ctypes.c_int64(count), *src,
-                   ctypes.c_int64(len(weights)), _ptr(coefs), int(fisher is not None),
+        self._call("ff_emu_weight_merge", self._lists([work]), self._lists([flat, flat_fisher]),
+                   ctypes.c_int64(len(weights)), ctypes.c_int64(len(floors or [])), _ptr(coefs),
                    int(acc == torch.float64))  # fmt: skip
         _copy_back(out, work)
 
     def grad_ema_stats(self, grads, mean, var, inv_scale, alpha):
         acc = _acc(mean)
         out = torch.zeros(len(grads), dtype=acc)
-        scale, alphas = inv_scale.to(acc).reshape(1), alpha.to(acc).contiguous()
-        self._call("ff_emu_grad_ema_stats", *self._lists([_contiguous(grads), mean, var]), _ptr(scale), _ptr(alphas),
-                   _ptr(out), int(acc == torch.float64))  # fmt: skip
+        scale, alphas = inv_scale.to(acc).reshape(-1), alpha.to(acc).reshape(-1).contiguous()
+        self._call("ff_emu_grad_ema_stats", self._lists([_contiguous(grads), mean, var]), *_sized(scale),
+                   *_sized(alphas), _ptr(out), int(acc == torch.float64))  # fmt: skip
         return out
 
     def grad_ema_protect(self, grads, mean, var, inv_scale, alpha, var_scale, skip, threshold):
         acc = _acc(mean)
         work = _contiguous(grads)
-        scale, alphas, scales = inv_scale.to(acc).reshape(1), alpha.to(acc).contiguous(), var_scale.to(acc)
-        flag = skip.to(torch.bool).reshape(1)
-        self._call("ff_emu_grad_ema_protect", *self._lists([work, mean, var]), _ptr(scale), _ptr(alphas),
-                   _ptr(scales.contiguous()), _ptr(flag), ctypes.c_double(threshold),
+        scale, alphas = inv_scale.to(acc).reshape(-1), alpha.to(acc).reshape(-1).contiguous()
+        scales, flag = var_scale.to(acc).reshape(-1).contiguous(), skip.to(torch.bool).reshape(-1)
+        self._call("ff_emu_grad_ema_protect", self._lists([work, mean, var]), *_sized(scale), *_sized(alphas),
+                   *_sized(scales), *_sized(flag), ctypes.c_double(threshold),
                    int(acc == torch.float64))  # fmt: skip
         _copy_back(grads, work)
 
     def grad_moments(self, grads, inv_scale):
         acc = _acc(grads)
         out = torch.empty(len(grads), 3, dtype=acc)
-        scale = torch.as_tensor(inv_scale, dtype=acc).reshape(1)
-        self._call("ff_emu_grad_moments", *self._lists([_contiguous(grads)]), _ptr(scale), _ptr(out),
+        scale = torch.as_tensor(inv_scale, dtype=acc).reshape(-1)
+        self._call("ff_emu_grad_moments", self._lists([_contiguous(grads)]), *_sized(scale), _ptr(out),
                    int(acc == torch.float64))  # fmt: skip
         return out
 
@@ -224,7 +286,7 @@ class Emulator:
         scalars = (ctypes.c_double * 7)(2 * lam, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, threshold)
         protect = 1 if factors is not None else 2 if ema_mean else 0
         penalty = torch.empty((), dtype=acc)
-        self._call("ff_emu_protected_adamw_step", *self._lists(roles), int(bool(anchors)), protect, int(bool(omega)),
+        self._call("ff_emu_protected_adamw_step", self._lists(roles), int(bool(anchors)), protect, int(bool(omega)),
                    _ptr(table), _ptr(grad_factor), scalars, _ptr(skip), ctypes.c_double(lam), _ptr(penalty),
                    int(acc == torch.float64))  # fmt: skip
         _copy_back(params, work)
@@ -244,7 +306,7 @@ class Emulator:
         self._call("ff_emu_anchored_lm_loss_rows", _ptr(z), _ptr(a), _ptr(labels.contiguous()), _ptr(w), _ptr(c),
                    _ptr(loss), _ptr(grad), ctypes.c_int64(z.shape[0]), ctypes.c_int64(z.shape[1]),
                    ctypes.c_double(kl_weight), ctypes.c_double(temperature), int(reverse), int(anchored),
-                   int(dft), ctypes.c_int64(ignore), CODES[z.dtype])  # fmt: skip
+                   int(dft), ctypes.c_int64(ignore), CODES.get(z.dtype, -1))  # fmt: skip
         return loss, grad
 
 
@@ -366,8 +428,8 @@ def test_empty_lists(emu):
     emu.grad_ema_protect([], [], [], torch.tensor(1.0), torch.zeros(0), torch.zeros(0), torch.tensor(False), 0.5)
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", FISHER_SIZES)
+@pytest.mark.parametrize("dtype", FISHER_DTYPES)
 @pytest.mark.parametrize("samples", [None, 0, 3])
 @pytest.mark.parametrize("absolute", [False, True])
 def test_fisher_update(emu, size, dtype, samples, absolute):
@@ -389,8 +451,8 @@ def test_fisher_update(emu, size, dtype, samples, absolute):
         agree(f, e)
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", MERGE_SIZES)
+@pytest.mark.parametrize("dtype", MERGE_DTYPES)
 @pytest.mark.parametrize("fisher", [False, True], ids=["linear", "fisher"])
 @pytest.mark.parametrize("layout", ["one", "many"])
 def test_weight_merge(emu, size, dtype, fisher, layout):
@@ -458,8 +520,8 @@ def ema_case(size, dtype, gen, layout, state=torch.float32):
     return grads, mean, var, alpha
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", EMA_SIZES)
+@pytest.mark.parametrize("dtype", EMA_DTYPES)
 def test_grad_ema(emu, size, dtype):
     gen = torch.Generator().manual_seed(size)
     state = torch.float64 if dtype == torch.float64 else torch.float32
@@ -489,9 +551,9 @@ def test_grad_ema_stats_nonfinite_is_inf(emu):
     assert emu.grad_ema_stats(grads, mean, var, torch.tensor(1.0), alpha).item() == math.inf
 
 
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", MOMENTS_SIZES)
 @pytest.mark.parametrize(
-    "dtype, offset", [(d, 0.0) for d in DTYPES] + [(torch.float32, 1e4), (torch.float64, 1e4)]
+    "dtype, offset", [(d, 0.0) for d in MOMENTS_DTYPES] + [(torch.float32, 1e4), (torch.float64, 1e4)]
 )  # 1e4 + 1e-3 noise has no 16-bit representation
 def test_grad_moments(emu, size, dtype, offset):
     """offset 1e4: the shifted case, |mean| >> std, where sum(x^2) - sum(x)^2 / n loses every digit."""
@@ -518,7 +580,7 @@ ADAMW_CASES = {
 
 
 @pytest.mark.parametrize("case", list(ADAMW_CASES))
-@pytest.mark.parametrize("size", [1, BLOCK + 1, CHUNK, CHUNK + 1, 3 * CHUNK + 1])
+@pytest.mark.parametrize("size", ADAMW_SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_protected_adamw_step(emu, case, size, dtype):
     ewc, protection, si, found_inf, maximize = ADAMW_CASES[case]
@@ -632,7 +694,221 @@ def test_16_bit_conversions_round_to_nearest_even(emu):
 def test_launch_of_no_block_is_rejected(emu):
     """A grid of zero blocks is an invalid configuration, as on the GPU (the bindings reject empty lists first)."""
     with pytest.raises(LaunchError, match="cudaError 9"):
-        emu._call("ff_emu_grad_moments", *emu._lists([[]]), _ptr(torch.ones(1)), _ptr(torch.empty(0)), 0)
+        emu._call("ff_emu_grad_moments", emu._lists([[]]), *_sized(torch.ones(1)), _ptr(torch.empty(0)), 0)
+
+
+# ---------------------------------------------------------------------------------------------------- bad metadata
+#
+# A direct call of an emulated launcher with inconsistent metadata is refused by the real bindings' checks
+# (csrc/launch_checks.h, which csrc/cuda/*.cu TORCH_CHECK): cudaErrorInvalidValue, the binding's message word for
+# word, nothing written. Each case: (the op's valid call, a corruption of it, the message).
+
+UNSUPPORTED = "has an unsupported dtype (code {}); expected Float, BFloat16, Half or Double"
+
+
+def _tensors(*shapes, dtype=torch.float32):
+    """Tensors of these shapes whose values every op changes (no 0 or 1)."""
+    return [(torch.rand(s, dtype=torch.float64) + 0.5).to(dtype) for s in shapes]
+
+
+def _set(name, value):
+    return lambda args: args.__setitem__(name, value)
+
+
+def _replace(name, i, value):
+    return lambda args: args[name].__setitem__(i, value)
+
+
+def _tamper(field, r, i, change):
+    """Corrupts the next LaunchLists: field of tensor i of list r, changed by `change` (old value -> new)."""
+    return lambda args: args.__setitem__("tamper", (field, r, i, change))
+
+
+def _ewc_lists():
+    return dict({name: _tensors(3, 2) for name in ("params", "anchors", "fisher", "grads")}, grad_out=torch.ones(()))
+
+
+def _fisher_lists():
+    return dict(fisher=_tensors(3, 2), grads=_tensors((4, 3), 2))
+
+
+def _ema_lists():
+    skip = torch.zeros(1, dtype=torch.bool)
+    return dict(grads=_tensors(3, 2), mean=_tensors(3, 2), var=_tensors(3, 2), inv_scale=torch.ones(1),
+                alpha=torch.full((2,), 0.5), var_scale=torch.ones(2), skip=skip)  # fmt: skip
+
+
+def _adamw_lists():
+    lists = ("params", "grads", "exp_avg", "exp_avg_sq", "anchors", "fisher", "omega")
+    return dict({name: _tensors(3, 2) for name in lists}, factors=None, ema_mean=[], ema_var=[])
+
+
+def _merge_lists():
+    models = [_tensors(3, 2), _tensors(3, 2)]
+    return dict(out=_tensors(3, 2), models=models, weights=[0.5, 0.5], fisher=None, floors=None)
+
+
+def _rows_lists():
+    return dict(logits=torch.ones(4, 5), temperature=1.5)
+
+
+def _adamw(emu, a):
+    steps = [torch.zeros(()) for _ in a["params"]]
+    emu.protected_adamw_step(a["params"], a["grads"], a["exp_avg"], a["exp_avg_sq"], steps, a["anchors"],
+                             a["fisher"], a["factors"], a["ema_mean"], a["ema_var"], None, None, a["omega"], None,
+                             None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.5, 0.5, False)  # fmt: skip
+
+
+def _rows(emu, a):
+    logits = a["logits"]
+    labels = torch.zeros(logits.shape[0], dtype=torch.long)
+    emu.anchored_lm_loss_rows(logits, logits, labels, None, torch.ones(1), 0.5, a["temperature"], False, -100)
+
+
+# op: (valid arguments, the emulated call, the names of the lists it writes)
+BAD_METADATA_OPS = {
+    "ewc_penalty": (_ewc_lists, lambda emu, a: emu.ewc_penalty(a["params"], a["anchors"], a["fisher"], 0.5), ()),
+    "ewc_penalty_accumulate": (
+        _ewc_lists, lambda emu, a: emu.ewc_penalty(a["params"], a["anchors"], a["fisher"], 0.5, a["grads"]), ("grads",),
+    ),
+    "ewc_penalty_backward": (
+        _ewc_lists,
+        lambda emu, a: emu.ewc_penalty_backward(a["params"], a["anchors"], a["fisher"], 0.5, a["grad_out"]),
+        (),
+    ),
+    "fisher_update": (_fisher_lists, lambda emu, a: emu.fisher_update(a["fisher"], a["grads"], 0.9, 1.0, False),
+                      ("fisher",)),
+    "scale_grads": (lambda: dict(grads=_tensors(3, 2), factors=torch.full((2,), 0.5)),
+                    lambda emu, a: emu.scale_grads(a["grads"], a["factors"]), ("grads",)),
+    "grad_moments": (lambda: dict(grads=_tensors(3, 2), inv_scale=torch.ones(1)),
+                     lambda emu, a: emu.grad_moments(a["grads"], a["inv_scale"]), ()),
+    "grad_ema_stats": (
+        _ema_lists, lambda emu, a: emu.grad_ema_stats(a["grads"], a["mean"], a["var"], a["inv_scale"], a["alpha"]), (),
+    ),
+    "grad_ema_protect": (
+        _ema_lists,
+        lambda emu, a: emu.grad_ema_protect(a["grads"], a["mean"], a["var"], a["inv_scale"], a["alpha"],
+                                            a["var_scale"], a["skip"], 0.5),
+        ("grads", "mean", "var"),
+    ),
+    "protected_adamw_step": (_adamw_lists, _adamw, ("params", "exp_avg", "exp_avg_sq", "omega")),
+    "weight_merge": (
+        _merge_lists,
+        lambda emu, a: emu.weight_merge(a["out"], a["models"], a["weights"], a["fisher"], a["floors"]), ("out",),
+    ),
+    "anchored_lm_loss_rows": (_rows_lists, _rows, ()),
+}  # fmt: skip
+
+# (op, what is wrong, the corruption, the message): per op a role of another size, a wrong dtype code, a missing
+# pointer and a list of another length, where the op has them, and its own per-tensor arguments.
+BAD_METADATA = [
+    ("ewc_penalty", "a role of another size", _replace("anchors", 1, torch.ones(3)),
+     "anchors[1] has shape [3] but params[1] has shape [2]"),
+    ("ewc_penalty", "a wrong dtype code", _tamper("dtype", 2, 0, lambda _: 7),
+     "fastforget: fisher[0] " + UNSUPPORTED.format(7)),
+    ("ewc_penalty", "an integer tensor", _replace("params", 0, torch.ones(3, dtype=torch.int32)),
+     "fastforget: params[0] " + UNSUPPORTED.format(-1)),
+    ("ewc_penalty", "a missing pointer", _tamper("ptr", 1, 1, lambda _: 0),
+     "fastforget: anchors[1] has 2 elements but no data pointer"),
+    ("ewc_penalty", "a list of another length", _set("fisher", _tensors(3)), "fisher has 1 tensors but params has 2"),
+    ("ewc_penalty_accumulate", "a role of another size", _replace("grads", 1, torch.ones(1, 2)),
+     "grads[1] has shape [1, 2] but params[1] has shape [2]"),
+    ("ewc_penalty_accumulate", "a misaligned pointer", _tamper("ptr", 3, 0, lambda p: p + 2),
+     "fastforget: grads[0] is not aligned to its 4-byte elements"),
+    ("ewc_penalty_accumulate", "a list of another length", _set("grads", _tensors(3)),
+     "grads has 1 tensors but params has 2"),
+    ("ewc_penalty_backward", "grad_out of two elements", _set("grad_out", torch.ones(2)),
+     "fastforget: grad_out has 2 elements; expected 1"),
+    ("ewc_penalty_backward", "a wrong dtype code", _tamper("dtype", 0, 1, lambda _: 4),
+     "fastforget: params[1] " + UNSUPPORTED.format(4)),
+    ("fisher_update", "a role of another size", _replace("grads", 1, torch.ones(3)),
+     "grads[1] has shape [3]; expected [2] or (k, [2])"),
+    ("fisher_update", "a wrong dtype code", _tamper("dtype", 0, 1, lambda _: -3),
+     "fastforget: fisher[1] " + UNSUPPORTED.format(-3)),
+    ("fisher_update", "a missing pointer", _tamper("ptr", 1, 0, lambda _: 0),
+     "fastforget: grads[0] has 12 elements but no data pointer"),
+    ("fisher_update", "a list of another length", _set("grads", _tensors(3)), "grads has 1 tensors but fisher has 2"),
+    ("scale_grads", "factors of another length", _set("factors", torch.ones(1)),
+     "fastforget: factors has 1 elements; expected 2"),
+    ("scale_grads", "a wrong dtype code", _tamper("dtype", 0, 0, lambda _: 9),
+     "fastforget: grads[0] " + UNSUPPORTED.format(9)),
+    ("scale_grads", "a missing pointer", _tamper("ptr", 0, 1, lambda _: 0),
+     "fastforget: grads[1] has 2 elements but no data pointer"),
+    ("grad_moments", "inv_scale of two elements", _set("inv_scale", torch.ones(2)),
+     "fastforget: inv_scale has 2 elements; expected 1"),
+    ("grad_moments", "a wrong dtype code", _tamper("dtype", 0, 1, lambda _: 5),
+     "fastforget: grads[1] " + UNSUPPORTED.format(5)),
+    ("grad_moments", "a missing pointer", _tamper("ptr", 0, 0, lambda _: 0),
+     "fastforget: grads[0] has 3 elements but no data pointer"),
+    ("grad_ema_stats", "a role of another size", _replace("var", 0, torch.ones(4)),
+     "var[0] has shape [4] but grads[0] has shape [3]"),
+    ("grad_ema_stats", "alpha of another length", _set("alpha", torch.ones(1)),
+     "fastforget: alpha has 1 elements; expected 2"),
+    ("grad_ema_stats", "a list of another length", _set("mean", _tensors(3)), "mean has 1 tensors but grads has 2"),
+    ("grad_ema_stats", "state of another dtype", _replace("mean", 1, torch.ones(2, dtype=torch.bfloat16)),
+     "fastforget: mean[1] is BFloat16; expected Float, the accumulation dtype"),
+    ("grad_ema_protect", "var_scale of another length", _set("var_scale", torch.ones(3)),
+     "fastforget: var_scale has 3 elements; expected 2"),
+    ("grad_ema_protect", "skip of two elements", _set("skip", torch.zeros(2, dtype=torch.bool)),
+     "fastforget: skip has 2 elements; expected 1"),
+    ("grad_ema_protect", "a wrong dtype code", _tamper("dtype", 2, 0, lambda _: 1),
+     "fastforget: var[0] is BFloat16; expected Float, the accumulation dtype"),
+    ("grad_ema_protect", "a missing pointer", _tamper("ptr", 1, 1, lambda _: 0),
+     "fastforget: mean[1] has 2 elements but no data pointer"),
+    ("protected_adamw_step", "a role of another size", _replace("exp_avg_sq", 0, torch.ones(5)),
+     "exp_avg_sq[0] has shape [5] but params[0] has shape [3]"),
+    ("protected_adamw_step", "state of another dtype", _replace("omega", 1, torch.ones(2, dtype=torch.float64)),
+     "fastforget: omega[1] is Double; expected Float, the accumulation dtype"),
+    ("protected_adamw_step", "a wrong dtype code", _tamper("dtype", 5, 1, lambda _: 6),
+     "fastforget: fisher[1] " + UNSUPPORTED.format(6)),
+    ("protected_adamw_step", "a missing pointer", _tamper("ptr", 2, 1, lambda _: 0),
+     "fastforget: exp_avg[1] has 2 elements but no data pointer"),
+    ("protected_adamw_step", "a list of another length", _set("fisher", _tensors(3)),
+     "fisher has 1 tensors but params has 2"),
+    ("protected_adamw_step", "a list its mode does not use",
+     lambda args: args.update(factors=torch.ones(2), ema_mean=_tensors(3, 2), ema_var=_tensors(3, 2)),
+     "fastforget: ema_mean given, but its mode is off"),
+    ("weight_merge", "a model of another size", _set("models", [_tensors(3, 2), _tensors(3, 4)]),
+     "fastforget: source 3 of weight_merge has shape [4]; expected [2]"),
+    ("weight_merge", "models of another count", _set("models", [_tensors(3, 2), _tensors(3)]),
+     "fastforget: models has 3 tensors; expected 2 x 2"),
+    ("weight_merge", "a wrong dtype code", _tamper("dtype", 0, 0, lambda _: 8),
+     "fastforget: out[0] " + UNSUPPORTED.format(8)),
+    ("weight_merge", "a missing pointer", _tamper("ptr", 0, 1, lambda _: 0),
+     "fastforget: out[1] has 2 elements but no data pointer"),
+    ("weight_merge", "floors without a Fisher", _set("floors", [0.0, 0.0]),
+     "fastforget: floors has 2 entries; expected 0"),
+    ("anchored_lm_loss_rows", "an empty vocabulary", _set("logits", torch.ones(4, 0)),
+     "fastforget: logits has an empty vocabulary"),
+    ("anchored_lm_loss_rows", "a temperature of 0", _set("temperature", 0.0),
+     "fastforget: temperature must be finite and > 0"),
+    ("anchored_lm_loss_rows", "integer logits", _set("logits", torch.ones(4, 5, dtype=torch.int32)),
+     "fastforget: logits " + UNSUPPORTED.format(-1)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "op, what, corrupt, message", BAD_METADATA, ids=[f"{op}-{what}" for op, what, *_ in BAD_METADATA]
+)
+def test_inconsistent_metadata_is_refused_like_the_binding(emu, op, what, corrupt, message):
+    make, call, written = BAD_METADATA_OPS[op]
+    args = make()
+    before = {name: [t.clone() for t in args[name]] for name in written}
+    call(emu, args)  # the valid call runs, and writes
+    for name, tensors in before.items():
+        assert not all(torch.equal(t, b) for t, b in zip(args[name], tensors)), f"the valid call wrote no {name}"
+    args = make()
+    corrupt(args)
+    emu.tamper = args.pop("tamper", None)
+    before = {name: [t.clone() for t in args[name]] for name in written}
+    with pytest.raises(LaunchError) as refused:
+        call(emu, args)
+    emu.tamper = None
+    assert refused.value.code == 1, refused.value  # cudaErrorInvalidValue: refused, not a failed launch
+    assert refused.value.message == message
+    for name, tensors in before.items():
+        for t, b in zip(args[name], tensors):
+            assert torch.equal(raw_bytes(t), raw_bytes(b)), f"{name} was written"
 
 
 # Planted bugs: (file, the exact text, its mutant, the checks that must catch it). Each text must occur exactly
@@ -685,6 +961,7 @@ def mutant_root(tmp, name):
     shutil.copytree(CSRC / "emu", root / "emu")
     shutil.copytree(CSRC / "cuda", root / "cuda", ignore=shutil.ignore_patterns("*.cu", "*.h"))
     shutil.copy(CSRC / "elementwise.h", root)
+    shutil.copy(CSRC / "launch_checks.h", root)
     source = (root / "cuda" / file).read_text()
     assert source.count(text) == 1, f"{name}: the text to mutate is not in {file} exactly once"
     (root / "cuda" / file).write_text(source.replace(text, mutant))

@@ -8,11 +8,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <optional>
 #include <tuple>
 
 #include "anchored_lm_loss.cuh"
+#include "binding.h"
 
 namespace fastforget {
 namespace {
@@ -39,7 +39,6 @@ std::tuple<at::Tensor, at::Tensor> anchored_lm_loss_rows_cuda(const at::Tensor& 
                                                               bool dft) {
   TORCH_CHECK(logits_.dim() == 2, "fastforget: logits must be 2-D (rows, vocab), got ", logits_.sizes());
   const int64_t rows = logits_.size(0), vocab = logits_.size(1);
-  TORCH_CHECK(vocab >= 1, "fastforget: logits has an empty vocabulary");
   TORCH_CHECK(labels_.dim() == 1 && labels_.size(0) == rows && labels_.scalar_type() == at::kLong,
               "fastforget: labels must be int64 of shape (", rows, ",), got ", labels_.scalar_type(), " ",
               labels_.sizes());
@@ -54,7 +53,6 @@ std::tuple<at::Tensor, at::Tensor> anchored_lm_loss_rows_cuda(const at::Tensor& 
                 "fastforget: token_weights must have shape (", rows, ",), got ", token_weights->sizes());
   }
   TORCH_CHECK(scale_.numel() == 1, "fastforget: scale must have one element, got ", scale_.numel());
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "fastforget: temperature must be finite and > 0");
   const c10::cuda::CUDAGuard guard(logits_.device());
   const auto acc_type = logits_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor logits = logits_.contiguous(), labels = labels_.contiguous().to(logits_.device());
@@ -63,6 +61,9 @@ std::tuple<at::Tensor, at::Tensor> anchored_lm_loss_rows_cuda(const at::Tensor& 
   const at::Tensor scale = scale_.to(logits_.device(), acc_type).reshape({1});
   at::Tensor loss = at::empty({rows}, logits.options().dtype(acc_type));
   at::Tensor grad = at::empty({rows, vocab}, logits.options());
+  check_launch(checks::anchored_lm_loss_rows({logits.const_data_ptr(), ref.const_data_ptr(), labels.const_data_ptr(),
+                                              scale.const_data_ptr(), loss.const_data_ptr(), grad.const_data_ptr(),
+                                              rows, vocab, code_of(logits.scalar_type()), temperature, anchored}));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "anchored_lm_loss_rows_cuda", [&] {
     using device_t = typename DeviceType<scalar_t>::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

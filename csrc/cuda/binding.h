@@ -7,8 +7,11 @@
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <initializer_list>
+#include <string>
 #include <vector>
 
+#include "../launch_checks.h"
 #include "multi_tensor.cuh"
 
 namespace fastforget {
@@ -21,14 +24,56 @@ inline void check_one_device(const char* name, at::TensorList tensors) {
   }
 }
 
-inline int64_t dtype_code(at::ScalarType type) {
+// tensors[i] is on like[i]'s device (for lists whose lengths launch_checks.h checked).
+inline void check_same_devices(const char* name, at::TensorList tensors, const char* like_name, at::TensorList like) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(tensors[i].device() == like[i].device(), "fastforget: ", name, "[", i, "] is on ", tensors[i].device(),
+                " but ", like_name, "[", i, "] is on ", like[i].device());
+  }
+}
+
+// The gpu::DtypeCode of a dtype the kernels read, else checks::kUnsupported.
+inline int64_t code_of(at::ScalarType type) {
   switch (type) {
     case at::kFloat: return gpu::kFloat32;
     case at::kBFloat16: return gpu::kBFloat16;
     case at::kHalf: return gpu::kFloat16;
     case at::kDouble: return gpu::kFloat64;
-    default: TORCH_CHECK(false, "fastforget: unsupported dtype ", type);
+    default: return checks::kUnsupported;
   }
+}
+
+// A launch's tensor lists as launch_checks.h reads them (checks::LaunchLists): each tensor's shape, data pointer
+// and dtype code, read off the tensors. raw() is valid while this object lives.
+class HostLists {
+ public:
+  HostLists(std::initializer_list<at::TensorList> lists) {
+    for (const at::TensorList& list : lists) {
+      length_.push_back(static_cast<int64_t>(list.size()));
+      for (const at::Tensor& t : list) {
+        dim_.push_back(t.dim());
+        sizes_.insert(sizes_.end(), t.sizes().begin(), t.sizes().end());
+        ptr_.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+        dtype_.push_back(code_of(t.scalar_type()));
+      }
+    }
+  }
+  checks::LaunchLists raw() const {
+    return {static_cast<int64_t>(length_.size()), length_.data(), dim_.data(), sizes_.data(), ptr_.data(),
+            dtype_.data()};
+  }
+
+ private:
+  std::vector<int64_t> length_, dim_, sizes_, ptr_, dtype_;
+};
+
+// Raises launch_checks.h's message, if any: the emulated launchers refuse the same metadata with the same text.
+inline void check_launch(const std::string& message) { TORCH_CHECK(message.empty(), message); }
+
+inline int64_t dtype_code(at::ScalarType type) {
+  const int64_t code = code_of(type);
+  TORCH_CHECK(code != checks::kUnsupported, "fastforget: unsupported dtype ", type);
+  return code;
 }
 
 struct DeviceMeta {

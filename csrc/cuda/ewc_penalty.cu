@@ -19,11 +19,17 @@ namespace {
 constexpr int kRoles = gpu::kEwcRoles;
 static_assert(gpu::kParam == 0, "pack_meta takes the tensor count, sizes and device from role 0");
 
-void check_inputs(at::TensorList params, at::TensorList anchors, at::TensorList fisher) {
+// launch_checks.h's checks (with_grads: accumulate's grads; grad_out: the backward's), then the devices.
+void check_inputs(at::TensorList params, at::TensorList anchors, at::TensorList fisher, at::TensorList grads,
+                  bool with_grads, const at::Tensor* grad_out = nullptr) {
   TORCH_CHECK(!params.empty(), "fastforget: params must not be empty");
-  check_same_layout("anchors", anchors, params);
-  check_same_layout("fisher", fisher, params);
+  check_launch(checks::ewc_penalty(HostLists({params, anchors, fisher, grads}).raw(), with_grads,
+                                   code_of(accumulate_type(params)), grad_out ? grad_out->numel() : -1,
+                                   grad_out ? grad_out->data_ptr() : nullptr));
   check_one_device("params", params);
+  check_same_devices("anchors", anchors, "params", params);
+  check_same_devices("fisher", fisher, "params", params);
+  check_same_devices("grads", grads, "params", params);
 }
 
 // The penalty as a 0-dim acc_t tensor; with grads (contiguous), also grads += the gradient.
@@ -43,15 +49,14 @@ at::Tensor penalty(at::TensorList params, at::TensorList anchors, at::TensorList
 }
 
 at::Tensor ewc_penalty_cuda(at::TensorList params, at::TensorList anchors, at::TensorList fisher, double lam) {
-  check_inputs(params, anchors, fisher);
+  check_inputs(params, anchors, fisher, {}, false);
   const c10::cuda::CUDAGuard guard(params[0].device());
   return penalty(contiguous(params), contiguous(anchors), contiguous(fisher), {}, lam);
 }
 
 std::vector<at::Tensor> ewc_penalty_backward_cuda(at::TensorList params, at::TensorList anchors,
                                                   at::TensorList fisher, double lam, const at::Tensor& grad_out) {
-  check_inputs(params, anchors, fisher);
-  TORCH_CHECK(grad_out.numel() == 1, "fastforget: grad_out must have one element, got ", grad_out.numel());
+  check_inputs(params, anchors, fisher, {}, false, &grad_out);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto p = contiguous(params), a = contiguous(anchors), f = contiguous(fisher);
   std::vector<at::Tensor> grads;
@@ -71,8 +76,7 @@ std::vector<at::Tensor> ewc_penalty_backward_cuda(at::TensorList params, at::Ten
 
 at::Tensor ewc_penalty_accumulate_cuda(at::TensorList params, at::TensorList anchors, at::TensorList fisher,
                                        at::TensorList grads, double lam) {
-  check_inputs(params, anchors, fisher);
-  check_same_layout("grads", grads, params);
+  check_inputs(params, anchors, fisher, grads, true);
   const c10::cuda::CUDAGuard guard(params[0].device());
   // A contiguous grad is its own .contiguous() and is updated in place; the others go through a copy.
   const auto work = contiguous(grads);

@@ -18,21 +18,29 @@ namespace {
 static_assert(gpu::kEmaGrad == 0, "pack_meta takes the tensor count, sizes and device from role 0");
 
 // The records of (grads, mean, var), with each tensor's list index and first block. mean and var must be
-// contiguous acc_t tensors shaped like the grads, alpha one value per tensor (the Python layer checks it; here only
-// what memory safety needs).
+// contiguous acc_t tensors shaped like the grads, alpha one value per tensor, and (grad_ema_protect) var_scale too
+// (the Python layer checks it; here only what memory safety needs: launch_checks.h, then devices and strides).
 DeviceMeta pack_ema_meta(const std::vector<at::Tensor>& grads, at::TensorList mean, at::TensorList var,
-                         const at::Tensor& inv_scale, const at::Tensor& alpha) {
-  check_same_layout("mean", mean, grads);
-  check_same_layout("var", var, grads);
+                         const at::Tensor& inv_scale, const at::Tensor& alpha, const at::Tensor* var_scale = nullptr,
+                         const at::Tensor* skip = nullptr) {
+  checks::GradEmaArgs args{inv_scale.numel(), inv_scale.data_ptr(), alpha.numel(), alpha.data_ptr()};
+  if (var_scale) {
+    args.var_scale_count = var_scale->numel();
+    args.var_scale = var_scale->data_ptr();
+  }
+  if (skip) {
+    args.skip_count = skip->numel();
+    args.skip = skip->data_ptr();
+  }
   const auto acc = accumulate_type(mean);  // the state's dtype, that of the math
+  check_launch(checks::grad_ema(HostLists({grads, mean, var}).raw(), code_of(acc), args));
   for (size_t t = 0; t < grads.size(); ++t) {
-    TORCH_CHECK(mean[t].scalar_type() == acc && var[t].scalar_type() == acc && mean[t].is_contiguous() &&
-                    var[t].is_contiguous(),
-                "fastforget: mean[", t, "] and var[", t, "] must be contiguous ", acc, " tensors");
+    TORCH_CHECK(mean[t].is_contiguous() && var[t].is_contiguous(), "fastforget: mean[", t, "] and var[", t,
+                "] must be contiguous");
   }
   check_one_device("grads", grads);
-  check_numel("inv_scale", inv_scale, 1);
-  check_numel("alpha", alpha, grads.size());
+  check_same_devices("mean", mean, "grads", grads);
+  check_same_devices("var", var, "grads", grads);
   return pack_meta<gpu::GradEmaMeta>({grads, mean, var}, gpu::SetGradEmaExtra{});
 }
 
@@ -66,7 +74,7 @@ void grad_ema_protect_cuda(at::TensorList grads_, at::TensorList mean, at::Tenso
   const c10::cuda::CUDAGuard guard(grads_[0].device());
   // A contiguous grads[t] is its own .contiguous() and is updated in place; the others go through a copy.
   const auto grads = contiguous(grads_);
-  const DeviceMeta meta = pack_ema_meta(grads, mean, var, inv_scale, alpha);
+  const DeviceMeta meta = pack_ema_meta(grads, mean, var, inv_scale, alpha, &var_scale, &skip);
   const auto options = grads[0].options().dtype(accumulate_type(mean));
   const at::Tensor scale = inv_scale.to(options), alphas = alpha.to(options).contiguous();
   const at::Tensor var_scales = var_scale.to(options).contiguous();

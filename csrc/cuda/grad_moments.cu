@@ -18,7 +18,8 @@ static_assert(gpu::kMomentsGrad == 0, "pack_meta takes the tensor count, sizes a
 
 // A (len(grads), 3) acc_t tensor: row t = (count, mean, M2) of inv_scale * grads[t].
 at::Tensor grad_moments_cuda(at::TensorList grads, const at::Tensor& inv_scale) {
-  TORCH_CHECK(inv_scale.numel() == 1, "fastforget: inv_scale must have one element, got ", inv_scale.numel());
+  check_launch(checks::grad_moments(HostLists({grads}).raw(), code_of(accumulate_type(grads)), inv_scale.numel(),
+                                    inv_scale.data_ptr()));
   if (grads.empty()) {  // no rows, as the CPU and Triton kernels (docs/ops.md, "Edge cases and bad input")
     return at::empty({0, 3}, inv_scale.options().dtype(at::kFloat));
   }

@@ -48,6 +48,13 @@ at::Tensor protected_adamw_step_cuda(
     double weight_decay, double lam, double threshold, bool maximize) {
   TORCH_CHECK(!params_.empty(), "fastforget: params must not be empty");
   const auto acc = accumulate_type(params_);
+  const bool ewc = !anchors_.empty() || !fisher_.empty(), si = !omega.empty();
+  const int protect = factors                                  ? gpu::kProtectTensor
+                      : !ema_mean.empty() || !ema_var.empty() ? gpu::kProtectElement
+                                                              : gpu::kProtectNone;
+  check_launch(checks::protected_adamw_step(
+      HostLists({params_, grads_, exp_avg, exp_avg_sq, anchors_, fisher_, ema_mean, ema_var, omega}).raw(),
+      code_of(acc), ewc, protect, si));
   check_protected_adamw_inputs({params_, grads_, exp_avg, exp_avg_sq, anchors_, fisher_, ema_mean, ema_var, omega},
                                steps, factors, alpha, var_scale, acc);
   check_one_device("params", params_);
@@ -65,15 +72,14 @@ at::Tensor protected_adamw_step_cuda(
                                     : at::zeros({}, options.dtype(at::kFloat));
   at::Tensor partials = at::empty({std::max<int64_t>(meta.num_blocks, 1)}, options);
   at::Tensor penalty = at::empty({}, options);
-  const int protect = factors ? gpu::kProtectTensor : !ema_mean.empty() ? gpu::kProtectElement : gpu::kProtectNone;
   AT_DISPATCH_FLOATING_TYPES(acc, "protected_adamw_step_cuda", [&] {
     const gpu::AdamwScalars<scalar_t> s{static_cast<scalar_t>(2 * lam),      static_cast<scalar_t>(1 - lr * weight_decay),
                                         static_cast<scalar_t>(1 - beta1),    static_cast<scalar_t>(beta2),
                                         static_cast<scalar_t>(1 - beta2),    static_cast<scalar_t>(eps),
                                         static_cast<scalar_t>(threshold)};
     C10_CUDA_CHECK(gpu::launch_protected_adamw_step<scalar_t>(
-        meta.words.data_ptr<int64_t>(), static_cast<int64_t>(params.size()), meta.num_blocks, !anchors.empty(),
-        protect, !omega.empty(), table.data_ptr<scalar_t>(), grad_factor.data_ptr<scalar_t>(), s,
+        meta.words.data_ptr<int64_t>(), static_cast<int64_t>(params.size()), meta.num_blocks, ewc, protect, si,
+        table.data_ptr<scalar_t>(), grad_factor.data_ptr<scalar_t>(), s,
         skip.data_ptr<float>(), partials.data_ptr<scalar_t>(), static_cast<scalar_t>(lam), penalty.data_ptr<scalar_t>(),
         c10::cuda::getCurrentCUDAStream()));
   });

@@ -18,8 +18,8 @@ static_assert(gpu::kScaleGrad == 0, "pack_meta takes the tensor count, sizes and
 // grads[t] *= factors[t]; factors is 1-D with one entry per gradient.
 void scale_grads_cuda(at::TensorList grads, const at::Tensor& factors) {
   if (grads.empty()) return;
-  TORCH_CHECK(factors.dim() == 1 && factors.size(0) == static_cast<int64_t>(grads.size()),
-              "fastforget: factors must have shape (", grads.size(), "), got ", factors.sizes());
+  check_launch(checks::scale_grads(HostLists({grads}).raw(), code_of(accumulate_type(grads)), factors.numel(),
+                                   factors.data_ptr()));
   check_one_device("grads", grads);
   const c10::cuda::CUDAGuard guard(grads[0].device());
   // A contiguous grads[t] is its own .contiguous() and is updated in place; the others go through a copy.

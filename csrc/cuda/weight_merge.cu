@@ -27,9 +27,16 @@ at::Tensor to_device(const std::vector<T>& values, at::ScalarType type, const at
 
 void weight_merge_cuda(at::TensorList out, at::TensorList models_, at::TensorList fisher_,
                        at::ArrayRef<double> weights, at::ArrayRef<double> floors) {
-  check_merge_lists(out, models_, fisher_, weights.size(), floors.size());
+  check_launch(checks::weight_merge(HostLists({out}).raw(), HostLists({models_, fisher_}).raw(),
+                                    static_cast<int64_t>(weights.size()), static_cast<int64_t>(floors.size()),
+                                    code_of(accumulate_type(out))));
   if (out.empty()) return;
   check_one_device("out", out);
+  for (size_t j = 0; j < models_.size(); ++j) {
+    const at::Device device = out[j % out.size()].device();
+    TORCH_CHECK(models_[j].device() == device && (fisher_.empty() || fisher_[j].device() == device),
+                "fastforget: source ", j, " of weight_merge is not on ", device);
+  }
   const c10::cuda::CUDAGuard guard(out[0].device());
   // A contiguous out[i] is its own .contiguous() and is written in place; the others go through a copy.
   const auto work = contiguous(out);

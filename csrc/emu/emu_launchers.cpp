@@ -2,13 +2,16 @@
 // tests/test_cuda_emulator.py calls with ctypes on CPU tensors' data pointers. Built at test time (not part of the
 // extension):  g++ -std=c++17 -O1 -shared -fPIC -I csrc/emu emu_launchers.cpp -o libffemu.so
 //
-// Each entry point takes what the real binding (csrc/cuda/*.cu) computes on the host after its checks: the lists'
-// element counts, data pointers and dtype codes (role r of tensor i at [r * n + i]), packs them with the same
+// Each entry point takes what the real binding (csrc/cuda/*.cu) reads off its tensors: the lists as
+// checks::LaunchLists (each tensor's shape, data pointer and dtype code) and the element counts of the per-tensor
+// and scalar arguments. It runs the binding's checks (csrc/launch_checks.h), packs the metadata with the same
 // gpu::pack_meta_words, allocates the same scratch and calls the same launcher. acc_fp64 selects acc_t = double.
-// Returns the cudaError_t; ff_emu_last_message() says why a launch failed.
+// Returns the cudaError_t; ff_emu_last_message() says why a launch failed, or why it was refused
+// (cudaErrorInvalidValue, nothing written: the message is the one the real binding raises).
 #include "cuda_emu.h"  // first: defines the CUDA keywords the headers use
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../cuda/anchored_lm_loss.cuh"
@@ -20,8 +23,11 @@
 #include "../cuda/protected_adamw_step.cuh"
 #include "../cuda/scale_grads.cuh"
 #include "../cuda/weight_merge.cuh"
+#include "../launch_checks.h"
 
 namespace gpu = fastforget::gpu;
+namespace checks = fastforget::checks;
+using checks::LaunchLists;
 
 namespace {
 
@@ -39,9 +45,24 @@ Packed pack(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* 
   return p;
 }
 
+// The lists' metadata, packed from checked lists (role r of tensor i: list r's tensor i).
+template <typename Meta, typename FillExtra = gpu::NoExtra>
+Packed pack(const LaunchLists& lists, FillExtra fill = {}) {
+  const auto a = checks::pack_arrays(lists, Meta::kRoles);
+  return pack<Meta>(lists.length[0], a.numel.data(), a.ptr.data(), a.dtype.data(), fill);
+}
+
 template <typename F>
 int dispatch(bool fp64, F f) {
   return fp64 ? f(double{}) : f(float{});
+}
+
+checks::AccCode acc_code(int acc_fp64) { return acc_fp64 ? gpu::kFloat64 : gpu::kFloat32; }
+
+// A launch the binding would refuse: cudaErrorInvalidValue, with its message (nothing was written).
+int refuse(const std::string& message) {
+  ff_emu::sched().last_message = message;
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -52,9 +73,12 @@ void ff_emu_seed(uint64_t seed) { ff_emu::set_seed(seed); }
 
 const char* ff_emu_last_message() { return ff_emu::last_message(); }
 
-int ff_emu_ewc_penalty(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype, double lam,
-                       int accumulate, int acc_fp64, void* out) {
-  const Packed m = pack<gpu::TensorMeta<gpu::kEwcRoles>>(n, numel, ptr, dtype);
+// lists: params, anchors, fisher, grads (those accumulate adds the gradient to; empty otherwise).
+int ff_emu_ewc_penalty(const LaunchLists* lists, double lam, int accumulate, int acc_fp64, void* out) {
+  const std::string refused = checks::ewc_penalty(*lists, accumulate != 0, acc_code(acc_fp64));
+  if (!refused.empty()) return refuse(refused);
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::TensorMeta<gpu::kEwcRoles>>(*lists);
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
     std::vector<acc_t> partials(m.num_blocks);
@@ -63,9 +87,13 @@ int ff_emu_ewc_penalty(int64_t n, const int64_t* numel, const int64_t* ptr, cons
   });
 }
 
-int ff_emu_ewc_penalty_backward(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype,
-                                double lam, const void* grad_out, int acc_fp64) {
-  const Packed m = pack<gpu::TensorMeta<gpu::kEwcRoles>>(n, numel, ptr, dtype);
+// lists: params, anchors, fisher, grads (the gradients written).
+int ff_emu_ewc_penalty_backward(const LaunchLists* lists, double lam, const void* grad_out, int64_t grad_out_count,
+                                int acc_fp64) {
+  const std::string refused = checks::ewc_penalty(*lists, true, acc_code(acc_fp64), grad_out_count, grad_out);
+  if (!refused.empty()) return refuse(refused);
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::TensorMeta<gpu::kEwcRoles>>(*lists);
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
     return gpu::launch_ewc_penalty_backward<acc_t>(m.words.data(), n, m.num_blocks, lam,
@@ -73,18 +101,25 @@ int ff_emu_ewc_penalty_backward(int64_t n, const int64_t* numel, const int64_t* 
   });
 }
 
-int ff_emu_fisher_update(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype,
-                         const int64_t* samples, double decay, double scale, int absolute, int acc_fp64) {
-  const Packed m = pack<gpu::FisherUpdateMeta>(n, numel, ptr, dtype, gpu::SetSamples{samples});
+// lists: fisher, grads (each shaped like its fisher, or k of them stacked).
+int ff_emu_fisher_update(const LaunchLists* lists, double decay, double scale, int absolute, int acc_fp64) {
+  std::vector<int64_t> samples;
+  const std::string refused = checks::fisher_update(*lists, acc_code(acc_fp64), &samples);
+  if (!refused.empty()) return refuse(refused);
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::FisherUpdateMeta>(*lists, gpu::SetSamples{samples.data()});
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
     return gpu::launch_fisher_update<acc_t>(m.words.data(), n, m.num_blocks, decay, scale, absolute != 0, nullptr);
   });
 }
 
-int ff_emu_scale_grads(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype,
-                       const void* factors, int acc_fp64) {
-  const Packed m = pack<gpu::ScaleGradsMeta>(n, numel, ptr, dtype, gpu::SetIndex{});
+// lists: grads.
+int ff_emu_scale_grads(const LaunchLists* lists, const void* factors, int64_t factors_count, int acc_fp64) {
+  const std::string refused = checks::scale_grads(*lists, acc_code(acc_fp64), factors_count, factors);
+  if (!refused.empty()) return refuse(refused);
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::ScaleGradsMeta>(*lists, gpu::SetIndex{});
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
     return gpu::launch_scale_grads<acc_t>(m.words.data(), n, m.num_blocks, static_cast<const acc_t*>(factors),
@@ -92,23 +127,33 @@ int ff_emu_scale_grads(int64_t n, const int64_t* numel, const int64_t* ptr, cons
   });
 }
 
-// out: n tensors (role 0 only); sources: count = num_models * n (model, Fisher) records packed as the binding does.
-int ff_emu_weight_merge(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype, int64_t count,
-                        const int64_t* src_numel, const int64_t* src_ptr, const int64_t* src_dtype,
-                        int64_t num_models, const void* coefs, int fisher, int acc_fp64) {
-  const Packed m = pack<gpu::MergeMeta>(n, numel, ptr, dtype, gpu::SetIndex{});
-  std::vector<int64_t> sources(count * gpu::MergeSource::kWords);
-  gpu::pack_merge_sources(sources.data(), count, src_numel, src_ptr, src_dtype);
+// out: its one list; sources: models and fisher (empty for a linear merge), num_models * n tensors each,
+// model-major; coefs: the num_models weights, then the num_floors floors.
+int ff_emu_weight_merge(const LaunchLists* out, const LaunchLists* sources, int64_t num_models, int64_t num_floors,
+                        const void* coefs, int acc_fp64) {
+  const std::string refused = checks::weight_merge(*out, *sources, num_models, num_floors, acc_code(acc_fp64));
+  if (!refused.empty()) return refuse(refused);
+  const int64_t n = out->length[0], count = sources->length[0];
+  const bool fisher = sources->length[1] != 0;
+  const Packed m = pack<gpu::MergeMeta>(*out, gpu::SetIndex{});
+  const auto a = checks::pack_arrays(*sources, gpu::kMergeSourceRoles);
+  std::vector<int64_t> words(count * gpu::MergeSource::kWords);
+  gpu::pack_merge_sources(words.data(), count, a.numel.data(), a.ptr.data(), a.dtype.data());
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
-    return gpu::launch_weight_merge<acc_t>(m.words.data(), n, m.num_blocks, sources.data(), num_models,
-                                           static_cast<const acc_t*>(coefs), fisher != 0, nullptr);
+    return gpu::launch_weight_merge<acc_t>(m.words.data(), n, m.num_blocks, words.data(), num_models,
+                                           static_cast<const acc_t*>(coefs), fisher, nullptr);
   });
 }
 
-int ff_emu_grad_ema_stats(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype,
-                          const void* inv_scale, const void* alphas, void* out, int acc_fp64) {
-  const Packed m = pack<gpu::GradEmaMeta>(n, numel, ptr, dtype, gpu::SetGradEmaExtra{});
+// lists: grads, mean, var.
+int ff_emu_grad_ema_stats(const LaunchLists* lists, const void* inv_scale, int64_t inv_scale_count,
+                          const void* alphas, int64_t alpha_count, void* out, int acc_fp64) {
+  const std::string refused =
+      checks::grad_ema(*lists, acc_code(acc_fp64), {inv_scale_count, inv_scale, alpha_count, alphas});
+  if (!refused.empty()) return refuse(refused);
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::GradEmaMeta>(*lists, gpu::SetGradEmaExtra{});
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
     std::vector<acc_t> partials(m.num_blocks);
@@ -118,10 +163,16 @@ int ff_emu_grad_ema_stats(int64_t n, const int64_t* numel, const int64_t* ptr, c
   });
 }
 
-int ff_emu_grad_ema_protect(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype,
-                            const void* inv_scale, const void* alphas, const void* var_scales, const bool* skip,
-                            double threshold, int acc_fp64) {
-  const Packed m = pack<gpu::GradEmaMeta>(n, numel, ptr, dtype, gpu::SetGradEmaExtra{});
+// lists: grads, mean, var.
+int ff_emu_grad_ema_protect(const LaunchLists* lists, const void* inv_scale, int64_t inv_scale_count,
+                            const void* alphas, int64_t alpha_count, const void* var_scales, int64_t var_scale_count,
+                            const bool* skip, int64_t skip_count, double threshold, int acc_fp64) {
+  const std::string refused = checks::grad_ema(
+      *lists, acc_code(acc_fp64),
+      {inv_scale_count, inv_scale, alpha_count, alphas, var_scale_count, var_scales, skip_count, skip});
+  if (!refused.empty()) return refuse(refused);
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::GradEmaMeta>(*lists, gpu::SetGradEmaExtra{});
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
     return gpu::launch_grad_ema_protect<acc_t>(m.words.data(), n, m.num_blocks,
@@ -131,9 +182,13 @@ int ff_emu_grad_ema_protect(int64_t n, const int64_t* numel, const int64_t* ptr,
   });
 }
 
-int ff_emu_grad_moments(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype,
-                        const void* inv_scale, void* out, int acc_fp64) {
-  const Packed m = pack<gpu::GradMomentsMeta>(n, numel, ptr, dtype, gpu::SetFirstBlock{});
+// lists: grads.
+int ff_emu_grad_moments(const LaunchLists* lists, const void* inv_scale, int64_t inv_scale_count, void* out,
+                        int acc_fp64) {
+  const std::string refused = checks::grad_moments(*lists, acc_code(acc_fp64), inv_scale_count, inv_scale);
+  if (!refused.empty()) return refuse(refused);
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::GradMomentsMeta>(*lists, gpu::SetFirstBlock{});
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
     std::vector<acc_t> partials(2 * m.num_blocks);
@@ -142,12 +197,16 @@ int ff_emu_grad_moments(int64_t n, const int64_t* numel, const int64_t* ptr, con
   });
 }
 
-// scalars: two_lam, decay, beta1_complement, beta2, beta2_complement, eps, threshold (gpu::AdamwScalars' order).
-int ff_emu_protected_adamw_step(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype, int ewc,
-                                int protect, int si, const void* per_tensor, const void* grad_factor,
-                                const double* scalars, const float* found_inf, double lam, void* penalty,
-                                int acc_fp64) {
-  const Packed m = pack<gpu::AdamwMeta>(n, numel, ptr, dtype, gpu::SetIndex{});
+// lists: params, grads, exp_avg, exp_avg_sq, anchors, fisher, ema_mean, ema_var, omega; per_tensor: the binding's
+// per-tensor table (n x kAdamwColumns); scalars: two_lam, decay, beta1_complement, beta2, beta2_complement, eps,
+// threshold (gpu::AdamwScalars' order).
+int ff_emu_protected_adamw_step(const LaunchLists* lists, int ewc, int protect, int si, const void* per_tensor,
+                                const void* grad_factor, const double* scalars, const float* found_inf, double lam,
+                                void* penalty, int acc_fp64) {
+  const std::string refused = checks::protected_adamw_step(*lists, acc_code(acc_fp64), ewc != 0, protect, si != 0);
+  if (!refused.empty()) return refuse(refused);
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::AdamwMeta>(*lists, gpu::SetIndex{});
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
     const gpu::AdamwScalars<acc_t> s{static_cast<acc_t>(scalars[0]), static_cast<acc_t>(scalars[1]),
@@ -167,6 +226,9 @@ int ff_emu_anchored_lm_loss_rows(const void* logits, const void* ref, const int6
                                  const void* scale, void* loss, void* grad, int64_t rows, int64_t vocab,
                                  double kl_weight, double temperature, int reverse, int anchored, int dft,
                                  int64_t ignore_index, int logits_dtype) {
+  const std::string refused = checks::anchored_lm_loss_rows(
+      {logits, ref, labels, scale, loss, grad, rows, vocab, logits_dtype, temperature, anchored != 0});
+  if (!refused.empty()) return refuse(refused);
   const auto run = [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
@@ -181,7 +243,7 @@ int ff_emu_anchored_lm_loss_rows(const void* logits, const void* ref, const int6
     case gpu::kFloat64: return run(double{}, double{});
     case gpu::kBFloat16: return run(__nv_bfloat16{}, float{});
     case gpu::kFloat16: return run(__half{}, float{});
-    default: return run(float{}, float{});
+    default: return run(float{}, float{});  // kFloat32 (the check refused any other code)
   }
 }
 
