@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_protected_adamw8bit_step import bnb_nearest_quantizer
 from torch import nn
 
 import fastforget as ff
@@ -37,10 +38,14 @@ def set_grads(model, step):
 
 
 def quantize(x, signed):
-    codes, state = bnb_functional.quantize_blockwise(
-        x.float().contiguous(), code=bnb_functional.create_dynamic_map(signed=signed), blocksize=BLOCK
+    """bitsandbytes' quantize_blockwise kernel of its default backend (the rule of its CUDA kernel; its CPU kernel
+    rounds values below ~1.5e-5 of a block's absmax through a coarse table, see fastforget/quantize.py)."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    code = bnb_functional.create_dynamic_map(signed=signed)
+    codes, absmax = torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
+        keys, x.float().contiguous(), code, BLOCK
     )
-    return codes.reshape(x.shape), state.absmax
+    return codes.reshape(x.shape), absmax
 
 
 def dequantize(codes, absmax, signed):
@@ -102,15 +107,17 @@ def test_state_layout_is_bitsandbytes(dtype):
 
 
 def test_plain_steps_match_bitsandbytes_adamw8bit():
-    """No defences: bitsandbytes' AdamW8bit (its CPU kernels, block-wise dynamic quantization of both moments)."""
+    """No defences: bitsandbytes' AdamW8bit (its CPU ops, with its nearest-code quantizer: the rule of its CUDA
+    kernel and ours; its stock CPU quantizer's coarse table is covered in test_protected_adamw8bit_step.py)."""
     a, b = make_model(), make_model()
     ours = ff.optim.ProtectedAdamW(a.parameters(), state_bits=8, **HP)
     theirs = bnb.optim.AdamW8bit(b.parameters(), **HP)
-    for step in range(6):
-        set_grads(a, step)
-        set_grads(b, step)
-        ours.step()
-        theirs.step()
+    with bnb_nearest_quantizer():
+        for step in range(6):
+            set_grads(a, step)
+            set_grads(b, step)
+            ours.step()
+            theirs.step()
     assert_same_run(a, b, ours, theirs)
 
 
@@ -205,25 +212,51 @@ def test_mofo_selects_on_the_dequantized_moments():
 # -------------------------------------------------------------------------------------------------- state dicts
 
 
+OPTIMIZERS = {
+    "ours": lambda m: ff.optim.ProtectedAdamW(m.parameters(), state_bits=8, **HP),
+    "bitsandbytes": lambda m: bnb.optim.AdamW8bit(m.parameters(), **HP),
+}
+
+
 @pytest.mark.parametrize("direction", ["bitsandbytes into ours", "ours into bitsandbytes"])
 def test_state_dicts_go_both_ways_with_bitsandbytes(direction):
-    """Train 3 steps with one, load its model and optimizer state into the other, continue both 3 steps alike."""
+    """Train 3 steps with one, load its model and optimizer state into the other, continue both 3 steps alike
+    (bitsandbytes with its nearest-code quantizer, as above)."""
     first, second = make_model(), make_model()
-    make = {
-        "ours": lambda m: ff.optim.ProtectedAdamW(m.parameters(), state_bits=8, **HP),
-        "bitsandbytes": lambda m: bnb.optim.AdamW8bit(m.parameters(), **HP),
-    }
     source, target = direction.split(" into ")
-    opt = make[source](first)
-    run_steps(first, opt, range(3))
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)  # as a checkpoint holds it
-    second.load_state_dict(first.state_dict())
-    loaded = make[target](second)
-    loaded.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
-    run_steps(first, opt, range(3, 6))
-    run_steps(second, loaded, range(3, 6))
+    opt = OPTIMIZERS[source](first)
+    with bnb_nearest_quantizer():
+        run_steps(first, opt, range(3))
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)  # as a checkpoint holds it
+        second.load_state_dict(first.state_dict())
+        loaded = OPTIMIZERS[target](second)
+        loaded.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+        run_steps(first, opt, range(3, 6))
+        run_steps(second, loaded, range(3, 6))
     assert_same_run(first, second, opt, loaded)
+
+
+@pytest.mark.parametrize("direction", ["bitsandbytes into ours", "ours into bitsandbytes"])
+def test_stock_bitsandbytes_state_dicts_carry_over_exactly(direction):
+    """Stock bitsandbytes (its CPU quantizer): a loaded state holds exactly the saved tensors and step, and saves
+    them back unchanged."""
+    model = make_model()
+    source, target = direction.split(" into ")
+    opt = OPTIMIZERS[source](model)
+    run_steps(model, opt, range(2))
+    saved = opt.state_dict()
+    loaded = OPTIMIZERS[target](model)
+    loaded.load_state_dict(saved)
+    again = loaded.state_dict()
+    for i, p in enumerate(model.parameters()):
+        for key, value in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(loaded.state[p][key]).float(), torch.as_tensor(value).float()), key
+        theirs, ours = saved["state"][i], again["state"][i]
+        assert theirs["step"] == ours["step"] == 2
+        wrapped = "__bnb_optimizer_quant_state__"
+        assert set(theirs[wrapped]) == set(ours[wrapped])
+        assert all(torch.equal(theirs[wrapped][k], ours[wrapped][k]) for k in theirs[wrapped])
 
 
 def test_own_round_trip_continues_bitwise():
