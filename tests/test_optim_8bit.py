@@ -441,3 +441,10 @@ def test_docs_state_the_measured_budget():
         found = re.search(rf"^\| {re.escape(row)} \| ([0-9.]+) B \|", text, re.MULTILINE)
         assert found, f"docs/optim.md has no budget row for {row!r}"
         assert float(found.group(1)) == round(state_bytes_per_parameter(bits, kw), 3), row
+
+
+def test_fp64_tensors_keep_fp64_moments():
+    model = make_model(torch.float64)
+    opt = ff.optim.ProtectedAdamW(model.parameters(), state_bits=8, **HP)
+    run_steps(model, opt, [0])
+    assert all(opt.state[p]["state1"].dtype == torch.float64 for p in model.parameters())

@@ -174,8 +174,8 @@ class ProtectedAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------------- state
 
     def _is_8bit(self, p):
-        """bitsandbytes' rule: 8-bit moments for tensors of at least min_8bit_size elements."""
-        return self.state_bits == 8 and p.numel() >= self.min_8bit_size
+        """bitsandbytes' rule: 8-bit moments for tensors of at least min_8bit_size elements (fp64 ones keep fp64)."""
+        return self.state_bits == 8 and p.numel() >= self.min_8bit_size and p.dtype != torch.float64
 
     def _moment_keys(self):
         return ("exp_avg", "exp_avg_sq") if self.state_bits == 32 else ("state1", "state2")
