@@ -110,6 +110,7 @@ class ProtectedAdamW(torch.optim.Optimizer):
         self._check_group(defaults)
         self.state_bits = check.check_choice("state_bits", state_bits, STATE_BITS)
         self.min_8bit_size = check.check_int("min_8bit_size", min_8bit_size, minimum=0)
+        self._maps = {}  # device -> the two dynamic maps, shared by every 8-bit state on it
         super().__init__(params, defaults)
         members = [(g, p) for g, group in enumerate(self.param_groups) for p in group["params"]]
         names = [
@@ -182,10 +183,9 @@ class ProtectedAdamW(torch.optim.Optimizer):
 
     def _qmaps(self, device):
         """The signed and unsigned dynamic maps on `device` (bitsandbytes' qmap1, qmap2), shared by every param."""
-        maps = self.__dict__.setdefault("_maps", {})
-        if device not in maps:
-            maps[device] = (dynamic_map(signed=True).to(device), dynamic_map(signed=False).to(device))
-        return maps[device]
+        if device not in self._maps:
+            self._maps[device] = (dynamic_map(True, device), dynamic_map(False, device))
+        return self._maps[device]
 
     def _state_of(self, p):
         state = self.state[p]
