@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from fastforget import _validation as check
-from fastforget.ewc import EWC, MODES
+from fastforget.ewc import EWC, FISHER_BITS, MODES
 from fastforget.fisher import ESTIMATORS
 from fastforget.protect import GradientProtector
 from fastforget.replay import ReplayBuffer
@@ -42,7 +42,13 @@ class ProtectionArguments:
     ewc_decay: float = _option(1.0, "online EWC: the old Fisher's weight at each consolidation (gamma), >= 0")
     ewc_estimator: Literal[ESTIMATORS] = _option("empirical", "Fisher estimator of end_task")
     ewc_max_batches: int | None = _option(None, "batches the Fisher is estimated on at end_task; unset: all")
-    ewc_state_dtype: Literal[tuple(STATE_DTYPES)] = _option("float32", "EWC anchors' and Fisher's dtype")
+    ewc_state_dtype: Literal[tuple(STATE_DTYPES)] | None = _option(
+        None, "EWC anchors' (and 32-bit Fisher's) dtype; unset: float32, or bfloat16 with ewc_fisher_bits 8"
+    )
+    ewc_fisher_bits: Literal[FISHER_BITS] = _option(
+        32,
+        "EWC Fisher storage: 32 bits (ewc_state_dtype) or 8 (block-wise quantized, for ProtectedAdamW(state_bits=8))",
+    )
     replay_capacity: int | None = _option(None, "replay buffer size in examples; unset: no replay")
     replay_policy: Literal[REPLAY_POLICIES] = _option("reservoir", "replay buffer policy")
     replay_weight: float = _option(1.0, "weight of the replayed examples' loss, >= 0")
@@ -69,7 +75,8 @@ class ProtectionArguments:
             raise ValueError("ewc_decay applies to ewc_mode='online'; 'separate' keeps every task at full weight")
         check.check_choice("ewc_estimator", self.ewc_estimator, ESTIMATORS)
         check.optional(check.check_int, "ewc_max_batches", self.ewc_max_batches, minimum=1)
-        check.check_choice("ewc_state_dtype", self.ewc_state_dtype, tuple(STATE_DTYPES))
+        check.optional(check.check_choice, "ewc_state_dtype", self.ewc_state_dtype, choices=tuple(STATE_DTYPES))
+        check.check_choice("ewc_fisher_bits", self.ewc_fisher_bits, FISHER_BITS)
         check.optional(check.check_int, "replay_capacity", self.replay_capacity, minimum=1)
         check.check_choice("replay_policy", self.replay_policy, REPLAY_POLICIES)
         check.check_real("replay_weight", self.replay_weight, minimum=0.0)
@@ -91,7 +98,7 @@ class ProtectionArguments:
         if self.ewc_lambda is not None:
             ewc = EWC(
                 model, lam=self.ewc_lambda, mode=self.ewc_mode, decay=self.ewc_decay,
-                state_dtype=STATE_DTYPES[self.ewc_state_dtype],
+                state_dtype=STATE_DTYPES.get(self.ewc_state_dtype), fisher_bits=self.ewc_fisher_bits,
             )  # fmt: skip
         if self.replay_capacity is not None:
             generator = None if self.replay_seed is None else torch.Generator().manual_seed(self.replay_seed)

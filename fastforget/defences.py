@@ -34,7 +34,7 @@ import torch
 from fastforget import _validation as check
 
 FUSED_TERMS = {  # the parts of ProtectedAdamW's fused step, and the FusedOperands fields each one fills
-    "quadratic": ("anchors", "fisher", "lam", "penalty_offset"),  # g += 2 lam F (theta - anchor), EWC's form
+    "quadratic": ("anchors", "fisher", "fisher_absmax", "lam", "penalty_offset"),  # g += 2 lam F (theta - anchor)
     "protection": ("factors", "ema_mean", "ema_var", "alpha", "var_scale", "threshold"),  # GradientProtector's
     "path_integral": ("omega",),  # omega -= g_task * delta_theta, Synaptic Intelligence's
 }
@@ -118,7 +118,10 @@ class FusedOperands:
     declares in ``fused_terms`` (see ``FUSED_TERMS``); the step combines the defences' terms, one defence per term.
 
     quadratic: anchors, fisher (per param), lam: g += 2 lam F (theta - anchor), penalty lam sum F (theta - anchor)^2
-        plus penalty_offset (a constant, e.g. the separate-mode EWC's lam C; None: nothing added).
+        plus penalty_offset (a constant, e.g. the separate-mode EWC's lam C; None: nothing added). An 8-bit Fisher
+        (``ff.EWC(fisher_bits=8)``): fisher holds uint8 codes on the unsigned dynamic map and fisher_absmax their
+        fp32 block absmax (one per 256 elements, per param), which only ``ProtectedAdamW(state_bits=8)`` consumes;
+        empty: the Fisher is float.
     protection: factors (one per param, mode "tensor") or ema_mean, ema_var (per param), alpha, var_scale (one per
         param) and threshold (mode "element"), as in ``ff.protected_adamw_step``.
     path_integral: omega (per param): omega -= g_task * (theta_new - theta_old).
@@ -126,6 +129,7 @@ class FusedOperands:
 
     anchors: list = dataclasses.field(default_factory=list)
     fisher: list = dataclasses.field(default_factory=list)
+    fisher_absmax: list = dataclasses.field(default_factory=list)
     lam: float = 0.0
     penalty_offset: float | None = None
     factors: torch.Tensor | None = None
@@ -149,7 +153,7 @@ class FusedOperands:
     def pick(self, positions):
         """The operands of the params at `positions` (indices into the params they were made for)."""
         picked = FusedOperands(lam=self.lam, threshold=self.threshold)
-        for field in ("anchors", "fisher", "ema_mean", "ema_var", "omega"):
+        for field in ("anchors", "fisher", "fisher_absmax", "ema_mean", "ema_var", "omega"):
             values = getattr(self, field)
             setattr(picked, field, [values[i] for i in positions] if values else [])
         for field in ("factors", "alpha", "var_scale"):

@@ -77,7 +77,7 @@ def _state(name, source, fisher=False):
     if isinstance(source, EWC):
         if not source.tasks:
             raise ValueError(f"{name} is an EWC object with nothing consolidated yet (no anchors or Fisher)")
-        return dict(zip(source.names, source.fisher if fisher else source.anchors))
+        return dict(zip(source.names, source.fisher_tensors() if fisher else source.anchors))
     if isinstance(source, torch.nn.Module):
         return dict(source.named_parameters())
     if isinstance(source, dict):
