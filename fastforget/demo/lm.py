@@ -296,8 +296,9 @@ def run_strategy(strategy, pretrained_state, si_state, data, config, seed, devic
                  lam=None, estimator=None):  # fmt: skip
     """Fine-tune the pre-trained model on B with `strategy`; returns the held-out CE after, the curve of CE_A and
     CE_B at the end of every stage (ForgettingCallback, its deltas against `before`), the Fisher's scale at every
-    consolidation, the step times, the defences' states when B's training began (what the throughput probe starts
-    from) and the model. `lam`: the strategy's setting instead of its default; `estimator`: the Fisher's."""
+    consolidation, the EWC penalty at the end, the step times, the defences' states when B's training began (what
+    the throughput probe starts from) and the model. `lam`: the strategy's setting instead of its default;
+    `estimator`: the Fisher's."""
     from fastforget.callbacks import ForgettingCallback
 
     model = prepared_model(strategy, pretrained_state, config, seed, device, backend)
@@ -319,8 +320,9 @@ def run_strategy(strategy, pretrained_state, si_state, data, config, seed, devic
         curve += [{"step": k * steps + step, **ce} for step, ce in watch.history]
         old_task = stage
     after = {name: curve[-1][name] for name in "AB"}
-    return {"ce": after, "curve": curve, "fisher": fisher, "step_s": timer.times, "start_states": start_states,
-            "model": model}  # fmt: skip
+    penalty = float(parts["ewc"].penalty()) if "ewc" in parts else None  # what the last step's loss carried
+    return {"ce": after, "curve": curve, "fisher": fisher, "ewc_penalty": penalty, "step_s": timer.times,
+            "start_states": start_states, "model": model}  # fmt: skip
 
 
 def fisher_ewc(model, ids, config):
@@ -432,7 +434,7 @@ def _run_seed(config, strategies, seed, data, device, backend, folder, bar):
     def point(strategy, value, result, **facts):
         return {"strategy": strategy, "seed": seed, "lambda": value, "setting": SETTINGS.get(strategy),
                 "ce_after": result["ce"], **_trade_off(before, result["ce"]), "fisher": result["fisher"],
-                **facts}  # fmt: skip
+                "ewc_penalty": result.get("ewc_penalty"), **facts}  # fmt: skip
 
     def swept(strategy, value, estimator=None):
         label = f"{SETTINGS[strategy]}={value:g}" + (f", {estimator} Fisher" if estimator else "")

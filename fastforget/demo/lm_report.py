@@ -87,7 +87,8 @@ def pareto_front(rows, sweep):
 
 def estimator_rows(runs, sweep, estimators):
     """ewc's points by Fisher estimator and lambda (means over seeds): the Fisher's mean and max at A's
-    consolidation (the first), lambda * mean, forgetting, learning; the run's estimator first."""
+    consolidation (the first), lambda * mean, the penalty at the end of fine-tuning, forgetting, learning; the run's
+    estimator first."""
     points = [p for p in runs + sweep if p["strategy"] == "ewc"] + estimators
     groups = {}
     for p in points:
@@ -95,7 +96,7 @@ def estimator_rows(runs, sweep, estimators):
     rows = []
     for (estimator, lam), same in sorted(groups.items(), key=lambda item: item[0][1]):
         mean = statistics.fmean(p["fisher"][0]["mean"] for p in same)
-        means = {key: statistics.fmean(p[key] for p in same) for key in ("forgetting", "learning")}
+        means = {key: statistics.fmean(p[key] for p in same) for key in ("ewc_penalty", "forgetting", "learning")}
         rows.append({"estimator": estimator, "lambda": lam, "fisher_mean": mean,
                      "fisher_max": statistics.fmean(p["fisher"][0]["max"] for p in same), "strength": lam * mean,
                      **means})  # fmt: skip
@@ -105,11 +106,12 @@ def estimator_rows(runs, sweep, estimators):
 
 def estimator_table(rows):
     """A Markdown table of estimator_rows."""
-    lines = ["| Fisher estimator | Fisher of A: mean | max | λ | λ · mean | forgetting | learning |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| Fisher estimator | Fisher of A: mean | max | λ | λ · mean | penalty at the end | forgetting "
+             "| learning |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in rows:
         lines.append(f"| {row['estimator']} | {row['fisher_mean']:.3g} | {row['fisher_max']:.3g} | {row['lambda']:g} "
-                     f"| {row['strength']:.3g} | {row['forgetting']:.3f} | {row['learning']:.3f} |")  # fmt: skip
+                     f"| {row['strength']:.3g} | {row['ewc_penalty']:.3g} | {row['forgetting']:.3f} "
+                     f"| {row['learning']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 
