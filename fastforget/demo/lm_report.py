@@ -132,8 +132,15 @@ def plot(path, rows, sweep):
         for lam, x, y in points:
             ax.annotate(f"{setting[strategy]}={lam:g}", (x, y), fontsize=6, color=line.get_color(), xytext=(3, -8),
                         textcoords="offset points")  # fmt: skip
+    # a strategy that got worse on both corpora beyond every learning one's forgetting would squash the others
+    learned = [row["forgetting"]["mean"] for row in rows if row["learning"]["mean"] > 0]
+    off = [row for row in rows if learned and row["learning"]["mean"] < 0 and row["forgetting"]["mean"] > max(learned)]
     for row in rows:
         x, y = row["learning"]["mean"], row["forgetting"]["mean"]
+        if row in off:
+            note = f"{row['strategy']}: off the plot (learning {x:.3f}, forgetting {y:.3f})"
+            ax.text(0.99, 0.99 - 0.04 * off.index(row), note, transform=ax.transAxes, ha="right", va="top", fontsize=7)
+            continue
         ax.plot([x], [y], "o", ms=5)
         ax.annotate(row["strategy"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = pareto_front(rows, sweep)
