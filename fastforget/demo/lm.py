@@ -356,7 +356,8 @@ def merge_points(strategy, finetuned, pretrained_state, values, data, config, se
 
     def merged_at(value, merge_backend):
         with torch.no_grad():
-            torch._foreach_copy_(params, weights)
+            for param, weight in zip(params, weights):
+                param.copy_(weight)
         start = time.perf_counter()
         if strategy == "wise-ft":
             ff.wise_ft(model, pretrained_state, value, backend=merge_backend)
