@@ -9,6 +9,7 @@ from fastforget.dispatch import BACKENDS
 
 def _parser():
     from fastforget.demo.config import DEFAULT_EPOCHS, DEFAULT_LR, LM_STRATEGIES, STRATEGIES, DemoConfig
+    from fastforget.fisher import ESTIMATORS
 
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(
@@ -45,7 +46,21 @@ def _parser():
     demo.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default=defaults.optimizer, help="default %(default)s")
     demo.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULT_LR})")
     demo.add_argument(
-        "--ewc-lambda", type=float, default=defaults.ewc_lambda, help="EWC's lambda (default %(default)s)"
+        "--ewc-lambda",
+        type=float,
+        help=f"EWC's lambda, of every benchmark that runs (default {defaults.ewc_lambda:g} for digits, "
+        f"{defaults.lm.ewc_lambda:g} for lm)",
+    )
+    demo.add_argument(
+        "--ewc-estimator",
+        choices=ESTIMATORS,
+        default=defaults.lm.ewc_estimator,
+        help="the Fisher estimator of lm's EWC strategies and fisher-merge (default %(default)s)",
+    )
+    demo.add_argument(
+        "--estimator-sweep",
+        help=f"comma-separated Fisher estimators ({', '.join(ESTIMATORS)}): lm's ewc and its lambda sweep run "
+        "again with each, to compare their scales (default none)",
     )
     demo.add_argument(
         "--replay-capacity", type=int, default=defaults.replay_capacity, help="replay examples (default %(default)s)"
@@ -86,6 +101,7 @@ def _config(args):
     from dataclasses import replace
 
     from fastforget.demo.config import LM_STRATEGIES, STRATEGIES, DemoConfig
+    from fastforget.fisher import ESTIMATORS
 
     benchmarks = {"digits": ("split", "permuted"), "all": ("split", "permuted", "lm")}.get(
         args.benchmark, (args.benchmark,)
@@ -101,6 +117,12 @@ def _config(args):
                         (args.lm_steps, "--lm-steps")):  # fmt: skip
         if value is not None and value < 1:
             raise SystemExit(f"fastforget demo: {flag} must be >= 1")
+    if args.ewc_lambda is not None and not args.ewc_lambda >= 0:  # NaN fails too
+        raise SystemExit(f"fastforget demo: --ewc-lambda must be >= 0, got {args.ewc_lambda}")
+    sweep = tuple(s.strip() for s in (args.estimator_sweep or "").split(",") if s.strip())
+    unknown = [s for s in sweep if s not in ESTIMATORS]
+    if unknown:
+        raise SystemExit(f"fastforget demo: unknown --estimator-sweep {unknown}; choose from {', '.join(ESTIMATORS)}")
     config = DemoConfig(
         benchmarks=benchmarks,
         strategies=strategies,
@@ -111,12 +133,15 @@ def _config(args):
         device=args.device,
         optimizer=args.optimizer,
         lr=args.lr,
-        ewc_lambda=args.ewc_lambda,
         replay_capacity=args.replay_capacity,
         threads=args.threads,
         progress=not args.no_progress,
     )
-    config.lm = replace(config.lm, steps=args.lm_steps, cache=args.lm_cache)
+    config.lm = replace(config.lm, steps=args.lm_steps, cache=args.lm_cache, ewc_estimator=args.ewc_estimator,
+                        estimator_sweep=sweep)  # fmt: skip
+    if args.ewc_lambda is not None:
+        config.ewc_lambda = args.ewc_lambda
+        config.lm.ewc_lambda = args.ewc_lambda
     empty = [b for b in benchmarks if not config.strategies_for(b)]
     if empty:
         raise SystemExit(f"fastforget demo: none of --strategies {args.strategies} runs on {', '.join(empty)}")

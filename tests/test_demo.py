@@ -82,7 +82,18 @@ def test_class_incremental_finetune_forgets_replay_and_ewc_retain():
 def test_cli_help():
     result = subprocess.run([sys.executable, "-m", "fastforget", "demo", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for flag in ("--benchmark", "--strategies", "--epochs", "--out", "--backend", "--device", "--seeds"):
+    for flag in (
+        "--benchmark",
+        "--strategies",
+        "--epochs",
+        "--out",
+        "--backend",
+        "--device",
+        "--seeds",
+        "--ewc-lambda",
+        "--ewc-estimator",
+        "--estimator-sweep",
+    ):
         assert flag in result.stdout
 
 

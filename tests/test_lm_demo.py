@@ -15,16 +15,19 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+import fastforget as ff  # noqa: E402
 from fastforget.__main__ import _config, _parser  # noqa: E402
-from fastforget.demo import DemoConfig, lm, lm_data, run_demo  # noqa: E402
+from fastforget.demo import DemoConfig, lm, lm_data, lm_report, run_demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # seconds, not minutes: a 1-layer Llama of width 64 on 32-byte sequences (54k parameters), pre-trained for 300
 # steps (CE_A ~2.7 nats/byte) -- enough to have something of A's to forget: fine-tuning 24 steps on B raised CE_A by
-# 0.08-0.12 for seeds 0-2, while ewc, replay and combined raised it by at most 0.04
+# 0.08-0.12 for seeds 0-2, while ewc, replay and combined raised it by at most 0.04. The merges' sweeps cost only
+# evaluations; mofo's would train again, so it has none here.
 TINY = lm.LMConfig(hidden=64, layers=1, heads=2, intermediate=128, seq_len=32, batch_size=8, pretrain_steps=300,
                    steps=24, eval_sequences=32, fisher_sequences=8, replay_capacity=256, sweep=(10.0,),
-                   probe_steps=1, probe_legs=1)  # fmt: skip
+                   mofo_sweep=(), wise_ft_sweep=(0.25,), merge_sweep=(0.25,), probe_steps=1,
+                   probe_legs=1)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +100,34 @@ def test_every_strategy_writes_its_row_table_and_plot(tiny_demo):
         assert row["tokens_per_s"]["fused"]["mean"] > 0 and row["tokens_per_s"]["reference"]["mean"] > 0
     for run in results["runs"]:
         before, after = run["ce_before"], run["ce_after"]
-        assert [point["step"] for point in run["curve"]] == [TINY.steps // 2, TINY.steps]  # every stage's end
+        merged = [TINY.steps] if run["strategy"] in lm.MERGES else []  # the merged model: a last point
+        assert [point["step"] for point in run["curve"]] == [TINY.steps // 2, TINY.steps, *merged]  # stages' ends
         assert {name: run["curve"][-1][name] for name in "AB"} == after
         assert run["forgetting"] == pytest.approx(after["A"] - before["A"])
         assert run["learning"] == pytest.approx(before["B"] - after["B"])
         assert run["probe_max_abs_param_diff"] < 1e-3, run["strategy"]  # fused and reference: the same steps
     assert sorted({(p["strategy"], p["lambda"]) for p in results["lm"]["sweep"]}) == [
-        ("ewc", 10 * TINY.ewc_lambda), ("kl", 10 * TINY.kl_lambda)]  # fmt: skip
+        ("ewc", 10 * TINY.ewc_lambda), ("fisher-merge", 0.25), ("kl", 10 * TINY.kl_lambda),
+        ("wise-ft", 0.25)]  # fmt: skip
+    for strategy in lm.MERGES:  # the fused merge against the reference op, on the fine-tuned model
+        (run,) = [r for r in results["runs"] if r["strategy"] == strategy]
+        assert run["merge"]["max_abs_param_diff"] < 1e-6 and run["merge"]["ms"]["fused"] > 0
+        assert run["curve"][-1]["merge"] == {"wise-ft": "α=0.5", "fisher-merge": "w_B=0.5"}[strategy]
+    (fisher_merge,) = [r for r in results["runs"] if r["strategy"] == "fisher-merge"]
+    assert [f["estimator"] for f in fisher_merge["fisher"]] == ["empirical", "empirical"]  # the Fishers of A and B
+    points = [(r["learning"]["mean"], r["forgetting"]["mean"]) for r in results["summary"]]
+    points += [(p["learning"], p["forgetting"]) for p in results["lm"]["sweep"]]
+    front = [(p["learning"], p["forgetting"]) for p in results["lm"]["pareto"]]
+    assert front and all(p in points for p in front)
+    for x, y in front:  # no measured point learns at least as much and forgets at most as much, and differs
+        assert not any(u >= x and v <= y and (u, v) != (x, y) for u, v in points), (x, y)
+    assert all(x < u for x, u in zip([p[0] for p in front], [p[0] for p in front][1:]))
     assert results["lm"]["parameters"] == sum(p.numel() for p in lm.make_model(TINY, 0, "cpu").parameters())
     assert results["lm"]["pretraining"][0]["cached"] is False
     table = (out / "table.md").read_text()
     assert all(f"| {s} |" in table for s in lm.LM_STRATEGIES)
+    assert "| mofo | fraction=0.15 |" in table and "| wise-ft | α=0.5 |" in table and "Pareto front" in table
+    assert "| empirical | " in table  # ewc's Fisher scale
     assert table.strip() in printed
     assert (out / "lm_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "accuracy.png").exists()  # no digits benchmark ran
@@ -117,8 +137,21 @@ def test_finetune_forgets_and_ewc_replay_combined_forget_less(tiny_demo):
     _, summary, _ = tiny_demo
     forgetting = {row["strategy"]: row["forgetting"]["mean"] for row in summary}
     assert forgetting["finetune"] > 0.05
-    for strategy in ("ewc", "replay", "combined"):
+    for strategy in ("ewc", "replay", "combined", "wise-ft", "fisher-merge"):
         assert forgetting[strategy] < forgetting["finetune"] / 2, (strategy, forgetting)
+
+
+def test_the_merges_average_finetunes_model_and_trace_a_curve(tiny_demo):
+    """wise-ft and fisher-merge merge the model that finetune trained (the same curve up to the merge), and WiSE-FT
+    forgets less the closer alpha is to the pre-trained model (alpha 0)."""
+    out, summary, _ = tiny_demo
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["strategy"]: r for r in results["runs"]}
+    for strategy in lm.MERGES:
+        assert runs[strategy]["curve"][:-1] == runs["finetune"]["curve"]
+        assert runs[strategy]["tokens_per_s"] == runs["finetune"]["tokens_per_s"]
+    (quarter,) = [p for p in results["lm"]["sweep"] if p["strategy"] == "wise-ft"]
+    assert quarter["forgetting"] < runs["wise-ft"]["forgetting"] < runs["finetune"]["forgetting"]
 
 
 class RecordingBar:
@@ -136,7 +169,7 @@ class RecordingBar:
 
 def test_progress_names_what_runs(tmp_path):
     config = replace(TINY, pretrain_steps=4, steps=4, cache=str(tmp_path))
-    strategies = ("finetune", "kl")
+    strategies = ("finetune", "kl", "wise-ft")
     for cached in (False, True):
         bar = RecordingBar()
         lm.run_lm(config, strategies, 1, "cpu", "auto", bar)
@@ -145,6 +178,7 @@ def test_progress_names_what_runs(tmp_path):
         assert bar.descriptions == [
             pretraining, "lm finetune seed 0", "lm finetune seed 0: timing fused vs reference",
             "lm kl seed 0", "lm kl seed 0: timing fused vs reference", "lm kl λ=10 seed 0",
+            "lm wise-ft seed 0: merging",
         ]  # fmt: skip
 
 
@@ -162,6 +196,39 @@ def test_the_forgetting_callback_measures_what_evaluate_does(tmp_path, corpora):
         assert result["curve"][-1][name] == result["ce"][name]
 
 
+def test_ewc_logs_each_estimators_fisher_scale_and_sweeps_lambda_with_it(tmp_path, corpora):
+    """Every EWC consolidation's Fisher scale is in the run (A's first): equal to ff.estimate_fisher of the
+    pre-trained model on the sequences the trainer's end_task reads; estimator_sweep runs ewc's lambdas again with
+    each estimator, and the batch Fisher is the smaller."""
+    from fastforget.transformers import hf_batch_loss
+
+    config = replace(TINY, pretrain_steps=4, steps=4, cache=str(tmp_path), estimator_sweep=("batch",))
+    with pytest.warns(UserWarning, match="estimator='batch' squares each batch's mean gradient"):
+        result = lm.run_lm(config, ("ewc",), 1, "cpu", "auto")
+    (run,) = result["runs"]
+    assert [p["lambda"] for p in result["estimators"]] == [TINY.ewc_lambda, 10 * TINY.ewc_lambda]
+    state = lm.pretrain(config, corpora, 0, "cpu")[0]
+    model = lm.pretrained_model(state, config, 0, "cpu")
+    first = lm.finetune_sets(config, corpora, 0)[0].ids[: config.fisher_sequences]
+    batches = [{"input_ids": b, "labels": b} for b in first.split(config.batch_size)]
+    for point in (run, *result["sweep"], *result["estimators"]):
+        stats = point["fisher"][0]
+        fisher = ff.estimate_fisher(model, batches, batch_loss=hf_batch_loss, estimator=stats["estimator"])
+        assert stats["elements"] == sum(f.numel() for f in fisher) == result["parameters"]
+        assert stats["mean"] == pytest.approx(float(sum(f.sum() for f in fisher)) / stats["elements"], rel=1e-4)
+        assert stats["max"] == pytest.approx(max(float(f.max()) for f in fisher), rel=1e-4)
+        assert len(point["fisher"]) == config.stages  # A, then B's first stage
+    assert result["estimators"][0]["fisher"][0]["estimator"] == "batch"
+    assert result["estimators"][0]["fisher"][0]["mean"] < run["fisher"][0]["mean"]
+    rows = lm_report.estimator_rows(result["runs"], result["sweep"], result["estimators"])
+    assert [(r["estimator"], r["lambda"]) for r in rows] == [
+        ("empirical", TINY.ewc_lambda), ("empirical", 10 * TINY.ewc_lambda), ("batch", TINY.ewc_lambda),
+        ("batch", 10 * TINY.ewc_lambda)]  # fmt: skip
+    for row in rows:
+        assert row["strength"] == pytest.approx(row["lambda"] * row["fisher_mean"]) and row["ewc_penalty"] > 0
+    assert lm_report.estimator_table(rows).count("\n| batch |") == 2
+
+
 def test_cli_selects_the_lm_benchmark_and_its_settings(tmp_path):
     args = _parser().parse_args(["demo", "--benchmark", "lm", "--strategies", "kl,si", "--lm-steps", "8",
                                  "--lm-cache", str(tmp_path)])  # fmt: skip
@@ -174,6 +241,16 @@ def test_cli_selects_the_lm_benchmark_and_its_settings(tmp_path):
         _config(_parser().parse_args(["demo", "--benchmark", "digits", "--strategies", "kl"]))
     with pytest.raises(SystemExit, match="--lm-steps must be >= 1"):
         _config(_parser().parse_args(["demo", "--lm-steps", "0"]))
+    assert every.ewc_lambda == 100 and every.lm.ewc_lambda == 1e4  # each benchmark's own default
+    assert every.lm.ewc_estimator == "empirical" and every.lm.estimator_sweep == ()
+    fisher = _config(_parser().parse_args(["demo", "--benchmark", "lm", "--ewc-lambda", "500", "--ewc-estimator",
+                                           "true", "--estimator-sweep", "batch, mas"]))  # fmt: skip
+    assert fisher.lm.ewc_lambda == 500 and fisher.lm.ewc_estimator == "true"
+    assert fisher.lm.estimator_sweep == ("batch", "mas")
+    with pytest.raises(SystemExit, match="unknown --estimator-sweep"):
+        _config(_parser().parse_args(["demo", "--estimator-sweep", "empirical,fisher"]))
+    with pytest.raises(SystemExit, match="--ewc-lambda must be >= 0"):
+        _config(_parser().parse_args(["demo", "--ewc-lambda", "nan"]))
 
 
 def test_the_model_builds_from_the_repository_root():

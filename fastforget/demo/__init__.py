@@ -104,11 +104,18 @@ def _run_demo(config, stream, cores):
         if lm_strategies:
             _threads(config, "lm", cores)
             result = _quiet(lm.run_lm, config.lm, lm_strategies, config.seeds, device, config.backend, bar)
-            rows = lm_report.summarise(result["runs"])
-            runs += result.pop("runs")
+            lm_runs = result.pop("runs")
+            rows = lm_report.summarise(lm_runs)
+            runs += lm_runs
             summary += rows
+            front = lm_report.pareto_front(rows, result["sweep"])
+            result["pareto"] = [{"point": label, "learning": x, "forgetting": y} for label, x, y in front]
             extra["lm"] = result
-            tables.append(lm_report.table(rows, fused))
+            names = ", ".join(label for label, _, _ in front)
+            tables.append(lm_report.table(rows, fused) + f"\n\nPareto front (learning ↑, forgetting ↓): {names}")
+            if "ewc" in lm_strategies:
+                estimators = lm_report.estimator_rows(lm_runs, result["sweep"], result["estimators"])
+                tables.append(lm_report.estimator_table(estimators))
     text = "\n\n".join(tables)
     print(text, file=stream)
     (out / "table.md").write_text(text + "\n")

@@ -27,7 +27,11 @@ import torch
 import fastforget as ff
 from fastforget.demo import lm_data
 
-LM_STRATEGIES = ("finetune", "ewc", "online-ewc", "replay", "lora", "protect", "kl", "si", "combined", "dft", "asft")
+LM_STRATEGIES = ("finetune", "ewc", "online-ewc", "replay", "lora", "protect", "kl", "si", "combined", "dft", "asft",
+                 "mofo", "wise-ft", "fisher-merge")  # fmt: skip
+MERGES = ("wise-ft", "fisher-merge")  # fine-tune as finetune, then average weights with the pre-trained model
+# the name of each swept strategy's setting (the table's and the plot's label)
+SETTINGS = {"ewc": "λ", "kl": "λ", "mofo": "fraction", "wise-ft": "α", "fisher-merge": "w_B"}
 SCENARIO = "lm/prose→code"
 CACHE_VERSION = 1  # bump when pre-training changes in a way the key does not see
 
@@ -48,9 +52,17 @@ class LMConfig:
     eval_sequences: int = 64  # held-out sequences of each corpus
     fisher_sequences: int = 32  # the empirical Fisher of each task (a random sample of its training sequences)
     ewc_lambda: float = 1e4  # the EWC penalty lam * sum F (theta - theta*)^2, F of the per-sequence mean loss
+    ewc_estimator: str = "empirical"  # the Fisher of the EWC strategies and of fisher-merge (ff.fisher.ESTIMATORS)
+    estimator_sweep: tuple = ()  # more estimators: ewc's lambda and its sweep again with each (their scales)
     kl_lambda: float = 1.0  # ff.anchored_lm_loss's kl_weight, to the pre-trained model
     si_c: float = 3.0  # SI's c (the EWC lam over the path-integral importance)
     sweep: tuple = (0.1, 10.0)  # extra multiples of ewc_lambda and kl_lambda for the trade-off curve
+    mofo_fraction: float = 0.15  # ProtectedAdamW's mofo_fraction (Chen et al. recommend 0.05-0.2)
+    mofo_sweep: tuple = (0.05, 0.5)
+    wise_ft_alpha: float = 0.5  # WiSE-FT: (1 - alpha) theta_pretrained + alpha theta_finetuned
+    wise_ft_sweep: tuple = (0.25, 0.75)
+    merge_weight: float = 0.5  # fisher-merge: the fine-tuned model's weight w_B (the pre-trained one's: 1 - w_B)
+    merge_sweep: tuple = (0.25, 0.75)
     replay_capacity: int = 1024  # sequences (reservoir over the stream: A's, then B's)
     replay_weight: float = 1.0
     lora_rank: int = 8
@@ -140,7 +152,7 @@ class _StepTimer:
 def _trainer(model, dataset, steps, lr, config, seed, folder, device, parts=None, backend="auto", timer=None,
              schedule="constant", warmup=0):  # fmt: skip
     """A ProtectedHFTrainer over `dataset` for `steps` optimizer steps, with a fresh ProtectedAdamW that applies the
-    parts' EWC, protector and SI inside its fused step."""
+    parts' EWC, protector and SI (and MoFO's filter) inside its fused step."""
     from transformers import PrinterCallback, TrainingArguments, default_data_collator
 
     from fastforget.optim import ProtectedAdamW
@@ -156,14 +168,14 @@ def _trainer(model, dataset, steps, lr, config, seed, folder, device, parts=None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = ProtectedAdamW(
         params, lr=lr, weight_decay=0.0, ewc=parts.get("ewc"), protector=parts.get("protector"), si=parts.get("si"),
-        backend=backend,
+        mofo_fraction=parts.get("mofo_fraction"), backend=backend,
     )  # fmt: skip
     trainer = ProtectedHFTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
         optimizers=(optimizer, None), callbacks=[timer] if timer else None,
         ewc=parts.get("ewc") if parts.get("si") is None else None, replay=parts.get("replay"),
         protector=parts.get("protector"), replay_weight=config.replay_weight,
-        ewc_max_batches=parts.get("fisher_batches"),
+        ewc_estimator=parts.get("estimator", "empirical"), ewc_max_batches=parts.get("fisher_batches"),
         kl_to_base=parts.get("kl"), base_model=parts.get("base_model"), kl_backend=backend,
         loss_type=parts.get("loss_type", "nll"),
     )  # fmt: skip
@@ -230,11 +242,12 @@ def finetune_sets(config, data, seed):
     return lm_data.TokenDataset(_shuffled(data[0].train, seed + 1)), stages
 
 
-def build_parts(strategy, model, pretrained_state, si_state, config, seed, device, backend, lam=None):
+def build_parts(strategy, model, pretrained_state, si_state, config, seed, device, backend, lam=None, estimator=None):
     """The strategy's defences over `model` (already carrying its LoRA adapters): ewc, protector, si, replay, kl,
-    base_model, loss_type; `lam` overrides the strategy's lambda (ewc / online-ewc / combined: EWC's; kl, asft: the
-    KL weight)."""
-    parts = {"fisher_batches": max(1, config.fisher_sequences // config.batch_size)}
+    base_model, loss_type, mofo_fraction, and the Fisher's estimator and batches; `lam` overrides the strategy's
+    setting (ewc / online-ewc / combined: EWC's lambda; kl, asft: the KL weight; mofo: the fraction)."""
+    parts = {"fisher_batches": max(1, config.fisher_sequences // config.batch_size),
+             "estimator": estimator or config.ewc_estimator}  # fmt: skip
     if strategy in ("ewc", "online-ewc", "combined"):
         mode = "online" if strategy == "online-ewc" else "separate"
         parts["ewc"] = ff.EWC(model, lam=config.ewc_lambda if lam is None else lam, mode=mode, backend=backend)
@@ -246,6 +259,8 @@ def build_parts(strategy, model, pretrained_state, si_state, config, seed, devic
         parts["replay"] = ff.ReplayBuffer(config.replay_capacity, generator=torch.Generator().manual_seed(seed))
     if strategy in ("protect", "combined"):
         parts["protector"] = ff.GradientProtector(model, backend=backend)
+    if strategy == "mofo":
+        parts["mofo_fraction"] = config.mofo_fraction if lam is None else lam
     if strategy in ("dft", "asft"):  # DFT's token weighting inside the fused loss; asft: with kl's anchor
         parts["loss_type"] = "dft"
     if strategy in ("kl", "asft"):
@@ -257,10 +272,13 @@ def build_parts(strategy, model, pretrained_state, si_state, config, seed, devic
 
 def end_task(trainer, parts, dataset):
     """Close a task: the EWC consolidates over `dataset` and the buffer takes it (trainer.end_task); SI turns its
-    path integral into the task's importance in its EWC instead (no Fisher pass)."""
+    path integral into the task's importance in its EWC instead (no Fisher pass). Returns the Fisher's scale
+    (``EWC.last_fisher_stats``: estimator, mean, max, elements) where a Fisher was estimated, else None."""
     trainer.end_task(dataset)
     if parts.get("si") is not None:
         parts["si"].consolidate(parts["ewc"])
+        return None
+    return parts["ewc"].last_fisher_stats if "ewc" in parts else None
 
 
 def prepared_model(strategy, state, config, seed, device, backend):
@@ -275,30 +293,93 @@ def _states(parts):
 
 
 def run_strategy(strategy, pretrained_state, si_state, data, config, seed, device, backend, folder, before, bar=None,
-                 lam=None):  # fmt: skip
+                 lam=None, estimator=None):  # fmt: skip
     """Fine-tune the pre-trained model on B with `strategy`; returns the held-out CE after, the curve of CE_A and
-    CE_B at the end of every stage (ForgettingCallback, its deltas against `before`), the step times, the defences'
-    states when B's training began (what the throughput probe starts from) and the model."""
+    CE_B at the end of every stage (ForgettingCallback, its deltas against `before`), the Fisher's scale at every
+    consolidation, the EWC penalty at the end, the step times, the defences' states when B's training began (what
+    the throughput probe starts from) and the model. `lam`: the strategy's setting instead of its default;
+    `estimator`: the Fisher's."""
     from fastforget.callbacks import ForgettingCallback
 
     model = prepared_model(strategy, pretrained_state, config, seed, device, backend)
-    parts = build_parts(strategy, model, pretrained_state, si_state, config, seed, device, backend, lam)
+    parts = build_parts(strategy, model, pretrained_state, si_state, config, seed, device, backend, lam, estimator)
     old_task, stages = finetune_sets(config, data, seed)
-    timer, start_states, curve = _StepTimer(bar), None, []
+    timer, start_states, curve, fisher = _StepTimer(bar), None, [], []
     for k, stage in enumerate(stages):
         steps = len(stage) // config.batch_size
         trainer = _trainer(model, stage, steps, config.lr, config, seed + k, folder, device, parts, backend, timer)
         watch = ForgettingCallback(trainer, held_out_sets(data, config), interval=steps, max_batches=None,
                                    baseline=before, plot=False)  # fmt: skip
         trainer.add_callback(watch)
-        end_task(trainer, parts, old_task)  # A before the first stage, then the stage before
+        stats = end_task(trainer, parts, old_task)  # A before the first stage, then the stage before
+        if stats is not None:
+            fisher.append(stats)
         if k == 0:
             start_states = copy.deepcopy(_states(parts))
         trainer.train()
         curve += [{"step": k * steps + step, **ce} for step, ce in watch.history]
         old_task = stage
     after = {name: curve[-1][name] for name in "AB"}
-    return {"ce": after, "curve": curve, "step_s": timer.times, "start_states": start_states, "model": model}
+    penalty = float(parts["ewc"].penalty()) if "ewc" in parts else None  # what the last step's loss carried
+    return {"ce": after, "curve": curve, "fisher": fisher, "ewc_penalty": penalty, "step_s": timer.times,
+            "start_states": start_states, "model": model}  # fmt: skip
+
+
+def fisher_ewc(model, ids, config):
+    """An ``ff.EWC`` over `model` consolidated at its current weights on the first fisher_sequences of `ids` (the
+    per-sequence mean loss, as the trainers' end_task): its anchors and Fisher, one source of ``ff.fisher_merge``."""
+    from fastforget.transformers import hf_batch_loss
+
+    ewc = ff.EWC(model, lam=0.0)
+    batches = [{"input_ids": b, "labels": b} for b in ids[: config.fisher_sequences].split(config.batch_size)]
+    ewc.consolidate(batches, batch_loss=hf_batch_loss, estimator=config.ewc_estimator, progress=False)
+    return ewc
+
+
+def merge_points(strategy, finetuned, pretrained_state, values, data, config, seed, device, backend):
+    """Merge a copy of finetune's fine-tuned model (`finetuned`: run_strategy's result) with the pre-trained weights
+    at each of `values`, each time from the fine-tuned weights, and evaluate: ``ff.wise_ft`` (alpha: (1 - alpha)
+    theta_A + alpha theta_B) or ``ff.fisher_merge`` of the fine-tuned model with the Fisher of B (a sample of its
+    training sequences) and the pre-trained one with the Fisher of A (weights w_B and 1 - w_B). Returns finetune's
+    result with the merge of the first value as "ce" and the curve's last point, "merged": {value: CE}, the
+    Fishers' scales appended to "fisher", and "merge": the first value's merge time (ms) with `backend` and with
+    "reference" and the largest difference between their results."""
+    model = copy.deepcopy(finetuned["model"])
+    params = list(model.parameters())
+    weights = [p.detach().clone() for p in params]
+    fishers = []
+    if strategy == "fisher-merge":
+        a_train, stages = finetune_sets(config, data, seed)
+        seen_b = _shuffled(torch.cat([stage.ids for stage in stages]), seed)
+        pretrained = pretrained_model(pretrained_state, config, seed, device)
+        fishers = [fisher_ewc(pretrained, a_train.ids, config), fisher_ewc(model, seen_b, config)]
+
+    def merged_at(value, merge_backend):
+        with torch.no_grad():
+            for param, weight in zip(params, weights):
+                param.copy_(weight)
+        start = time.perf_counter()
+        if strategy == "wise-ft":
+            ff.wise_ft(model, pretrained_state, value, backend=merge_backend)
+        else:
+            ff.fisher_merge(model, fishers[::-1], weights=[value, 1.0 - value], backend=merge_backend)
+        return (time.perf_counter() - start) * 1e3
+
+    ms, after = {}, {}
+    for side, side_backend in (("fused", backend), ("reference", "reference")):
+        ms[side] = merged_at(values[0], side_backend)
+        after[side] = [p.detach().clone() for p in params]
+    merged = {}
+    for value in reversed(values):  # the first value last: the model ends merged at it
+        merged_at(value, backend)
+        merged[value] = evaluate(model, data, config)
+    diff = max(float((a - b).abs().max()) for a, b in zip(after["fused"], after["reference"]))
+    point = {"step": finetuned["curve"][-1]["step"], "merge": f"{SETTINGS[strategy]}={values[0]:g}"}
+    return finetuned | {
+        "ce": merged[values[0]], "curve": [*finetuned["curve"], point | merged[values[0]]], "merged": merged,
+        "fisher": finetuned["fisher"] + [f.last_fisher_stats for f in fishers], "model": model,
+        "merge": {"ms": ms, "max_abs_param_diff": diff},
+    }  # fmt: skip
 
 
 def probe(strategy, pretrained_state, si_state, start_states, data, config, seed, device, backend, folder):
@@ -317,58 +398,94 @@ def probe(strategy, pretrained_state, si_state, start_states, data, config, seed
 
 
 def lambdas(strategy, config):
-    """The strategy's lambda and its sweep (None for strategies without one)."""
+    """The strategy's setting (ewc: lambda, kl: the KL weight, mofo: the fraction, wise-ft: alpha, fisher-merge: the
+    fine-tuned model's weight) and its sweep; (None, []) for the strategies without one."""
     base = {"ewc": config.ewc_lambda, "kl": config.kl_lambda}.get(strategy)
-    return (None, []) if base is None else (base, [base * f for f in config.sweep])
+    if base is not None:
+        return base, [base * f for f in config.sweep]
+    swept = {"mofo": (config.mofo_fraction, config.mofo_sweep), "wise-ft": (config.wise_ft_alpha, config.wise_ft_sweep),
+             "fisher-merge": (config.merge_weight, config.merge_sweep)}  # fmt: skip
+    setting, sweep = swept.get(strategy, (None, ()))
+    return setting, list(sweep)
 
 
 def run_lm(config, strategies, seeds, device, backend, bar=None):
-    """Every strategy (and the lambda sweeps of ewc and kl) for every seed; returns a dict of the runs, the sweep
-    points and the pre-training facts."""
+    """Every strategy (with the sweeps of its setting) for every seed, and ewc's lambda sweep with every estimator
+    of estimator_sweep; returns a dict of the runs, the sweep points, the estimator points and the pre-training
+    facts."""
     data = lm_data.load(config.seq_len)
-    tokens_per_step = config.batch_size * config.seq_len
-    runs, sweep, pretraining = [], [], []
+    out = {"runs": [], "sweep": [], "estimators": [], "pretraining": []}
     with tempfile.TemporaryDirectory() as folder:
         for seed in range(seeds):
-            state, si_state, seconds, cached = pretrain(config, data, seed, device, bar)
-            pretraining.append({"seed": seed, "seconds": seconds, "cached": cached})
-            model = pretrained_model(state, config, seed, device)
-            before = evaluate(model, data, config)
-            parameters = sum(p.numel() for p in model.parameters())
-            del model
-            for strategy in strategies:
-                lam, extra = lambdas(strategy, config)
-                _describe(bar, f"lm {strategy} seed {seed}")
-                result = run_strategy(strategy, state, si_state, data, config, seed, device, backend, folder, before,
-                                      bar)  # fmt: skip
-                _describe(bar, f"lm {strategy} seed {seed}: timing fused vs reference")
-                # legs alternate between the backends so that a slow spell of this shared machine hits both; the
-                # fastest step of each is its figure (the least disturbed, as timeit advises)
-                times, params = {"fused": [], "reference": []}, {}
-                for _, (side, side_backend) in itertools.product(
-                    range(config.probe_legs), (("fused", backend), ("reference", "reference"))
-                ):
-                    leg, params[side] = probe(strategy, state, si_state, result["start_states"], data, config, seed,
-                                              device, side_backend, folder)  # fmt: skip
-                    times[side] += leg
-                seconds = {side: min(leg) for side, leg in times.items()}
-                runs.append({
-                    "scenario": SCENARIO, "strategy": strategy, "seed": seed, "lambda": lam,
-                    "ce_before": before, "ce_after": result["ce"], **_trade_off(before, result["ce"]),
-                    "curve": result["curve"],
-                    "train_tokens_per_s": tokens_per_step / statistics.median(result["step_s"]),
-                    "tokens_per_s": {side: tokens_per_step / s for side, s in seconds.items()},
-                    "probe_max_abs_param_diff": max(float((a - b).abs().max())
-                                                    for a, b in zip(params["fused"], params["reference"])),
-                })  # fmt: skip
-                for value in extra:
-                    _describe(bar, f"lm {strategy} λ={value:g} seed {seed}")
-                    point = run_strategy(strategy, state, si_state, data, config, seed, device, backend, folder,
-                                         before, bar, lam=value)  # fmt: skip
-                    sweep.append({"strategy": strategy, "seed": seed, "lambda": value, "ce_after": point["ce"],
-                                  **_trade_off(before, point["ce"])})  # fmt: skip
-    return {"runs": runs, "sweep": sweep, "pretraining": pretraining, "corpora": [c.describe() for c in data],
-            "parameters": parameters, "python": platform.python_version()}  # fmt: skip
+            for key, values in _run_seed(config, strategies, seed, data, device, backend, folder, bar).items():
+                out[key] += values
+    parameters = sum(p.numel() for p in make_model(config, 0, "cpu").parameters())
+    return out | {"corpora": [c.describe() for c in data], "parameters": parameters,
+                  "python": platform.python_version()}  # fmt: skip
+
+
+def _run_seed(config, strategies, seed, data, device, backend, folder, bar):
+    """run_lm's work for one seed: {"runs", "sweep", "estimators", "pretraining"} (lists)."""
+    state, si_state, seconds, cached = pretrain(config, data, seed, device, bar)
+    before = evaluate(pretrained_model(state, config, seed, device), data, config)
+    tokens_per_step = config.batch_size * config.seq_len
+    out = {"runs": [], "sweep": [], "estimators": [],
+           "pretraining": [{"seed": seed, "seconds": seconds, "cached": cached}]}  # fmt: skip
+
+    def point(strategy, value, result, **facts):
+        return {"strategy": strategy, "seed": seed, "lambda": value, "setting": SETTINGS.get(strategy),
+                "ce_after": result["ce"], **_trade_off(before, result["ce"]), "fisher": result["fisher"],
+                "ewc_penalty": result.get("ewc_penalty"), **facts}  # fmt: skip
+
+    def swept(strategy, value, estimator=None):
+        label = f"{SETTINGS[strategy]}={value:g}" + (f", {estimator} Fisher" if estimator else "")
+        _describe(bar, f"lm {strategy} {label} seed {seed}")
+        return run_strategy(strategy, state, si_state, data, config, seed, device, backend, folder, before, bar,
+                            lam=value, estimator=estimator)  # fmt: skip
+
+    def trained(strategy):
+        """run_strategy's result and the throughput probe's: the fastest step of each backend, and the largest
+        difference between their parameters after the probe."""
+        _describe(bar, f"lm {strategy} seed {seed}")
+        result = run_strategy(strategy, state, si_state, data, config, seed, device, backend, folder, before, bar)
+        _describe(bar, f"lm {strategy} seed {seed}: timing fused vs reference")
+        # legs alternate between the backends so that a slow spell of this shared machine hits both; the fastest
+        # step of each is its figure (the least disturbed, as timeit advises)
+        times, params = {"fused": [], "reference": []}, {}
+        for _, (side, side_backend) in itertools.product(
+            range(config.probe_legs), (("fused", backend), ("reference", "reference"))
+        ):
+            leg, params[side] = probe(strategy, state, si_state, result["start_states"], data, config, seed, device,
+                                      side_backend, folder)  # fmt: skip
+            times[side] += leg
+        diff = max(float((a - b).abs().max()) for a, b in zip(params["fused"], params["reference"]))
+        return result | {"probe_s": {side: min(leg) for side, leg in times.items()}, "probe_diff": diff}
+
+    finetuned = None  # finetune's result: the merges merge its model (the same training) instead of training again
+    for strategy in strategies:
+        lam, extra = lambdas(strategy, config)
+        merging = strategy in MERGES
+        if merging:
+            finetuned = finetuned or trained("finetune")
+            _describe(bar, f"lm {strategy} seed {seed}: merging")
+            result = merge_points(strategy, finetuned, state, [lam, *extra], data, config, seed, device, backend)
+        else:
+            result = trained(strategy)
+            finetuned = result if strategy == "finetune" else finetuned
+        out["runs"].append(point(
+            strategy, lam, result, scenario=SCENARIO, ce_before=before, curve=result["curve"],
+            train_tokens_per_s=tokens_per_step / statistics.median(result["step_s"]),
+            tokens_per_s={side: tokens_per_step / s for side, s in result["probe_s"].items()},
+            probe_max_abs_param_diff=result["probe_diff"], **({"merge": result["merge"]} if merging else {}),
+        ))  # fmt: skip
+        for value in extra:  # a merge's sweep merges the same fine-tuned model again; the others train again
+            done = {"ce": result["merged"][value], "fisher": result["fisher"]} if merging else None
+            out["sweep"].append(point(strategy, value, done or swept(strategy, value)))
+        if strategy == "ewc":
+            for estimator in config.estimator_sweep:
+                for value in (lam, *extra):
+                    out["estimators"].append(point(strategy, value, swept(strategy, value, estimator)))
+    return out
 
 
 def _describe(bar, text):
@@ -383,6 +500,10 @@ def _trade_off(before, after):
 
 
 def total_steps(config, strategies, seeds):
-    """Optimizer steps of a run_lm call (the progress bar's total): pre-training, fine-tuning and sweeps."""
-    runs = sum(1 + len(lambdas(s, config)[1]) for s in strategies)
+    """Optimizer steps of a run_lm call (the progress bar's total): pre-training, fine-tuning and sweeps (the merges
+    train finetune, once, and their sweeps nothing more)."""
+    runs = sum(1 + len(lambdas(s, config)[1]) for s in strategies if s not in MERGES)
+    runs += "finetune" not in strategies and any(s in MERGES for s in strategies)
+    if "ewc" in strategies:
+        runs += len(config.estimator_sweep) * (1 + len(lambdas("ewc", config)[1]))
     return seeds * (config.pretrain_steps + runs * (config.steps // config.stages * config.stages))
