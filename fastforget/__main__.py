@@ -63,6 +63,14 @@ def _parser():
         "again with each, to compare their scales (default none)",
     )
     demo.add_argument(
+        "--state-bits", type=int, choices=(32, 8), default=defaults.lm.state_bits,
+        help="lm: ProtectedAdamW's moments in 32-bit or bitsandbytes' 8-bit block-wise format (default %(default)s)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--fisher-bits", type=int, choices=(32, 8), default=defaults.lm.fisher_bits,
+        help="lm: the EWC strategies' Fisher in fp32 or 8-bit block-wise with a bf16 anchor (default %(default)s)",
+    )  # fmt: skip
+    demo.add_argument(
         "--replay-capacity", type=int, default=defaults.replay_capacity, help="replay examples (default %(default)s)"
     )
     demo.add_argument("--threads", type=int, help="CPU threads (default: 1 for digits, every core for lm)")
@@ -138,7 +146,7 @@ def _config(args):
         progress=not args.no_progress,
     )
     config.lm = replace(config.lm, steps=args.lm_steps, cache=args.lm_cache, ewc_estimator=args.ewc_estimator,
-                        estimator_sweep=sweep)  # fmt: skip
+                        estimator_sweep=sweep, state_bits=args.state_bits, fisher_bits=args.fisher_bits)  # fmt: skip
     if args.ewc_lambda is not None:
         config.ewc_lambda = args.ewc_lambda
         config.lm.ewc_lambda = args.ewc_lambda

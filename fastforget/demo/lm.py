@@ -57,6 +57,8 @@ class LMConfig:
     kl_lambda: float = 1.0  # ff.anchored_lm_loss's kl_weight, to the pre-trained model
     si_c: float = 3.0  # SI's c (the EWC lam over the path-integral importance)
     sweep: tuple = (0.1, 10.0)  # extra multiples of ewc_lambda and kl_lambda for the trade-off curve
+    state_bits: int = 32  # ProtectedAdamW's moments: 32 (fp32) or 8 (bitsandbytes' block-wise 8-bit)
+    fisher_bits: int = 32  # the EWC strategies' Fisher: 32 (fp32, fp32 anchor) or 8 (block-wise 8-bit, bf16 anchor)
     mofo_fraction: float = 0.15  # ProtectedAdamW's mofo_fraction (Chen et al. recommend 0.05-0.2)
     mofo_sweep: tuple = (0.05, 0.5)
     wise_ft_alpha: float = 0.5  # WiSE-FT: (1 - alpha) theta_pretrained + alpha theta_finetuned
@@ -168,7 +170,7 @@ def _trainer(model, dataset, steps, lr, config, seed, folder, device, parts=None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = ProtectedAdamW(
         params, lr=lr, weight_decay=0.0, ewc=parts.get("ewc"), protector=parts.get("protector"), si=parts.get("si"),
-        mofo_fraction=parts.get("mofo_fraction"), backend=backend,
+        mofo_fraction=parts.get("mofo_fraction"), backend=backend, state_bits=config.state_bits,
     )  # fmt: skip
     trainer = ProtectedHFTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
@@ -250,7 +252,10 @@ def build_parts(strategy, model, pretrained_state, si_state, config, seed, devic
              "estimator": estimator or config.ewc_estimator}  # fmt: skip
     if strategy in ("ewc", "online-ewc", "combined"):
         mode = "online" if strategy == "online-ewc" else "separate"
-        parts["ewc"] = ff.EWC(model, lam=config.ewc_lambda if lam is None else lam, mode=mode, backend=backend)
+        parts["ewc"] = ff.EWC(
+            model, lam=config.ewc_lambda if lam is None else lam, mode=mode, backend=backend,
+            fisher_bits=config.fisher_bits,
+        )  # fmt: skip
     if strategy == "si":
         parts["ewc"] = ff.EWC(model, lam=config.si_c if lam is None else lam, mode="online", backend=backend)
         parts["si"] = ff.SynapticIntelligence(model)
@@ -320,7 +325,7 @@ def run_strategy(strategy, pretrained_state, si_state, data, config, seed, devic
         curve += [{"step": k * steps + step, **ce} for step, ce in watch.history]
         old_task = stage
     after = {name: curve[-1][name] for name in "AB"}
-    penalty = float(parts["ewc"].penalty()) if "ewc" in parts else None  # what the last step's loss carried
+    penalty = float(parts["ewc"].penalty().detach()) if "ewc" in parts else None  # what the last step's loss carried
     return {"ce": after, "curve": curve, "fisher": fisher, "ewc_penalty": penalty, "step_s": timer.times,
             "start_states": start_states, "model": model}  # fmt: skip
 
