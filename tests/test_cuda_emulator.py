@@ -297,13 +297,13 @@ class Emulator:
     def mofo_histogram(self, exp_avg, prefix, shift, digit_bits):
         out = torch.zeros(len(exp_avg), BINS, dtype=torch.int32)  # the binding's at::zeros
         want = prefix.to(torch.int64).contiguous()
-        self._call("ff_emu_mofo_histogram", *self._lists([exp_avg]), _ptr(want), shift, digit_bits, _ptr(out),
+        self._call("ff_emu_mofo_histogram", self._lists([exp_avg]), _ptr(want), shift, digit_bits, _ptr(out),
                    int(_acc(exp_avg) == torch.float64))  # fmt: skip
         return out
 
     def mofo_thresholds(self, exp_avg, ks):
         out = torch.empty(len(exp_avg), dtype=torch.int64)
-        self._call("ff_emu_mofo_thresholds", *self._lists([exp_avg]), _ptr(ks.to(torch.int64).contiguous()),
+        self._call("ff_emu_mofo_thresholds", self._lists([exp_avg]), _ptr(ks.to(torch.int64).contiguous()),
                    _ptr(out), int(_acc(exp_avg) == torch.float64))  # fmt: skip
         return out
 
@@ -318,7 +318,7 @@ class Emulator:
         if grad_scale is not None:
             grad_factor = grad_factor / grad_scale.reshape(()).to(acc)
         skip = torch.zeros((), dtype=torch.float32) if found_inf is None else found_inf.reshape(()).float()
-        self._call("ff_emu_mofo_update", *self._lists(roles), int(bool(omega)), _ptr(table),
+        self._call("ff_emu_mofo_update", self._lists(roles), int(bool(omega)), _ptr(table),
                    _ptr(thresholds.to(torch.int64).contiguous()), _ptr(grad_factor),
                    ctypes.c_double(1 - lr * weight_decay), ctypes.c_double(eps), _ptr(skip),
                    int(acc == torch.float64))  # fmt: skip

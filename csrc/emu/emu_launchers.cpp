@@ -223,18 +223,19 @@ int ff_emu_protected_adamw_step(const LaunchLists* lists, int ewc, int protect, 
 }
 
 // out: n x kBins int32, zeroed by the caller (as the binding's at::zeros).
-int ff_emu_mofo_histogram(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype,
-                          const int64_t* prefix, int shift, int digit_bits, int* out, int acc_fp64) {
-  const Packed m = pack<gpu::MofoSelectMeta>(n, numel, ptr, dtype, gpu::SetIndex{});
+int ff_emu_mofo_histogram(const LaunchLists* lists, const int64_t* prefix, int shift, int digit_bits, int* out,
+                          int acc_fp64) {
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::MofoSelectMeta>(*lists, gpu::SetIndex{});
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
     return gpu::launch_mofo_histogram<acc_t>(m.words.data(), n, m.num_blocks, prefix, shift, digit_bits, out, nullptr);
   });
 }
 
-int ff_emu_mofo_thresholds(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype,
-                           const int64_t* ks, int64_t* out, int acc_fp64) {
-  const Packed m = pack<gpu::MofoSelectMeta>(n, numel, ptr, dtype, gpu::SetIndex{});
+int ff_emu_mofo_thresholds(const LaunchLists* lists, const int64_t* ks, int64_t* out, int acc_fp64) {
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::MofoSelectMeta>(*lists, gpu::SetIndex{});
   std::vector<int> hist(n * fastforget::mofo::kBins);  // left uninitialised by the binding (at::empty): the kernels
   for (auto& h : hist) h = -7;                          // must zero it, so it starts as garbage here
   std::vector<int64_t> need(n), prefix(n);
@@ -245,10 +246,10 @@ int ff_emu_mofo_thresholds(int64_t n, const int64_t* numel, const int64_t* ptr, 
   });
 }
 
-int ff_emu_mofo_update(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype, int si,
-                       const void* per_tensor, const int64_t* thresholds, const void* grad_factor, double decay,
-                       double eps, const float* found_inf, int acc_fp64) {
-  const Packed m = pack<gpu::MofoUpdateMeta>(n, numel, ptr, dtype, gpu::SetIndex{});
+int ff_emu_mofo_update(const LaunchLists* lists, int si, const void* per_tensor, const int64_t* thresholds,
+                       const void* grad_factor, double decay, double eps, const float* found_inf, int acc_fp64) {
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::MofoUpdateMeta>(*lists, gpu::SetIndex{});
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
     return gpu::launch_mofo_update<acc_t>(m.words.data(), n, m.num_blocks, si != 0,
