@@ -34,6 +34,7 @@ from fastforget.ops.ewc_penalty import ewc_penalty_accumulate_ref, ewc_penalty_r
 from fastforget.ops.fisher_update import fisher_update_ref
 from fastforget.ops.grad_ema import grad_ema_protect_ref, grad_ema_stats_ref
 from fastforget.ops.grad_moments import grad_moments_ref
+from fastforget.ops.mofo import BINS, NONE_SELECTED, _digits, mofo_histogram_ref, mofo_update_ref
 from fastforget.ops.protected_adamw_step import protected_adamw_step_ref
 from fastforget.ops.scale_grads import scale_grads_ref
 from fastforget.ops.weight_merge import weight_merge_ref
@@ -83,12 +84,11 @@ ADAMW_SIZES = sizes_of([math.prod(s) for s in adamw_tests.SHAPES], [CHUNK, CHUNK
 def _sources(root):
     """Everything the library is built from: the emulator, the kernel headers, the shared per-element math and the
     bindings' launch checks."""
-    return [
-        *sorted((root / "emu").glob("*")),
-        *sorted((root / "cuda").glob("*.cuh")),
-        root / "elementwise.h",
-        root / "launch_checks.h",
-    ]
+    return [*sorted((root / "emu").glob("*")), *sorted((root / "cuda").glob("*.cuh")), *SHARED_HEADERS(root)]
+
+
+def SHARED_HEADERS(root):  # noqa: N802 -- the headers of csrc/ that csrc/cuda/*.cuh and the launchers include
+    return [root / "elementwise.h", root / "launch_checks.h", root / "mofo.h"]
 
 
 def _cache_dir():
@@ -293,6 +293,36 @@ class Emulator:
         for step in steps:
             step.add_((1 - skip).to(step.dtype))
         return penalty
+
+    def mofo_histogram(self, exp_avg, prefix, shift, digit_bits):
+        out = torch.zeros(len(exp_avg), BINS, dtype=torch.int32)  # the binding's at::zeros
+        want = prefix.to(torch.int64).contiguous()
+        self._call("ff_emu_mofo_histogram", self._lists([exp_avg]), _ptr(want), shift, digit_bits, _ptr(out),
+                   int(_acc(exp_avg) == torch.float64))  # fmt: skip
+        return out
+
+    def mofo_thresholds(self, exp_avg, ks):
+        out = torch.empty(len(exp_avg), dtype=torch.int64)
+        self._call("ff_emu_mofo_thresholds", self._lists([exp_avg]), _ptr(ks.to(torch.int64).contiguous()),
+                   _ptr(out), int(_acc(exp_avg) == torch.float64))  # fmt: skip
+        return out
+
+    def mofo_update(self, params, exp_avg, exp_avg_sq, steps, thresholds, grads, omega, grad_scale, found_inf, lr,
+                    beta1, beta2, eps, weight_decay, maximize):  # fmt: skip
+        acc = _acc(params)
+        work = _contiguous(params)
+        roles = [work, exp_avg, exp_avg_sq, _contiguous(grads) if omega else [], omega]
+        k = torch.stack(steps).reshape(-1).double()  # the binding's table (steps already taken)
+        table = torch.stack([(lr / (1 - beta1**k)).to(acc), (1 - beta2**k).sqrt().to(acc)], 1).contiguous()
+        grad_factor = torch.full((), -1.0 if maximize else 1.0, dtype=acc)
+        if grad_scale is not None:
+            grad_factor = grad_factor / grad_scale.reshape(()).to(acc)
+        skip = torch.zeros((), dtype=torch.float32) if found_inf is None else found_inf.reshape(()).float()
+        self._call("ff_emu_mofo_update", self._lists(roles), int(bool(omega)), _ptr(table),
+                   _ptr(thresholds.to(torch.int64).contiguous()), _ptr(grad_factor),
+                   ctypes.c_double(1 - lr * weight_decay), ctypes.c_double(eps), _ptr(skip),
+                   int(acc == torch.float64))  # fmt: skip
+        _copy_back(params, work)
 
     def anchored_lm_loss_rows(self, logits, ref, labels, weights, scale, kl_weight, temperature, reverse, ignore,
                               dft=False):  # fmt: skip
@@ -660,6 +690,74 @@ def test_anchored_lm_loss_rows(emu, vocab, dtype, mode):
     agree(grad, expected_grad.to(dtype))
 
 
+def mofo_moments(size, acc, gen):
+    """A list of |m| with ties, zeros of both signs, an infinity and tiny values, around `size` elements."""
+    ties = torch.randint(-3, 4, (size + 5,), generator=gen).to(acc) * 0.25
+    tiny = torch.cat([torch.tensor([-0.0, 0.0, math.inf], dtype=acc), randn(size, acc, gen, 1e-30)])
+    zeros = torch.zeros(3, dtype=acc)
+    return [randn(size, acc, gen), ties, zeros, tiny, randn(CHUNK + 1, acc, gen), randn(1, acc, gen)]
+
+
+def topk_bits(m, k):
+    """torch.topk's k-th largest |m| as a bit pattern (int64), -1 for k = 0."""
+    if k == 0:
+        return NONE_SELECTED
+    value = torch.topk(m.abs().reshape(-1), k)[0].min()
+    return int(value.view(torch.int64 if m.dtype == torch.float64 else torch.int32))
+
+
+@pytest.mark.parametrize("size", [1, BLOCK + 1, CHUNK, 3 * CHUNK + 1])
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=str)
+def test_mofo_histogram(emu, size, acc):
+    """Every pass of the radix select, following the fullest bin down (integer atomics: bitwise, any schedule)."""
+    moments = mofo_moments(size, acc, torch.Generator().manual_seed(size))
+    prefix = torch.zeros(len(moments), dtype=torch.int64)
+    for shift, digit_bits in _digits(moments):
+        (got,) = under_seeds(emu, lambda p=prefix, s=shift, d=digit_bits: [emu.mofo_histogram(moments, p, s, d)])
+        want = mofo_histogram_ref(moments, prefix, shift, digit_bits)
+        assert torch.equal(got, want), (shift, digit_bits)
+        prefix = (prefix << digit_bits) + want.argmax(1)
+
+
+@pytest.mark.parametrize("size", [1, BLOCK + 1, 3 * CHUNK + 1])
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("fraction", [1e-3, 0.15, 1.0])
+def test_mofo_thresholds(emu, size, acc, fraction):
+    """The device select equals torch.topk's k-th value bitwise (ties, zeros, inf, k = 0 included)."""
+    moments = mofo_moments(size, acc, torch.Generator().manual_seed(size))
+    ks = torch.tensor([int(m.numel() * fraction) for m in moments])
+    (got,) = under_seeds(emu, lambda: [emu.mofo_thresholds(moments, ks)])
+    assert got.tolist() == [topk_bits(m, k) for m, k in zip(moments, ks.tolist())]
+
+
+@pytest.mark.parametrize("case", ["plain", "si", "si-maximize", "found-inf"])
+@pytest.mark.parametrize("size", [1, BLOCK + 1, CHUNK + 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mofo_update(emu, case, size, dtype):
+    gen = torch.Generator().manual_seed(size)
+    shapes = shapes_of(size, "many" if size % 2 else "one")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    params = [randn(n, dtype, gen) for n in shapes]
+    grads = [randn(n, torch.bfloat16 if i % 2 else dtype, gen) for i, n in enumerate(shapes)]
+    exp_avg = [randn(n, acc, gen, 0.1) for n in shapes]
+    exp_avg_sq = [torch.rand(n, generator=gen, dtype=acc) for n in shapes]
+    steps = [torch.tensor(float(3 + i)) for i in range(len(shapes))]
+    ks = [int(n * 0.3) for n in shapes]
+    thresholds = torch.tensor([topk_bits(m, k) for m, k in zip(exp_avg, ks)])
+    omega = [randn(n, acc, gen) for n in shapes] if case.startswith("si") else []
+    found_inf = torch.tensor(1.0 if case == "found-inf" else 0.0)
+    hyper = (1e-2, 0.9, 0.999, 1e-8, 0.05, case.endswith("maximize"))
+
+    def call(op):
+        p, w = [t.clone() for t in params], [t.clone() for t in omega]
+        op(p, exp_avg, exp_avg_sq, steps, thresholds, grads, w, torch.tensor(2.0), found_inf, *hyper)
+        return [*p, *w]
+
+    got = under_seeds(emu, lambda: call(emu.mofo_update))
+    for a, e in zip(got, call(mofo_update_ref)):
+        agree(a, e)
+
+
 # ---------------------------------------------------------------------------------------------------- the emulator
 
 
@@ -946,6 +1044,12 @@ MUTATIONS = {
         "to_bfloat16(float v) { return __float2bfloat16_rz(v); }",
         lambda emu: test_scale_grads(emu, CHUNK + 1, torch.bfloat16, "contiguous"),
     ),
+    "histogram flushed before every thread counted": (
+        "mofo.cuh",
+        "    if (digit >= 0) atomicAdd(&counts[digit], 1);\n  }\n  __syncthreads();\n",
+        "    if (digit >= 0) atomicAdd(&counts[digit], 1);\n  }\n",
+        lambda emu: test_mofo_histogram(emu, CHUNK, torch.float32),
+    ),
     "barrier in divergent code": (
         "grad_moments.cuh",
         "merged[threadIdx.x + stride]);\n    __syncthreads();",
@@ -960,8 +1064,8 @@ def mutant_root(tmp, name):
     root = Path(tmp) / name.replace(" ", "_")
     shutil.copytree(CSRC / "emu", root / "emu")
     shutil.copytree(CSRC / "cuda", root / "cuda", ignore=shutil.ignore_patterns("*.cu", "*.h"))
-    shutil.copy(CSRC / "elementwise.h", root)
-    shutil.copy(CSRC / "launch_checks.h", root)
+    for header in SHARED_HEADERS(CSRC):
+        shutil.copy(header, root)
     source = (root / "cuda" / file).read_text()
     assert source.count(text) == 1, f"{name}: the text to mutate is not in {file} exactly once"
     (root / "cuda" / file).write_text(source.replace(text, mutant))

@@ -1,7 +1,9 @@
 """MoFO in ProtectedAdamW (mofo_fraction): many-step runs against a plain reimplementation of the authors'
 AdamW_MoFO (torch.topk per tensor), with EWC and SI in the oracle, protection against the reference backend;
-the radix-select threshold bitwise against torch.topk (ties, zeros, k = 0, fp32/fp64); bf16 params; skipped
-steps; state dicts; bad input; FSDP2 (2 gloo ranks)."""
+the thresholds bitwise against torch.topk on every backend (ties, zeros, k = 0, fp32/fp64; the CPU's sampled
+bracket also where its sample misses); the ops against their references (Triton under the interpreter, tiny);
+the fused step's lr-0 pass, which leaves theta unwritten; bf16 params; skipped steps; state dicts; bad input;
+FSDP2 (2 gloo ranks). The CUDA kernels run in tests/test_cuda_emulator.py."""
 
 import math
 
@@ -17,7 +19,8 @@ from test_optim_fsdp import snapshot as fsdp_snapshot
 
 import fastforget as ff
 from fastforget.ops import mofo as mofo_ops
-from fastforget.ops.mofo import mofo_thresholds, threshold_values
+from fastforget.ops.mofo import mofo_thresholds, mofo_update, mofo_update_ref, threshold_values
+from fastforget.ops.protected_adamw_step import protected_adamw_step_ref, run_protected_adamw_step
 from fastforget.testing import assert_close
 
 BACKENDS = [b for b in FUSED_BACKENDS if b != "triton"] + ["reference"]  # triton: briefly, below
@@ -156,7 +159,7 @@ def tensors_with_ties(dtype):
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ["reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("fraction", [1e-3, 0.15, 1.0])
 def test_threshold_is_topk_bitwise(backend, dtype, fraction):
@@ -277,14 +280,118 @@ def test_fsdp2_threshold_is_over_the_whole_tensor(tmp_path):
             assert value.view(torch.int32) == topk_threshold(m, int(m.numel() * 0.3)).view(torch.int32)
 
 
-@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="C++ kernels unavailable")
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_histogram_pass_matches_its_reference(dtype):
+def test_histogram_pass_matches_its_reference(backend, dtype):
     """The pass FSDP2 runs per rank (the one-process select is one op): every digit of every pass, both kernels."""
     tensors = tensors_with_ties(dtype)
     prefix = torch.zeros(len(tensors), dtype=torch.int64)
     for shift, digit_bits in mofo_ops._digits(tensors):
-        got = mofo_ops.mofo_histogram(tensors, prefix, shift, digit_bits, "cpu")
+        got = mofo_ops.mofo_histogram(tensors, prefix, shift, digit_bits, backend)
         want = mofo_ops.mofo_histogram_ref(tensors, prefix, shift, digit_bits)
         assert torch.equal(got, want)
         prefix = (prefix << digit_bits) + want.argmax(1)  # follow the fullest bin down
+
+
+RUN, RUNS = 16, 256  # csrc/cpu/mofo.cpp's kRun, kRuns
+SAMPLE = RUN * RUNS
+
+
+def sample_positions(n):
+    """csrc/cpu/mofo.cpp's sample: run_start(j, n) + 0 .. RUN - 1 for every run j (a hashed run in each stratum)."""
+    stratum = n // RUNS
+    hashed = torch.tensor([((j * 0x9E3779B97F4A7C15) % 2**64) >> 40 for j in range(RUNS)], dtype=torch.int64)
+    starts = torch.arange(RUNS) * stratum + hashed % (stratum - RUN + 1) // RUN * RUN
+    return (starts[:, None] + torch.arange(RUN)).reshape(-1)
+
+
+@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="C++ kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_select_where_the_sample_misses(dtype):
+    """A moment whose sampled elements are exactly its largest: the bracket the sample gives misses the k-th largest
+    (too few elements inside it, or too many above it), and the CPU select takes the radix passes instead."""
+    gen = torch.Generator().manual_seed(5)
+    n = 70_000
+    fooled = torch.randn(n, generator=gen, dtype=dtype)
+    fooled[sample_positions(n)] = 100 + torch.rand(SAMPLE, generator=gen, dtype=dtype)
+    above = torch.randn(n, generator=gen, dtype=dtype)
+    above[sample_positions(n)] = 1e-3 * torch.rand(SAMPLE, generator=gen, dtype=dtype)  # the sample: all tiny
+    tensors = [fooled, above, torch.randn(n, generator=gen, dtype=dtype)]  # the last: a bracket that holds
+    for fraction in (0.01, 0.15, 0.9):
+        ks = torch.tensor([int(n * fraction)] * len(tensors))
+        got = threshold_values(mofo_thresholds(tensors, ks, backend="cpu"), dtype)
+        bits = torch.int64 if dtype == torch.float64 else torch.int32
+        for t, k, value in zip(tensors, ks.tolist(), got):
+            assert value.view(bits) == topk_threshold(t, k).view(bits), (fraction, k)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("with_si", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_update_op_matches_its_reference(backend, with_si, dtype):
+    """mofo_update alone (odd sizes, a list, thresholds from torch.topk, k = 0, SI, grad_scale, maximize)."""
+    gen = torch.Generator().manual_seed(1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    shapes = [(37, 11), (5,), (2, 3), (1030,)]
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    exp_avg = [torch.randn(s, generator=gen, dtype=acc) for s in shapes]
+    exp_avg_sq = [torch.rand(s, generator=gen, dtype=acc) for s in shapes]
+    steps = [torch.tensor(4.0) for _ in shapes]
+    ks = torch.tensor([int(m.numel() * 0.2) for m in exp_avg])  # (2, 3): k = 1; (5,): k = 1
+    ks[2] = 0
+    thresholds = mofo_thresholds(exp_avg, ks, backend="reference")
+    omega = [torch.randn(s, generator=gen, dtype=acc) for s in shapes] if with_si else []
+
+    def run(update):
+        p, w = [t.clone() for t in params], [t.clone() for t in omega]
+        update(p, exp_avg, exp_avg_sq, steps, thresholds, grads, w, torch.tensor(4.0), None, 0.1, 0.9, 0.999,
+               1e-8, 0.05, True)  # fmt: skip
+        return p + w
+
+    got = run(lambda *args: mofo_update(*args, backend=backend))
+    want = run(mofo_update_ref)
+    if backend == "triton" and dtype == torch.bfloat16 and with_si:
+        # the interpreter rounds fp32 -> bf16 toward zero (compiled kernels: to nearest even): omega follows the
+        # params the kernel stored, g_task = -g / 4 (maximize, grad_scale 4)
+        new_params = got[: len(shapes)]
+        want[len(shapes) :] = [
+            w + g.to(acc) / 4 * (q.to(acc) - p.to(acc)) for w, g, q, p in zip(omega, grads, new_params, params)
+        ]
+    for a, b in zip(got, want):
+        assert_close(a, b, dtype if a.dtype == dtype else acc)
+    assert_close(got[2], (params[2].to(acc) * (1 - 0.1 * 0.05)).to(dtype), dtype)  # k = 0: the decay alone
+
+
+@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="C++ kernels unavailable")
+@pytest.mark.parametrize("ewc", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lr0_pass_leaves_theta_as_the_reference(ewc, dtype):
+    """MoFO's first pass (the fused step with lr 0, no SI), where the CPU kernel neither writes theta nor, without
+    EWC, reads it: theta is unchanged bitwise, also where a non-finite gradient makes 0 * step NaN (that tile is
+    written, as by any step: NaN where the reference has it); moments, steps and penalty as the reference."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(3000,), (70, 50)]
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads[1][10, 3] = math.inf
+    anchors = [p.detach().clone().add_(0.1) for p in params] if ewc else []
+    fisher = [torch.rand(s, generator=gen).to(dtype) for s in shapes] if ewc else []
+
+    def run(step):
+        p = [t.clone() for t in params]
+        m = [torch.randn(s, generator=torch.Generator().manual_seed(3)) for s in shapes]
+        v = [torch.rand(s, generator=torch.Generator().manual_seed(4)) for s in shapes]
+        k = [torch.tensor(2.0) for _ in shapes]
+        penalty = step(p, grads, m, v, k, anchors, fisher, None, [], [], None, None, [], None, None, 0.0, 0.9, 0.999,
+                       1e-8, 0.05, 0.5, 0.1, False)  # fmt: skip
+        return [penalty, *p, *m, *v, *k]
+
+    got = run(lambda *args: run_protected_adamw_step(*args, backend="cpu"))
+    want = run(protected_adamw_step_ref)
+    assert torch.equal(got[1], params[0])  # theta unchanged, bitwise
+    nan = want[2].isnan()  # 0 * step of the non-finite moment
+    assert nan.sum() == 1 and torch.equal(got[2].isnan(), nan) and torch.equal(got[2][~nan], params[1][~nan])
+    for a, b in zip(got[3:], want[3:]):
+        assert_close(a, b, torch.float32)  # the moments (the kernel's FMA contractions: not bitwise)
+    assert_close(got[0], want[0], torch.float32)

@@ -31,7 +31,13 @@ MULTI_TENSOR_KERNELS = (
     "_block_moments_kernel",
     "_scale_kernel",
 )
-EXACT_MATH_KERNELS = ("_protect_kernel", "_block_moments_kernel", "_merge_moments_kernel", "_step_kernel")
+EXACT_MATH_KERNELS = (
+    "_protect_kernel",
+    "_block_moments_kernel",
+    "_merge_moments_kernel",
+    "_step_kernel",
+    "_update_kernel",
+)
 SHOWN_CONSTEXPRS = ("PASS", "ALIGNED", "KEEP_A", "RANK", "KEEP_C", "BIAS", "BLOCK_N", "SPLIT")
 APPROXIMATE = re.compile(r"\b(?:ex2\.approx|lg2\.approx|div\.full|div\.approx|rcp\.approx|sqrt\.approx)[\w.]*")
 
@@ -108,6 +114,7 @@ def _workloads():
         grad_ema,
         grad_moments,
         lora_linear,
+        mofo,
         protected_adamw_step,
         scale_grads,
         weight_merge,
@@ -150,6 +157,16 @@ def _workloads():
         yield label, step, (*base, [], [], None, [], [], None, None, [], None, None, *hyper)
         yield label, step, (*base, state(), state(), count, [], [], None, None, [], None, None, *hyper)
         yield label, step, (*base, state(), state(), None, state(), state(), count, count, state(), None, None, *hyper)
+    for label in ("fp32", "bf16"):  # MoFO: the select's histograms (fp32 moments), the masked update with SI
+        params = [torch.zeros(2 * 4096 + 100, dtype=dtypes[label]), torch.zeros(4097, dtype=dtypes[label])[1:]]
+        moments = [torch.zeros(p.shape) for p in params]
+        prefix = torch.zeros(2, dtype=torch.long)
+        yield label, mofo.mofo_histogram, (moments, prefix, 21, 11)  # the first pass: every element counts
+        yield label, mofo.mofo_histogram, (moments, prefix, 10, 11)  # a later one: those matching the prefix
+        update_args = (params, moments, [m.clone() for m in moments], [torch.ones(1) for _ in params],
+                       torch.tensor([5, -1]), [p.clone() for p in params], [m.clone() for m in moments], None, None,
+                       1e-3, 0.9, 0.999, 1e-8, 0.01, False)  # fmt: skip
+        yield label, mofo.mofo_update, update_args
     for label in ("fp32", "bf16"):  # anchored LM loss rows: a vocabulary that is no multiple of the block
         logits = torch.zeros(8, 32001, dtype=dtypes[label])
         labels, weights, scale = torch.zeros(8, dtype=torch.long), torch.ones(8), torch.ones(1)

@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -57,13 +58,14 @@ acc_t penalty_tile(const acc_t* p, const acc_t* a, const acc_t* f, int64_t n) {
 }
 
 // One tile: theta (p, written to p_out, which may be p itself), the moments m1, m2 and the protection state
-// em, ev in place. a, f: EWC anchor and Fisher (unused without EWC).
-template <typename acc_t, bool kEwc, Protect kProtect>
+// em, ev in place. a, f: EWC anchor and Fisher (unused without EWC). kWriteTheta false: theta is neither written
+// nor (without EWC) read (see run).
+template <typename acc_t, bool kEwc, Protect kProtect, bool kWriteTheta = true>
 void step_tile(const acc_t* p, acc_t* p_out, const acc_t* __restrict g, const acc_t* __restrict a,
                 const acc_t* __restrict f, acc_t* __restrict m1, acc_t* __restrict m2, acc_t* __restrict em,
                 acc_t* __restrict ev, const StepArgs<acc_t>& s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t theta = p[i];
+    const acc_t theta = kWriteTheta || kEwc ? p[i] : acc_t(0);
     acc_t grad = s.grad_factor * g[i];
     if constexpr (kEwc) grad += s.two_lam * math::ewc_term(theta, a[i], f[i]).fd;
     if constexpr (kProtect == Protect::kTensor) grad *= s.factor;
@@ -77,8 +79,19 @@ void step_tile(const acc_t* p, acc_t* p_out, const acc_t* __restrict g, const ac
     const auto [mi, vi] = math::adamw_moments(m1[i], m2[i], grad, s.beta1_complement, s.beta2, s.beta2_complement);
     m1[i] = mi;
     m2[i] = vi;
-    p_out[i] = math::adamw_param(theta, mi, vi, s.decay, s.step_size, s.bias_correction2_sqrt, s.eps);
+    if constexpr (kWriteTheta) {
+      p_out[i] = math::adamw_param(theta, mi, vi, s.decay, s.step_size, s.bias_correction2_sqrt, s.eps);
+    }
   }
+}
+
+// Whether every m1[i], m2[i] is finite (a count, so that the loop vectorises).
+template <typename acc_t>
+bool all_finite(const acc_t* m1, const acc_t* m2, int64_t n) {
+  constexpr acc_t kMax = std::numeric_limits<acc_t>::max();
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += !(std::abs(m1[i]) <= kMax) | !(std::abs(m2[i]) <= kMax);
+  return bad == 0;
 }
 
 // omega -= g_task (theta_new - theta_old), theta_new as stored.
@@ -125,12 +138,32 @@ acc_t run(const AdamwLists& l, const std::vector<StepArgs<acc_t>>& args, const M
     Tile p_buf, g_buf, a_buf, out_buf, old_buf, new_buf;
     typename Moments::Tiles moment_buf;
     acc_t sum = 0;
+    // lr == 0 without SI (MoFO's first pass): theta (1 - 0 wd) - 0 * step is theta itself wherever the moments are
+    // finite, so theta is neither written nor (without EWC) read; a tile with a non-finite moment (0 * step: NaN)
+    // is written as in any step
+    const bool keep_theta = s.step_size == 0 && s.decay == 1 && !with_si;
     for (int64_t offset = chunk.begin; offset < chunk.end; offset += kTile) {
       const int64_t n = std::min(kTile, chunk.end - offset);
-      const acc_t* p = load_tile<acc_t>(param, offset, n, p_buf);
       const acc_t* g = load_tile<acc_t>(l.grads[t], offset, n, g_buf);
       const acc_t* a = kEwc ? load_tile<acc_t>(l.anchors[t], offset, n, a_buf) : nullptr;
       const auto [m1, m2, f] = moments.load(t, offset, n, moment_buf);
+      if (keep_theta) {
+        const acc_t* p = kEwc ? load_tile<acc_t>(param, offset, n, p_buf) : nullptr;
+        if constexpr (kEwc) sum += penalty_tile(p, a, f, n);
+        step_tile<acc_t, kEwc, kProtect, false>(p, nullptr, g, a, f, m1, m2, em ? em + offset : nullptr,
+                                                ev ? ev + offset : nullptr, s, n);
+        if (!all_finite(m1, m2, n)) {
+          p = load_tile<acc_t>(param, offset, n, p_buf);
+          acc_t* out = output_tile<acc_t>(param, offset, out_buf);
+          for (int64_t i = 0; i < n; ++i) {
+            out[i] = math::adamw_param(p[i], m1[i], m2[i], s.decay, s.step_size, s.bias_correction2_sqrt, s.eps);
+          }
+          store_tile<acc_t>(param, offset, n, out);
+        }
+        moments.store(t, offset, n, m1, m2);
+        continue;
+      }
+      const acc_t* p = load_tile<acc_t>(param, offset, n, p_buf);
       const acc_t* old_p = p;  // theta before the step: p itself unless it is updated in place
       if (with_si && in_place) {
         std::memcpy(old_buf.data(), p, n * sizeof(acc_t));

@@ -8,6 +8,7 @@
 #include "fisher_update.cuh"
 #include "grad_ema.cuh"
 #include "grad_moments.cuh"
+#include "mofo.cuh"
 #include "multi_tensor.cuh"
 #include "protected_adamw_step.cuh"
 #include "scale_grads.cuh"
@@ -60,6 +61,19 @@ template cudaError_t launch_weight_merge<float>(const int64_t*, int64_t, int64_t
                                                 const float*, bool, cudaStream_t);
 template cudaError_t launch_weight_merge<double>(const int64_t*, int64_t, int64_t, const int64_t*, int64_t,
                                                  const double*, bool, cudaStream_t);
+template void plan_blocks<MofoSelectMeta>(int64_t*, int64_t);
+template int64_t meta_words<MofoSelectMeta>(int64_t, int64_t);
+template void plan_blocks<MofoUpdateMeta>(int64_t*, int64_t);
+template int64_t meta_words<MofoUpdateMeta>(int64_t, int64_t);
+template cudaError_t launch_mofo_thresholds<float>(const int64_t*, int64_t, int64_t, const int64_t*, int*, int64_t*,
+                                                   int64_t*, int64_t*, cudaStream_t);
+template cudaError_t launch_mofo_thresholds<double>(const int64_t*, int64_t, int64_t, const int64_t*, int*, int64_t*,
+                                                    int64_t*, int64_t*, cudaStream_t);
+template cudaError_t launch_mofo_update<float>(const int64_t*, int64_t, int64_t, bool, const float*, const int64_t*,
+                                               const float*, float, float, const float*, cudaStream_t);
+template cudaError_t launch_mofo_update<double>(const int64_t*, int64_t, int64_t, bool, const double*,
+                                                const int64_t*, const double*, double, double, const float*,
+                                                cudaStream_t);
 template void plan_blocks<AdamwMeta>(int64_t*, int64_t);
 template int64_t meta_words<AdamwMeta>(int64_t, int64_t);
 template cudaError_t launch_protected_adamw_step<float>(const int64_t*, int64_t, int64_t, bool, int, bool,

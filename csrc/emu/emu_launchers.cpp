@@ -19,6 +19,7 @@
 #include "../cuda/fisher_update.cuh"
 #include "../cuda/grad_ema.cuh"
 #include "../cuda/grad_moments.cuh"
+#include "../cuda/mofo.cuh"
 #include "../cuda/multi_tensor.cuh"
 #include "../cuda/protected_adamw_step.cuh"
 #include "../cuda/scale_grads.cuh"
@@ -218,6 +219,43 @@ int ff_emu_protected_adamw_step(const LaunchLists* lists, int ewc, int protect, 
         m.words.data(), n, m.num_blocks, ewc != 0, protect, si != 0, static_cast<const acc_t*>(per_tensor),
         static_cast<const acc_t*>(grad_factor), s, found_inf, partials.data(), static_cast<acc_t>(lam),
         static_cast<acc_t*>(penalty), nullptr);
+  });
+}
+
+// out: n x kBins int32, zeroed by the caller (as the binding's at::zeros).
+int ff_emu_mofo_histogram(const LaunchLists* lists, const int64_t* prefix, int shift, int digit_bits, int* out,
+                          int acc_fp64) {
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::MofoSelectMeta>(*lists, gpu::SetIndex{});
+  return dispatch(acc_fp64, [&](auto zero) {
+    using acc_t = decltype(zero);
+    return gpu::launch_mofo_histogram<acc_t>(m.words.data(), n, m.num_blocks, prefix, shift, digit_bits, out, nullptr);
+  });
+}
+
+int ff_emu_mofo_thresholds(const LaunchLists* lists, const int64_t* ks, int64_t* out, int acc_fp64) {
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::MofoSelectMeta>(*lists, gpu::SetIndex{});
+  std::vector<int> hist(n * fastforget::mofo::kBins);  // left uninitialised by the binding (at::empty): the kernels
+  for (auto& h : hist) h = -7;                          // must zero it, so it starts as garbage here
+  std::vector<int64_t> need(n), prefix(n);
+  return dispatch(acc_fp64, [&](auto zero) {
+    using acc_t = decltype(zero);
+    return gpu::launch_mofo_thresholds<acc_t>(m.words.data(), n, m.num_blocks, ks, hist.data(), need.data(),
+                                              prefix.data(), out, nullptr);
+  });
+}
+
+int ff_emu_mofo_update(const LaunchLists* lists, int si, const void* per_tensor, const int64_t* thresholds,
+                       const void* grad_factor, double decay, double eps, const float* found_inf, int acc_fp64) {
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::MofoUpdateMeta>(*lists, gpu::SetIndex{});
+  return dispatch(acc_fp64, [&](auto zero) {
+    using acc_t = decltype(zero);
+    return gpu::launch_mofo_update<acc_t>(m.words.data(), n, m.num_blocks, si != 0,
+                                          static_cast<const acc_t*>(per_tensor), thresholds,
+                                          static_cast<const acc_t*>(grad_factor), static_cast<acc_t>(decay),
+                                          static_cast<acc_t>(eps), found_inf, nullptr);
   });
 }
 

@@ -9,12 +9,18 @@ in LLM Fine-Tuning", TMLR 2025; the authors' ``AdamW_MoFO``): in each filtered t
 ties at the threshold included (``>=``, as the reference); k = 0 (a tensor smaller than 1 / fraction, where the
 reference's ``topk(...)[0].min()`` of an empty tensor raises) updates no element by Adam, the decay still applies.
 
-The threshold is exact: a radix select over the bit patterns of |m| (a non-negative float's bit pattern orders
-like its value), 11 bits per pass (three passes for fp32: bits 31-21, 20-10, 9-0; six for fp64): each pass counts,
-per tensor, the next digit of the elements that match the digits chosen so far (``mofo_histogram``, one launch
-over the whole list, 2048 bins per tensor), then picks the digit holding the k-th largest element with a
-cumulative sum on the device (no host sync, no sort, no per-tensor ``torch.topk``). Under FSDP2 each pass's
-histograms are summed over the shards (``all_reduce``): the threshold is over the whole tensor.
+The threshold is exact (bitwise torch.topk's k-th value), found over the bit patterns of |m| (a non-negative
+float's bit pattern orders like its value), never by a sort or a per-tensor ``torch.topk``:
+
+* the radix select (CUDA, Triton, reference, and every backend under FSDP2): 11 bits per pass (three passes for
+  fp32: bits 31-21, 20-10, 9-0; six for fp64); each pass counts, per tensor, the next digit of the elements that
+  match the digits chosen so far (``mofo_histogram``, one launch over the whole list, 2048 bins per tensor), then
+  picks the digit holding the k-th largest element on the device (no host sync). Under FSDP2 each pass's
+  histograms are summed over the shards (``all_reduce``): the threshold is over the whole tensor;
+* on the CPU (one process), ``mofo_thresholds`` brackets the k-th largest by a sample, counts and gathers in one
+  pass over the list, and selects among the few gathered (Floyd & Rivest 1975; csrc/cpu/mofo.cpp), falling back to
+  the radix passes where the sample missed.
+
 The masked update is ``mofo_update``.
 """
 
@@ -81,25 +87,42 @@ def mofo_update_ref(params, exp_avg, exp_avg_sq, steps, thresholds, grads, omega
             omega[i].sub_(g_task * (p.to(acc) - old))
 
 
-def _backend(backend, device):
-    """The backend the MoFO ops run on: the C++ kernels on the CPU; the plain torch references elsewhere (no
-    CUDA/Triton kernels yet)."""
-    resolved = dispatch.resolve(backend, device, "mofo")
-    return resolved if resolved == "cpu" else "reference"
-
-
 def mofo_histogram(exp_avg, prefix, shift, digit_bits, backend):
-    if _backend(backend, exp_avg[0].device) == "reference":
+    resolved = dispatch.resolve(backend, exp_avg[0].device, "mofo_histogram")
+    if resolved == "reference":
         return mofo_histogram_ref(exp_avg, prefix, shift, digit_bits)
-    return dispatch.native_op("mofo_histogram", "cpu")(exp_avg, prefix, shift, digit_bits)
+    return dispatch.native_op("mofo_histogram", resolved)(exp_avg, prefix, shift, digit_bits)
 
 
 def mofo_update(*args, backend):
     """The masked update (the schema's positional arguments), in place."""
     with torch.no_grad():
-        if _backend(backend, args[0][0].device) == "reference":
+        resolved = dispatch.resolve(backend, args[0][0].device, "mofo_update")
+        if resolved == "reference":
             return mofo_update_ref(*args)
-        dispatch.native_op("mofo_update", "cpu")(*args)
+        dispatch.native_op("mofo_update", resolved)(*args)
+
+
+def select_by_histograms(exp_avg, ks, histogram, process_group=None):
+    """The radix select's passes on the device (no host sync): ``histogram(exp_avg, prefix, shift, digit_bits)``
+    per pass (summed over ``process_group``'s shards when given), then per tensor the digit holding the need-th
+    largest element by a cumulative sum. The reference backend's select, the Triton backend's, and every backend's
+    under FSDP2."""
+    count = len(exp_avg)
+    device = exp_avg[0].device
+    need = ks.to(device, torch.int64).clamp(min=1)
+    prefix = torch.zeros(count, dtype=torch.int64, device=device)
+    zero = torch.zeros(count, 1, dtype=torch.int64, device=device)
+    for shift, digit_bits in _digits(exp_avg):
+        hist = histogram(exp_avg, prefix, shift, digit_bits)
+        if process_group is not None:
+            dist.all_reduce(hist, group=process_group)
+        at_least = hist.flip(1).cumsum(1, dtype=torch.int64).flip(1)  # elements whose digit is >= b
+        digit = (at_least >= need[:, None]).sum(1) - 1  # the largest digit with >= need elements at or above it
+        above = torch.cat([at_least[:, 1:], zero], 1).gather(1, digit[:, None]).squeeze(1)
+        need = need - above  # still to find among the elements with this digit
+        prefix = (prefix << digit_bits) + digit
+    return torch.where(ks.to(device) > 0, prefix, NONE_SELECTED)
 
 
 def mofo_thresholds(exp_avg, ks, *, backend="auto", process_group=None):
@@ -108,23 +131,12 @@ def mofo_thresholds(exp_avg, ks, *, backend="auto", process_group=None):
     ``ks``: int64 tensor, one k per tensor, each <= the tensor's numel (the global numel under FSDP2, where
     ``exp_avg`` are the local shards and ``process_group`` the shards' group: the histograms are summed over it).
     ``threshold_values`` turns the result into floats."""
-    count = len(exp_avg)
-    device = exp_avg[0].device
-    if process_group is None and _backend(backend, device) != "reference":
-        return dispatch.native_op("mofo_thresholds", "cpu")(exp_avg, ks)
-    need = ks.clamp(min=1)
-    prefix = torch.zeros(count, dtype=torch.int64, device=device)
-    zero = torch.zeros(count, 1, dtype=torch.int64, device=device)
-    for shift, digit_bits in _digits(exp_avg):
-        hist = mofo_histogram(exp_avg, prefix, shift, digit_bits, backend)
-        if process_group is not None:
-            dist.all_reduce(hist, group=process_group)
-        at_least = hist.flip(1).cumsum(1, dtype=torch.int64).flip(1)  # elements whose digit is >= b
-        digit = (at_least >= need[:, None]).sum(1) - 1  # the largest digit with >= need elements at or above it
-        above = torch.cat([at_least[:, 1:], zero], 1).gather(1, digit[:, None]).squeeze(1)
-        need = need - above  # still to find among the elements with this digit
-        prefix = (prefix << digit_bits) + digit
-    return torch.where(ks > 0, prefix, NONE_SELECTED)
+    resolved = dispatch.resolve(backend, exp_avg[0].device, "mofo_thresholds")
+    if process_group is None and resolved != "reference":
+        return dispatch.native_op("mofo_thresholds", resolved)(exp_avg, ks)
+    return select_by_histograms(
+        exp_avg, ks, lambda *args: mofo_histogram(*args, backend=resolved), process_group=process_group
+    )
 
 
 def threshold_values(thresholds, dtype):
