@@ -27,6 +27,7 @@ inline int64_t dtype_code(at::ScalarType type) {
     case at::kBFloat16: return gpu::kBFloat16;
     case at::kHalf: return gpu::kFloat16;
     case at::kDouble: return gpu::kFloat64;
+    case at::kByte: return gpu::kUInt8;
     default: TORCH_CHECK(false, "fastforget: unsupported dtype ", type);
   }
 }

@@ -17,6 +17,7 @@
 #include "../cuda/grad_ema.cuh"
 #include "../cuda/grad_moments.cuh"
 #include "../cuda/multi_tensor.cuh"
+#include "../cuda/protected_adamw8bit_step.cuh"
 #include "../cuda/protected_adamw_step.cuh"
 #include "../cuda/scale_grads.cuh"
 #include "../cuda/weight_merge.cuh"
@@ -42,6 +43,13 @@ Packed pack(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* 
 template <typename F>
 int dispatch(bool fp64, F f) {
   return fp64 ? f(double{}) : f(float{});
+}
+
+// gpu::AdamwScalars from two_lam, decay, beta1_complement, beta2, beta2_complement, eps, threshold (its order).
+template <typename acc_t>
+gpu::AdamwScalars<acc_t> adamw_scalars(const double* v) {
+  return {static_cast<acc_t>(v[0]), static_cast<acc_t>(v[1]), static_cast<acc_t>(v[2]), static_cast<acc_t>(v[3]),
+          static_cast<acc_t>(v[4]), static_cast<acc_t>(v[5]), static_cast<acc_t>(v[6])};
 }
 
 }  // namespace
@@ -150,15 +158,27 @@ int ff_emu_protected_adamw_step(int64_t n, const int64_t* numel, const int64_t* 
   const Packed m = pack<gpu::AdamwMeta>(n, numel, ptr, dtype, gpu::SetIndex{});
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
-    const gpu::AdamwScalars<acc_t> s{static_cast<acc_t>(scalars[0]), static_cast<acc_t>(scalars[1]),
-                                     static_cast<acc_t>(scalars[2]), static_cast<acc_t>(scalars[3]),
-                                     static_cast<acc_t>(scalars[4]), static_cast<acc_t>(scalars[5]),
-                                     static_cast<acc_t>(scalars[6])};
     std::vector<acc_t> partials(m.num_blocks > 1 ? m.num_blocks : 1);
     return gpu::launch_protected_adamw_step<acc_t>(
         m.words.data(), n, m.num_blocks, ewc != 0, protect, si != 0, static_cast<const acc_t*>(per_tensor),
-        static_cast<const acc_t*>(grad_factor), s, found_inf, partials.data(), static_cast<acc_t>(lam),
-        static_cast<acc_t*>(penalty), nullptr);
+        static_cast<const acc_t*>(grad_factor), adamw_scalars<acc_t>(scalars), found_inf, partials.data(),
+        static_cast<acc_t>(lam), static_cast<acc_t*>(penalty), nullptr);
+  });
+}
+
+// As ff_emu_protected_adamw_step, with gpu::Adamw8bitMeta's roles and qmaps: the signed then the unsigned map.
+int ff_emu_protected_adamw8bit_step(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype,
+                                    int ewc, int protect, int si, const void* per_tensor, const void* grad_factor,
+                                    const double* scalars, const float* qmaps, const float* found_inf, double lam,
+                                    void* penalty, int acc_fp64) {
+  const Packed m = pack<gpu::Adamw8bitMeta>(n, numel, ptr, dtype, gpu::SetIndex{});
+  return dispatch(acc_fp64, [&](auto zero) {
+    using acc_t = decltype(zero);
+    std::vector<acc_t> partials(m.num_blocks > 1 ? m.num_blocks : 1);
+    return gpu::launch_protected_adamw8bit_step<acc_t>(
+        m.words.data(), n, m.num_blocks, ewc != 0, protect, si != 0, static_cast<const acc_t*>(per_tensor),
+        static_cast<const acc_t*>(grad_factor), adamw_scalars<acc_t>(scalars), qmaps, found_inf, partials.data(),
+        static_cast<acc_t>(lam), static_cast<acc_t*>(penalty), nullptr);
   });
 }
 
