@@ -73,12 +73,8 @@ template void plan_blocks<Adamw8bitMeta>(int64_t*, int64_t);
 template int64_t meta_words<Adamw8bitMeta>(int64_t, int64_t);
 template cudaError_t launch_protected_adamw8bit_step<float>(const int64_t*, int64_t, int64_t, bool, int, bool,
                                                             const float*, const float*, AdamwScalars<float>,
-                                                            const float*, const float*, float*, float, float*,
-                                                            cudaStream_t);
-template cudaError_t launch_protected_adamw8bit_step<double>(const int64_t*, int64_t, int64_t, bool, int, bool,
-                                                             const double*, const double*, AdamwScalars<double>,
-                                                             const float*, const float*, double*, double, double*,
-                                                             cudaStream_t);
+                                                            const float*, const float*, const float*, float*, float,
+                                                            float*, cudaStream_t);
 
 template cudaError_t launch_anchored_lm_loss_rows<float, float>(const float*, const float*, const int64_t*,
                                                                  const float*, const float*, float*, float*, int64_t,

@@ -56,24 +56,22 @@ __device__ __forceinline__ float load_quantized(const TensorMeta<R>& t, int role
   return math::dequantize(code, codes[i], absmax[i / math::kQuantBlock]);
 }
 
-// qmaps: the signed map (exp_avg) then the unsigned one (exp_avg_sq, an 8-bit Fisher), 2 x kCodeSize fp32.
+// qmap_signed: exp_avg's map, qmap_unsigned: exp_avg_sq's and an 8-bit Fisher's (kCodeSize fp32 each).
 template <typename acc_t, bool kEwc, int kProtect, bool kSi>
 __global__ void __launch_bounds__(kBlockThreads)
     protected_adamw8bit_kernel(const int64_t* meta_words, int64_t num_tensors, const acc_t* per_tensor,
-                               const acc_t* grad_factor, AdamwScalars<acc_t> s, const float* qmaps,
-                               const float* found_inf, acc_t* partials) {
+                               const acc_t* grad_factor, AdamwScalars<acc_t> s, const float* qmap_signed,
+                               const float* qmap_unsigned, const float* found_inf, acc_t* partials) {
   if (*found_inf != 0.0f) {  // uniform over the block
     if (threadIdx.x == 0) partials[blockIdx.x] = acc_t(0);
     return;
   }
-  __shared__ float maps[2 * math::kCodeSize];
+  __shared__ float signed_map[math::kCodeSize], unsigned_map[math::kCodeSize];  // looked up by every lane
   if (threadIdx.x < math::kCodeSize) {
-    maps[threadIdx.x] = qmaps[threadIdx.x];
-    maps[math::kCodeSize + threadIdx.x] = qmaps[math::kCodeSize + threadIdx.x];
+    signed_map[threadIdx.x] = qmap_signed[threadIdx.x];
+    unsigned_map[threadIdx.x] = qmap_unsigned[threadIdx.x];
   }
   __syncthreads();
-  const float* signed_map = maps;
-  const float* unsigned_map = maps + math::kCodeSize;
   const auto [t, begin, end] = block_chunk<Adamw8bitMeta>(meta_words, num_tensors);
   const acc_t* row = per_tensor + t.index * kAdamwColumns;
   const acc_t scale = *grad_factor, step_size = row[kStepSize], bc2_sqrt = row[kBiasCorrection2Sqrt];
@@ -154,19 +152,20 @@ cudaError_t with_step_flags(bool ewc, int protect, bool si, Launch launch) {
 }
 
 // meta_words: device copy of Adamw8bitMeta records (index set) with num_blocks planned blocks; per_tensor:
-// num_tensors x kAdamwColumns acc_t; grad_factor: one acc_t; qmaps: the signed then the unsigned map (2 x
-// kCodeSize fp32); found_inf: one float; partials: num_blocks acc_t of scratch; penalty: one acc_t; all on the
-// device. Queues the step and *penalty = lam * sum F (theta - anchor)^2.
+// num_tensors x kAdamwColumns acc_t; grad_factor: one acc_t; qmap_signed, qmap_unsigned: kCodeSize fp32 each;
+// found_inf: one float; partials: num_blocks acc_t of scratch; penalty: one acc_t; all on the device. Queues the
+// step and *penalty = lam * sum F (theta - anchor)^2.
 template <typename acc_t>
 cudaError_t launch_protected_adamw8bit_step(const int64_t* meta_words, int64_t num_tensors, int64_t num_blocks,
                                             bool ewc, int protect, bool si, const acc_t* per_tensor,
-                                            const acc_t* grad_factor, AdamwScalars<acc_t> s, const float* qmaps,
+                                            const acc_t* grad_factor, AdamwScalars<acc_t> s,
+                                            const float* qmap_signed, const float* qmap_unsigned,
                                             const float* found_inf, acc_t* partials, acc_t lam, acc_t* penalty,
                                             cudaStream_t stream) {
   const cudaError_t err = with_step_flags(ewc, protect, si, [&](auto ewc_c, auto protect_c, auto si_c) {
     return launch_blocks(protected_adamw8bit_kernel<acc_t, decltype(ewc_c)::value, decltype(protect_c)::value,
                                                     decltype(si_c)::value>, num_blocks, stream,
-                         meta_words, num_tensors, per_tensor, grad_factor, s, qmaps, found_inf, partials);
+                         meta_words, num_tensors, per_tensor, grad_factor, s, qmap_signed, qmap_unsigned, found_inf, partials);
   });
   if (err != cudaSuccess) return err;
   return launch_sum_partials(partials, num_blocks, lam, penalty, stream);

@@ -166,20 +166,18 @@ int ff_emu_protected_adamw_step(int64_t n, const int64_t* numel, const int64_t* 
   });
 }
 
-// As ff_emu_protected_adamw_step, with gpu::Adamw8bitMeta's roles and qmaps: the signed then the unsigned map.
+// As ff_emu_protected_adamw_step (acc_t float: the 8-bit step's params are 16- or 32-bit), with
+// gpu::Adamw8bitMeta's roles and the two maps.
 int ff_emu_protected_adamw8bit_step(int64_t n, const int64_t* numel, const int64_t* ptr, const int64_t* dtype,
-                                    int ewc, int protect, int si, const void* per_tensor, const void* grad_factor,
-                                    const double* scalars, const float* qmaps, const float* found_inf, double lam,
-                                    void* penalty, int acc_fp64) {
+                                    int ewc, int protect, int si, const float* per_tensor, const float* grad_factor,
+                                    const double* scalars, const float* qmap_signed, const float* qmap_unsigned,
+                                    const float* found_inf, double lam, float* penalty) {
   const Packed m = pack<gpu::Adamw8bitMeta>(n, numel, ptr, dtype, gpu::SetIndex{});
-  return dispatch(acc_fp64, [&](auto zero) {
-    using acc_t = decltype(zero);
-    std::vector<acc_t> partials(m.num_blocks > 1 ? m.num_blocks : 1);
-    return gpu::launch_protected_adamw8bit_step<acc_t>(
-        m.words.data(), n, m.num_blocks, ewc != 0, protect, si != 0, static_cast<const acc_t*>(per_tensor),
-        static_cast<const acc_t*>(grad_factor), adamw_scalars<acc_t>(scalars), qmaps, found_inf, partials.data(),
-        static_cast<acc_t>(lam), static_cast<acc_t*>(penalty), nullptr);
-  });
+  std::vector<float> partials(m.num_blocks > 1 ? m.num_blocks : 1);
+  return gpu::launch_protected_adamw8bit_step<float>(
+      m.words.data(), n, m.num_blocks, ewc != 0, protect, si != 0, per_tensor, grad_factor,
+      adamw_scalars<float>(scalars), qmap_signed, qmap_unsigned, found_inf, partials.data(), static_cast<float>(lam),
+      penalty, nullptr);
 }
 
 // logits_dtype: a gpu::DtypeCode (acc_t is double for fp64 logits, else float).
