@@ -85,6 +85,18 @@ SCHEMAS = {
         " float beta1, float beta2, float eps, float weight_decay, float lam, float threshold, bool maximize)"
         " -> Tensor"
     ),
+    # protected_adamw_step with exp_avg / exp_avg_sq as uint8 codes of bitsandbytes' block-wise dynamic quantization
+    # (blocks of 256 per tensor, fp32 absmax per block, qmap_signed for exp_avg, qmap_unsigned for exp_avg_sq); the
+    # fisher is float (fisher_absmax empty) or uint8 codes (unsigned map, fisher_absmax per param). Dequantize, the
+    # 32-bit step's math in fp32, requantize the new moments (new absmax per block); nothing written when found_inf
+    "protected_adamw8bit_step": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq,"
+        " Tensor(d!)[] exp_avg_absmax, Tensor(e!)[] exp_avg_sq_absmax, Tensor qmap_signed, Tensor qmap_unsigned,"
+        " Tensor(f!)[] steps, Tensor[] anchors, Tensor[] fisher, Tensor[] fisher_absmax, Tensor? factors,"
+        " Tensor(g!)[] ema_mean, Tensor(h!)[] ema_var, Tensor? alpha, Tensor? var_scale, Tensor(i!)[] omega,"
+        " Tensor? grad_scale, Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay,"
+        " float lam, float threshold, bool maximize) -> Tensor"
+    ),
     # MoFO's radix-select pass: per tensor, a (len(exp_avg), 2048) int32 count of the digit (b >> shift) &
     # (2^digit_bits - 1) of b = the bit pattern of |exp_avg| over the elements with b >> (shift + digit_bits) ==
     # prefix[t] (all of them when shift + digit_bits is the bit width); digit_bits <= 11

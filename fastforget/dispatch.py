@@ -137,6 +137,23 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     return "reference"
 
 
+@torch.compiler.assume_constant_result
+def has_kernel(op: str, backend: str, device: torch.device) -> bool:
+    """Whether the fused `backend`'s flavour of `op` has a kernel for tensors on `device` (an op can be newer than
+    the native build or the Triton kernels); warns once per op and backend when it has not."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastforget::{op}{_FLAVOUR[backend]}", device.type.upper()):
+        return True
+    if (op, backend) not in _warned:
+        _warned.add((op, backend))
+        warnings.warn(
+            f"fastforget.{op}: the {backend} backend has no kernel of it for {device.type} tensors in this build; "
+            "using the pure-torch reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
 def native_op(name: str, backend: str):
     """The torch.library op that implements `name` for a fused backend."""
     return getattr(torch.ops.fastforget, name + _FLAVOUR[backend]).default

@@ -28,6 +28,12 @@ __all__ = [
 from fastforget.ops.protected_adamw_step import protected_adamw_step, protected_adamw_step_ref  # noqa: E402
 
 __all__ += ["protected_adamw_step", "protected_adamw_step_ref"]
+from fastforget.ops.protected_adamw8bit_step import (  # noqa: E402
+    protected_adamw8bit_step,
+    protected_adamw8bit_step_ref,
+)
+
+__all__ += ["protected_adamw8bit_step", "protected_adamw8bit_step_ref"]
 from fastforget.ops.weight_merge import weight_merge_, weight_merge_ref  # noqa: E402
 
 __all__ += ["weight_merge_", "weight_merge_ref"]

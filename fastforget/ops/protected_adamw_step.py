@@ -106,6 +106,14 @@ def _check_state(name, tensors, params, acc):
     return tensors
 
 
+def _check_ewc(name, tensors, params):
+    """An EWC list (anchors, or a float Fisher): like params, in fp32, bf16 or the param's dtype."""
+    check.check_like_params(name, tensors, params)
+    for i, (t, p) in enumerate(zip(tensors, params)):
+        check.check_dtype(name, i, t, (*_ANCHOR_DTYPES, p.dtype))
+    return tensors
+
+
 def _optional_pair(names, pair, params, acc=None):
     """Both lists empty (absent), or both like params; acc: the state dtype they must have (else EWC dtypes)."""
     first, second = (check.tensor_list(n, v) for n, v in zip(names, pair))
@@ -113,11 +121,7 @@ def _optional_pair(names, pair, params, acc=None):
         return [], []
     if acc is not None:
         return _check_state(names[0], first, params, acc), _check_state(names[1], second, params, acc)
-    for name, tensors in zip(names, (first, second)):
-        check.check_like_params(name, tensors, params)
-        for i, (t, p) in enumerate(zip(tensors, params)):
-            check.check_dtype(name, i, t, (*_ANCHOR_DTYPES, p.dtype))
-    return first, second
+    return _check_ewc(names[0], first, params), _check_ewc(names[1], second, params)
 
 
 def _per_tensor(name, value, count, device):
@@ -153,28 +157,34 @@ def _hyperparameters(lr, betas, eps, weight_decay, lam, threshold):
     return lr, beta1, beta2, eps, weight_decay, lam, check.check_scalar("threshold", threshold)
 
 
-def _checked(params, grads, exp_avg, exp_avg_sq, steps, anchors, fisher, factors, ema, alpha, var_scale, omega,
-             grad_scale, found_inf):  # fmt: skip
+def check_params_and_grads(params, grads, dtypes=check.FLOAT_DTYPES):
+    """The params (one device, distinct, of ``dtypes``) and their gradients; returns them and the accumulation
+    dtype."""
     params = check.tensor_list("params", params)
     check.check_one_device("params", params)
     for i, p in enumerate(params):
-        check.check_dtype("params", i, p, check.FLOAT_DTYPES)
+        check.check_dtype("params", i, p, dtypes)
     check.check_distinct("params", params)
-    acc = accumulate_dtype(params)
     grads = check.tensor_list("grads", grads)
     check.check_like_params("grads", grads, params)
     for i, g in enumerate(grads):
         check.check_dtype("grads", i, g, check.FLOAT_DTYPES)
-    exp_avg, exp_avg_sq = (
-        _check_state(n, v, params, acc) for n, v in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
-    )
+    return params, grads, accumulate_dtype(params)
+
+
+def check_steps(steps, params):
     steps = check.tensor_list("steps", steps)
     if len(steps) != len(params):
         raise ValueError(f"steps has {len(steps)} tensors but params has {len(params)}")
     for i, s in enumerate(steps):
         if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64) or (params and s.device != params[0].device):
             raise ValueError(f"steps[{i}] must be a one-element float32/float64 tensor on the params' device")
-    anchors, fisher = _optional_pair(("anchors", "fisher"), (anchors, fisher), params)
+    return steps
+
+
+def check_extras(params, acc, factors, ema, alpha, var_scale, omega, grad_scale, found_inf):
+    """Protection (per tensor or per element), SI's omega, grad_scale and found_inf: (factors, ema_mean, ema_var,
+    alpha, var_scale, omega, grad_scale, found_inf), checked."""
     ema_mean, ema_var = _optional_pair(("ema_mean", "ema_var"), ema, params, acc)
     omega = check.tensor_list("omega", omega)
     if omega:
@@ -187,12 +197,35 @@ def _checked(params, grads, exp_avg, exp_avg_sq, steps, anchors, fisher, factors
     if bool(ema_mean) != (alpha is not None) or bool(ema_mean) != (var_scale is not None):
         raise ValueError("ema_mean/ema_var, alpha and var_scale come together (protection mode 'element')")
     grad_scale, found_inf = _one_element("grad_scale", grad_scale, device), _one_element("found_inf", found_inf, device)
+    return factors, ema_mean, ema_var, alpha, var_scale, omega, grad_scale, found_inf
+
+
+def check_no_overlap(params, steps, grads, extras, written=(), read=()):
+    """No written list shares memory with another or with anything read; ``written``/``read``: the op's own
+    (name, list) pairs besides params, steps, grads and the extras (the tuple check_extras returns)."""
+    factors, ema_mean, ema_var, alpha, var_scale, omega, grad_scale, found_inf = extras
     check.check_writes(
-        [("params", params), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("steps", steps),
-         ("ema_mean", ema_mean), ("ema_var", ema_var), ("omega", omega)],
-        [("grads", grads), ("anchors", anchors), ("fisher", fisher), ("factors", [factors]), ("alpha", [alpha]),
-         ("var_scale", [var_scale]), ("grad_scale", [grad_scale]), ("found_inf", [found_inf])],
+        [("params", params), *written, ("steps", steps), ("ema_mean", ema_mean), ("ema_var", ema_var),
+         ("omega", omega)],
+        [("grads", grads), *read, ("factors", [factors]), ("alpha", [alpha]), ("var_scale", [var_scale]),
+         ("grad_scale", [grad_scale]), ("found_inf", [found_inf])],
     )  # fmt: skip
+
+
+def _checked(params, grads, exp_avg, exp_avg_sq, steps, anchors, fisher, factors, ema, alpha, var_scale, omega,
+             grad_scale, found_inf):  # fmt: skip
+    params, grads, acc = check_params_and_grads(params, grads)
+    exp_avg, exp_avg_sq = (
+        _check_state(n, v, params, acc) for n, v in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
+    )
+    steps = check_steps(steps, params)
+    anchors, fisher = _optional_pair(("anchors", "fisher"), (anchors, fisher), params)
+    extras = check_extras(params, acc, factors, ema, alpha, var_scale, omega, grad_scale, found_inf)
+    check_no_overlap(
+        params, steps, grads, extras, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
+        [("anchors", anchors), ("fisher", fisher)],
+    )  # fmt: skip
+    factors, ema_mean, ema_var, alpha, var_scale, omega, grad_scale, found_inf = extras
     return (params, grads, exp_avg, exp_avg_sq, steps, anchors, fisher, factors, ema_mean, ema_var, alpha, var_scale,
             omega, grad_scale, found_inf)  # fmt: skip
 
