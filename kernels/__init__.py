@@ -7,6 +7,7 @@ from fastforget.kernels import (  # noqa: F401
     grad_ema,
     grad_moments,
     lora_linear,
+    protected_adamw8bit_step,
     protected_adamw_step,
     scale_grads,
     weight_merge,
