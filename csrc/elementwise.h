@@ -97,7 +97,7 @@ FF_HOST_DEVICE unsigned char quantize(const float* map, float x, float inverse) 
   int below = 0;  // midpoints 0 .. below - 1 are < scaled
   for (int step = kCodeSize / 2; step > 0; step /= 2) {
     const int probe = below + step - 1;
-    below += (map[probe] + map[probe + 1]) / 2 < scaled ? step : 0;
+    below += (map[probe] + map[probe + 1]) * 0.5f < scaled ? step : 0;
   }
   return static_cast<unsigned char>(below);
 }

@@ -62,7 +62,7 @@ def _requantize(x, mask, qblock, row_mask, codes_ptr, absmax_ptr, map_ptr):
     for k in tl.static_range(8):  # steps CODES / 2, CODES / 4, ..., 1
         step = CODES // (2 << k)
         probe = map_ptr + below + step - 1
-        below += tl.where((tl.load(probe) + tl.load(probe + 1)) / 2 < scaled, step, 0)
+        below += tl.where((tl.load(probe) + tl.load(probe + 1)) * 0.5 < scaled, step, 0)
     tl.store(codes_ptr, below.to(tl.uint8), mask=mask)
 
 
