@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "common.h"
@@ -23,9 +24,10 @@ inline void check_per_tensor(const char* name, const std::optional<at::Tensor>& 
               " entries for ", count, " params");
 }
 
+// moments: the dtype exp_avg / exp_avg_sq must have (acc when absent; uint8 codes for the 8-bit step).
 inline void check_protected_adamw_inputs(const AdamwLists& l, at::TensorList steps, const std::optional<at::Tensor>& factors,
                   const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& var_scale,
-                  at::ScalarType acc) {
+                  at::ScalarType acc, std::optional<at::ScalarType> moments = std::nullopt) {
   check_same_layout("grads", l.grads, l.params);
   check_same_layout("exp_avg", l.exp_avg, l.params);
   check_same_layout("exp_avg_sq", l.exp_avg_sq, l.params);
@@ -40,13 +42,13 @@ inline void check_protected_adamw_inputs(const AdamwLists& l, at::TensorList ste
   }
   TORCH_CHECK(l.anchors.empty() == l.fisher.empty(), "fastforget: anchors and fisher come together");
   TORCH_CHECK(l.ema_mean.empty() == l.ema_var.empty(), "fastforget: ema_mean and ema_var come together");
-  const std::pair<const char*, at::TensorList> state[] = {
-      {"exp_avg", l.exp_avg}, {"exp_avg_sq", l.exp_avg_sq}, {"ema_mean", l.ema_mean}, {"ema_var", l.ema_var},
-      {"omega", l.omega}};
-  for (const auto& [name, list] : state) {
+  const std::tuple<const char*, at::TensorList, at::ScalarType> state[] = {
+      {"exp_avg", l.exp_avg, moments.value_or(acc)}, {"exp_avg_sq", l.exp_avg_sq, moments.value_or(acc)},
+      {"ema_mean", l.ema_mean, acc}, {"ema_var", l.ema_var, acc}, {"omega", l.omega, acc}};
+  for (const auto& [name, list, dtype] : state) {
     for (size_t t = 0; t < list.size(); ++t) {
-      TORCH_CHECK(list[t].scalar_type() == acc && list[t].is_contiguous(), "fastforget: ", name, "[", t,
-                  "] must be a contiguous ", acc, " tensor");
+      TORCH_CHECK(list[t].scalar_type() == dtype && list[t].is_contiguous(), "fastforget: ", name, "[", t,
+                  "] must be a contiguous ", dtype, " tensor");
     }
   }
   check_per_tensor("factors", factors, l.params.size());

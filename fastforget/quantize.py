@@ -20,16 +20,13 @@ bitsandbytes ``functional.create_dynamic_map(signed, max_exponent_bits=7, total_
 the first moment (``qmap1``), the unsigned one the second moment and an 8-bit Fisher (``qmap2``).
 """
 
-import functools
-
 import torch
 
 BLOCKSIZE = 256  # bitsandbytes' optimizer block size
 _MIN_ABSMAX = 1e-38  # the scale's reciprocal is finite for any nonzero block
 
 
-@functools.cache
-def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
+def _dynamic_map(signed: bool) -> torch.Tensor:
     exponent_bits, fraction_bits = 7, 7  # 8 bits: sign (or one more fraction bit) + exponent + fraction
     values = [torch.zeros(1), torch.ones(1)]
     for i in range(exponent_bits):
@@ -41,9 +38,12 @@ def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
     return torch.cat(values).sort().values
 
 
+_DYNAMIC_MAPS = {signed: _dynamic_map(signed) for signed in (True, False)}  # built once; torch.compile sees constants
+
+
 def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     """The 256 sorted fp32 values of bitsandbytes' dynamic map (``create_dynamic_map(signed)``), a fresh tensor."""
-    return _dynamic_map_cpu(bool(signed)).to(device, copy=True)
+    return _DYNAMIC_MAPS[bool(signed)].to(device, copy=True)
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:

@@ -1,181 +1,16 @@
-// The protected AdamW step on the CPU (math: fastforget/ops/protected_adamw_step.py), one parallel region over
-// the whole parameter list (chunking and determinism: multi_tensor.h). Per element, in acc_t:
-//
-//   g_task = s g;  g_ewc = g_task + 2 lam F (theta - anchor);  g' = factor g_ewc  or  the element EMA protection;
-//   AdamW on g' (decoupled weight decay, bias correction);  omega -= g_task (theta_new - theta_old)
-//
-// The elementwise loops are plain loops the compiler vectorises (selects and sqrt: -fno-trapping-math and
-// -fno-math-errno, see setup.py). The EWC penalty is summed per chunk and the partials in chunk order.
-#include "fast_math.h"
-#include "multi_tensor.h"
+// The protected AdamW step on the CPU with acc_t moments (math: fastforget/ops/protected_adamw_step.py), one
+// parallel region over the whole parameter list: the tile loop of adamw_tiles.h with the moments in place.
+#include "adamw_tiles.h"
 
 #include "../common.h"
-#include "../elementwise.h"
-#include "../protected_adamw_step.h"
 
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <cstring>
 #include <optional>
 
 namespace fastforget::cpu {
 namespace {
-
-enum class Protect { kNone, kTensor, kElement };
-
-// Everything one tensor's elements need, the per-tensor values already picked.
-template <typename acc_t>
-struct StepArgs {
-  acc_t grad_factor;  // (maximize ? -1 : 1) / grad_scale
-  acc_t two_lam;
-  acc_t factor;                             // mode "tensor"
-  acc_t alpha, keep, var_scale, threshold;  // mode "element" (keep = 1 - alpha)
-  acc_t decay;                              // 1 - lr * weight_decay
-  acc_t beta1_complement, beta2, beta2_complement;
-  acc_t step_size, bias_correction2_sqrt, eps;
-};
-
-// sum F (theta - anchor)^2 over a tile, in vector registers (a float sum in a plain loop would not vectorise
-// without reassociation); run before step_tile, so its loads bring the tile into the cache.
-template <typename acc_t>
-acc_t penalty_tile(const acc_t* p, const acc_t* a, const acc_t* f, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  Vec vsum(acc_t(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const auto [d, fd] = math::ewc_term(Vec::loadu(p + i), Vec::loadu(a + i), Vec::loadu(f + i));
-    vsum = at::vec::fmadd(fd, d, vsum);
-  }
-  acc_t sum = lane_sum(vsum);
-  for (; i < n; ++i) {
-    const auto [d, fd] = math::ewc_term(p[i], a[i], f[i]);
-    sum += fd * d;
-  }
-  return sum;
-}
-
-// One tile: theta (p, written to p_out, which may be p itself), the moments m1, m2 and the protection state
-// em, ev in place. a, f: EWC anchor and Fisher (unused without EWC).
-template <typename acc_t, bool kEwc, Protect kProtect>
-void step_tile(const acc_t* p, acc_t* p_out, const acc_t* __restrict g, const acc_t* __restrict a,
-                const acc_t* __restrict f, acc_t* __restrict m1, acc_t* __restrict m2, acc_t* __restrict em,
-                acc_t* __restrict ev, const StepArgs<acc_t>& s, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t theta = p[i];
-    acc_t grad = s.grad_factor * g[i];
-    if constexpr (kEwc) grad += s.two_lam * math::ewc_term(theta, a[i], f[i]).fd;
-    if constexpr (kProtect == Protect::kTensor) grad *= s.factor;
-    if constexpr (kProtect == Protect::kElement) {  // the EMA of grad_ema_protect (Finch 2009)
-      const acc_t mean = em[i];
-      const acc_t var = math::ema_var(grad, mean, ev[i], s.alpha, s.keep);
-      em[i] = math::ema_mean(grad, mean, s.alpha);
-      ev[i] = var;
-      grad *= math::protection_factor(exp_nonpositive(-(var * s.var_scale)), s.threshold);
-    }
-    const auto [mi, vi] = math::adamw_moments(m1[i], m2[i], grad, s.beta1_complement, s.beta2, s.beta2_complement);
-    m1[i] = mi;
-    m2[i] = vi;
-    p_out[i] = math::adamw_param(theta, mi, vi, s.decay, s.step_size, s.bias_correction2_sqrt, s.eps);
-  }
-}
-
-// omega -= g_task (theta_new - theta_old), theta_new as stored.
-template <typename acc_t>
-void path_integral_tile(acc_t* __restrict omega, const acc_t* __restrict g, const acc_t* __restrict old_p,
-                        const acc_t* __restrict new_p, acc_t grad_factor, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) omega[i] = math::path_integral(omega[i], grad_factor * g[i], new_p[i], old_p[i]);
-}
-
-
-template <typename acc_t, bool kEwc, Protect kProtect>
-acc_t run(const AdamwLists& l, const std::vector<StepArgs<acc_t>>& args) {
-  const auto chunks = make_chunks(l.params);
-  std::vector<acc_t> partials(chunks.size());
-  const bool with_si = !l.omega.empty();
-  for_each_chunk(chunks, [&](int64_t index, const Chunk& chunk) {
-    const int64_t t = chunk.tensor;
-    const StepArgs<acc_t>& s = args[t];
-    const at::Tensor& param = l.params[t];
-    const bool in_place = param.scalar_type() == c10::CppTypeToScalarType<acc_t>::value;
-    acc_t* m1 = l.exp_avg[t].mutable_data_ptr<acc_t>();
-    acc_t* m2 = l.exp_avg_sq[t].mutable_data_ptr<acc_t>();
-    acc_t* em = kProtect == Protect::kElement ? l.ema_mean[t].mutable_data_ptr<acc_t>() : nullptr;
-    acc_t* ev = kProtect == Protect::kElement ? l.ema_var[t].mutable_data_ptr<acc_t>() : nullptr;
-    Tile p_buf, g_buf, a_buf, f_buf, out_buf, old_buf, new_buf;
-    acc_t sum = 0;
-    for (int64_t offset = chunk.begin; offset < chunk.end; offset += kTile) {
-      const int64_t n = std::min(kTile, chunk.end - offset);
-      const acc_t* p = load_tile<acc_t>(param, offset, n, p_buf);
-      const acc_t* g = load_tile<acc_t>(l.grads[t], offset, n, g_buf);
-      const acc_t* a = kEwc ? load_tile<acc_t>(l.anchors[t], offset, n, a_buf) : nullptr;
-      const acc_t* f = kEwc ? load_tile<acc_t>(l.fisher[t], offset, n, f_buf) : nullptr;
-      const acc_t* old_p = p;  // theta before the step: p itself unless it is updated in place
-      if (with_si && in_place) {
-        std::memcpy(old_buf.data(), p, n * sizeof(acc_t));
-        old_p = reinterpret_cast<const acc_t*>(old_buf.data());
-      }
-      if constexpr (kEwc) sum += penalty_tile(p, a, f, n);
-      acc_t* out = output_tile<acc_t>(param, offset, out_buf);
-      step_tile<acc_t, kEwc, kProtect>(p, out, g, a, f, m1 + offset, m2 + offset, em ? em + offset : nullptr,
-                                              ev ? ev + offset : nullptr, s, n);
-      store_tile<acc_t>(param, offset, n, out);
-      if (with_si) {
-        const acc_t* new_p = in_place ? out : load_tile<acc_t>(param, offset, n, new_buf);  // as rounded
-        path_integral_tile(l.omega[t].mutable_data_ptr<acc_t>() + offset, g, old_p, new_p, s.grad_factor, n);
-      }
-    }
-    partials[index] = sum;
-  });
-  return pairwise_sum(partials.data(), static_cast<int64_t>(partials.size()));
-}
-
-template <typename acc_t, bool kEwc>
-acc_t run_protect(const AdamwLists& l, const std::vector<StepArgs<acc_t>>& args, Protect mode) {
-  switch (mode) {
-    case Protect::kTensor: return run<acc_t, kEwc, Protect::kTensor>(l, args);
-    case Protect::kElement: return run<acc_t, kEwc, Protect::kElement>(l, args);
-    default: return run<acc_t, kEwc, Protect::kNone>(l, args);
-  }
-}
-
-// A per-tensor argument's host values (CPU: reading them is free), or `fallback` for each tensor when absent.
-std::vector<double> host_values(const std::optional<at::Tensor>& t, size_t count, double fallback) {
-  if (!t) return std::vector<double>(count, fallback);
-  const at::Tensor values = t->to(at::kDouble).contiguous();
-  return {values.const_data_ptr<double>(), values.const_data_ptr<double>() + count};
-}
-
-template <typename acc_t>
-std::vector<StepArgs<acc_t>> step_args(at::TensorList steps, const std::optional<at::Tensor>& factors,
-                                       const std::optional<at::Tensor>& alpha,
-                                       const std::optional<at::Tensor>& var_scale, double grad_factor, double lr,
-                                       double beta1, double beta2, double eps, double weight_decay, double lam,
-                                       double threshold) {
-  const size_t count = steps.size();
-  const auto f = host_values(factors, count, 1.0), al = host_values(alpha, count, 0.0);
-  const auto vs = host_values(var_scale, count, 0.0);
-  std::vector<StepArgs<acc_t>> out(count);
-  for (size_t t = 0; t < count; ++t) {
-    const double k = steps[t].item<double>() + 1;  // torch.optim.AdamW: bias corrections in double
-    out[t] = {static_cast<acc_t>(grad_factor),
-              static_cast<acc_t>(2 * lam),
-              static_cast<acc_t>(f[t]),
-              static_cast<acc_t>(al[t]),
-              static_cast<acc_t>(1 - al[t]),
-              static_cast<acc_t>(vs[t]),
-              static_cast<acc_t>(threshold),
-              static_cast<acc_t>(1 - lr * weight_decay),
-              static_cast<acc_t>(1 - beta1),
-              static_cast<acc_t>(beta2),
-              static_cast<acc_t>(1 - beta2),
-              static_cast<acc_t>(lr / (1 - std::pow(beta1, k))),
-              static_cast<acc_t>(std::sqrt(1 - std::pow(beta2, k))),
-              static_cast<acc_t>(eps)};
-  }
-  return out;
-}
 
 at::Tensor protected_adamw_step(at::TensorList params_, at::TensorList grads_, at::TensorList exp_avg,
                                 at::TensorList exp_avg_sq, at::TensorList steps, at::TensorList anchors_,
@@ -189,18 +24,16 @@ at::Tensor protected_adamw_step(at::TensorList params_, at::TensorList grads_, a
   const AdamwLists given{params_, grads_, exp_avg, exp_avg_sq, anchors_, fisher_, ema_mean, ema_var, omega};
   check_protected_adamw_inputs(given, steps, factors, alpha, var_scale, acc);
   const auto zero = at::scalar_tensor(0, at::TensorOptions().dtype(acc));
-  if (params_.empty() || (found_inf && found_inf->item<double>() != 0)) return zero;  // a skipped step: no write
+  if (params_.empty() || skipped(found_inf)) return zero;  // a skipped step: no write
   const auto params = contiguous(params_);  // a non-contiguous one is updated through a copy, written back below
   const auto grads = contiguous(grads_), anchors = contiguous(anchors_), fisher = contiguous(fisher_);
   const AdamwLists l{params, grads, exp_avg, exp_avg_sq, anchors, fisher, ema_mean, ema_var, omega};
-  const double grad_factor = (maximize ? -1.0 : 1.0) / (grad_scale ? grad_scale->item<double>() : 1.0);
-  const Protect mode = factors ? Protect::kTensor : !ema_mean.empty() ? Protect::kElement : Protect::kNone;
-  const bool ewc = !anchors.empty();
   at::Tensor penalty;
   AT_DISPATCH_FLOATING_TYPES(acc, "protected_adamw_step", [&] {
-    const auto args = step_args<scalar_t>(steps, factors, alpha, var_scale, grad_factor, lr, beta1, beta2, eps,
-                                          weight_decay, lam, threshold);
-    const scalar_t sum = ewc ? run_protect<scalar_t, true>(l, args, mode) : run_protect<scalar_t, false>(l, args, mode);
+    const auto args = step_args<scalar_t>(steps, factors, alpha, var_scale, grad_factor(maximize, grad_scale), lr,
+                                          beta1, beta2, eps, weight_decay, lam, threshold);
+    const FloatMoments<scalar_t> moments{exp_avg, exp_avg_sq, fisher};
+    const scalar_t sum = run_step(l, args, protect_mode(factors, ema_mean), moments);
     penalty = at::scalar_tensor(static_cast<scalar_t>(lam) * sum, at::TensorOptions().dtype(acc));
   });
   copy_back(params_, params);
