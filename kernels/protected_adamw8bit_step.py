@@ -53,7 +53,8 @@ def _dequantize(tables, num_tensors, t, offs, mask, qblock, row_mask, role, absm
 @triton.jit
 def _requantize(x, mask, qblock, row_mask, codes_ptr, absmax_ptr, map_ptr):
     """Stores the rows' absmax = max |x| and each x's code: the number of midpoints (map[j] + map[j + 1]) / 2 below
-    clamp(x / max(absmax, MIN_ABSMAX), -1, 1) (a value on a midpoint takes the lower index), by binary search."""
+    clamp(x * (1 / max(absmax, MIN_ABSMAX)), -1, 1) (a value on a midpoint takes the lower index), by binary
+    search."""
     absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
     tl.store(absmax_ptr + qblock, absmax, mask=row_mask)
     inverse = tl.math.div_rn(1.0, tl.where(absmax < MIN_ABSMAX, MIN_ABSMAX, absmax))  # correctly rounded, as torch
