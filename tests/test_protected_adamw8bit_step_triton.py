@@ -5,6 +5,7 @@ CPU-only machine the kernel runs in Triton's interpreter."""
 
 import pytest
 import torch
+from conftest import device_of
 
 from fastforget.ops.protected_adamw8bit_step import protected_adamw8bit_step, protected_adamw8bit_step_ref
 from fastforget.quantize import dynamic_map, quantize_blockwise
@@ -23,16 +24,18 @@ HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, threshold=
 
 
 def make_case(sizes, dtype, ewc, protection, si, seed=0):
-    """Keyword arguments of one call: 8-bit moments quantized from random fp32 ones (a zero block included)."""
-    gen = torch.Generator().manual_seed(seed)
+    """Keyword arguments of one call on the Triton backend's device: 8-bit moments quantized from random fp32 ones
+    (a zero block included)."""
+    gen = torch.Generator().manual_seed(seed)  # the same numbers on every machine, moved to the device
+    device = device_of("triton")
 
     def randn(n, scale=1.0, dtype=torch.float32):
-        return (scale * torch.randn(n, generator=gen)).to(dtype)
+        return (scale * torch.randn(n, generator=gen)).to(device, dtype)
 
     def rand(n, scale=1.0):
-        return scale * torch.rand(n, generator=gen)
+        return scale * torch.rand(n, generator=gen).to(device)
 
-    signed, unsigned = dynamic_map(True), dynamic_map(False)
+    signed, unsigned = dynamic_map(True, device), dynamic_map(False, device)
     m1 = [randn(n, 1e-2) for n in sizes]
     m2 = [rand(n, 1e-4) for n in sizes]
     m1[-1][:256] = 0  # an all-zero block: absmax 0
