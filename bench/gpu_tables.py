@@ -3,8 +3,9 @@ Markdown.
 
 Runs each op's CLI benchmark (cuda and triton against the eager reference, torch._foreach_* where one exists and
 torch.compile of the reference, each as a fraction of the add and copy bandwidth measured in the same run), then
-lora_linear in bf16 at M = 8192, in = out = 4096, r = 16 (triton vs cuda/cuBLAS vs PEFT's formula). A failing
-benchmark is recorded and the others still run.
+lora_linear in bf16 at M = 8192, in = out = 4096, r = 16 (triton vs cuda/cuBLAS vs PEFT's formula), and the 8-bit
+AdamW step against torch's fused AdamW and bitsandbytes' CUDA AdamW8bit. A failing benchmark is recorded and the
+others still run.
 
     python bench/gpu_tables.py --out DIR [--repeats N] [--only NAME ...]
 writes DIR/tables.json ({name: {"argv", "seconds", "output", "tables", "error"}}) and DIR/tables.md.
@@ -34,6 +35,9 @@ RUNS = [
     ("fisher_update", "bench_fisher_update", []),
     ("scale_grads", "bench_scale_grads", []),
     ("protect", "bench_protect", []),
+    # the 8-bit step (cuda, triton; EWC with an 8-bit Fisher) vs torch.optim.AdamW(fused=True) and bitsandbytes'
+    # CUDA AdamW8bit, with the optimizer state per parameter
+    ("protected_adamw8bit_step", "bench_protected_adamw8bit_step", ["--bnb-repeats", "10"]),
 ]  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 // The per-element math that the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda/*.cuh) both implement,
 // written once, in one order of operations (torch-free; host and device, as c10's C10_HOST_DEVICE functions are).
 // T is the accumulation type (float or double); the functions that use only + - * also take the CPU kernels'
-// at::vec::Vectorized<acc_t>. Math: fastforget/ops/{ewc_penalty,grad_ema,protected_adamw_step}.py.
+// at::vec::Vectorized<acc_t>. Math: fastforget/ops/{ewc_penalty,grad_ema,protected_adamw_step}.py and, for the
+// block-wise 8-bit state, fastforget/quantize.py.
 #pragma once
 
 #include <cmath>
@@ -72,6 +73,33 @@ FF_HOST_DEVICE T adamw_param(T theta, T m1, T m2, T decay, T step_size, T bc2_sq
 template <typename T>
 FF_HOST_DEVICE T path_integral(T omega, T g_task, T theta_new, T theta_old) {
   return omega - g_task * (theta_new - theta_old);
+}
+
+// bitsandbytes' block-wise dynamic quantization (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+// Quantization"; fastforget/quantize.py): a tensor is cut into blocks of kQuantBlock elements from its element 0
+// (the last one may be partial), each stored as its absmax = max |x| (fp32) and, per element, the uint8 index of
+// the entry of a sorted kCodeSize-entry map (the dynamic map) nearest to clamp(x * (1 / absmax), -1, 1), a value
+// on a midpoint taking the lower index. The value of code c is map[c] * absmax, in fp32.
+constexpr int kQuantBlock = 256;
+constexpr int kCodeSize = 256;
+constexpr float kMinAbsmax = 1e-38f;  // an all-zero block keeps absmax 0 but scales by 1 / kMinAbsmax
+
+FF_HOST_DEVICE float dequantize(const float* map, unsigned char code, float absmax) { return map[code] * absmax; }
+
+// The factor a block's values are scaled by before the map look-up: 1 / max(absmax, kMinAbsmax).
+FF_HOST_DEVICE float inverse_absmax(float absmax) { return 1.0f / (absmax < kMinAbsmax ? kMinAbsmax : absmax); }
+
+// The code of x in a block scaled by inverse_absmax: the number of midpoints (map[j] + map[j + 1]) / 2 below
+// clamp(x * inverse, -1, 1), by binary search (torch.bucketize's rule).
+FF_HOST_DEVICE unsigned char quantize(const float* map, float x, float inverse) {
+  float scaled = x * inverse;
+  scaled = scaled < -1.0f ? -1.0f : scaled > 1.0f ? 1.0f : scaled;
+  int below = 0;  // midpoints 0 .. below - 1 are < scaled
+  for (int step = kCodeSize / 2; step > 0; step /= 2) {
+    const int probe = below + step - 1;
+    below += (map[probe] + map[probe + 1]) * 0.5f < scaled ? step : 0;
+  }
+  return static_cast<unsigned char>(below);
 }
 
 }  // namespace fastforget::math

@@ -8,6 +8,7 @@ from fastforget.kernels import (  # noqa: F401
     grad_moments,
     lora_linear,
     mofo,
+    protected_adamw8bit_step,
     protected_adamw_step,
     scale_grads,
     weight_merge,

@@ -33,6 +33,7 @@ TRITON_DTYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
     torch.float64: tl.float64,
+    torch.uint8: tl.uint8,  # the codes of a block-wise 8-bit state
 }
 ACCUMULATE_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 ALIGNMENT = tl.constexpr(16)  # bytes: one ld.global.v4.b32

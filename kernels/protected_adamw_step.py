@@ -40,6 +40,50 @@ def _ptr(tables, role, num_tensors, t, T: tl.constexpr):
 
 
 @triton.jit
+def protected_grad(
+    tables, num_tensors, t, offs, mask, theta, g_task, f, row, scalars,
+    ACC: tl.constexpr, A: tl.constexpr, EWC: tl.constexpr, PROTECT: tl.constexpr,
+):  # fmt: skip
+    """(g', F (theta - anchor)^2) of the elements offs of tensor t: g_task plus the EWC term 2 lam F (theta -
+    anchor) (f: F, unused without EWC), times the protection factor or the element EMA's (ema_mean, ema_var
+    updated). Shared with the 8-bit step (protected_adamw8bit_step.py), whose tables start with these roles."""
+    grad = g_task
+    penalty = tl.zeros_like(theta)
+    if EWC:
+        a = tl.load(_ptr(tables, ANCHOR, num_tensors, t, A) + offs, mask=mask, other=0).to(ACC)
+        fd = f * (theta - a)
+        grad += tl.load(scalars + TWO_LAM) * fd
+        penalty = fd * (theta - a)
+    if PROTECT == 1:
+        grad *= tl.load(row + FACTOR)
+    if PROTECT == 2:  # the EMA of grad_ema_protect (Finch 2009)
+        alpha = tl.load(row + ALPHA)
+        em_ptr = _ptr(tables, EMA_MEAN, num_tensors, t, ACC) + offs
+        ev_ptr = _ptr(tables, EMA_VAR, num_tensors, t, ACC) + offs
+        mean = tl.load(em_ptr, mask=mask, other=0)
+        d = grad - mean
+        var = (1 - alpha) * (tl.load(ev_ptr, mask=mask, other=0) + alpha * d * d)
+        importance = _sigmoid(var * tl.load(row + VAR_SCALE), ACC)  # exact: a threshold decides
+        tl.store(em_ptr, mean + alpha * d, mask=mask)
+        tl.store(ev_ptr, var, mask=mask)
+        grad = tl.where(importance > tl.load(scalars + THRESHOLD), (1 - importance) * grad, grad)
+    return grad, penalty
+
+
+@triton.jit
+def adamw_update(theta, m1, m2, grad, row, scalars, ACC: tl.constexpr, P: tl.constexpr, P_VIA_FP32: tl.constexpr):
+    """(new m1, new m2, new theta as stored in P): torch.optim.AdamW's update in its order."""
+    m1 = m1 + tl.load(scalars + BETA1_C) * (grad - m1)  # torch's lerp(m1, grad, 1 - beta1)
+    m2 = tl.load(scalars + BETA2) * m2 + tl.load(scalars + BETA2_C) * grad * grad
+    # correctly rounded sqrt and division, as torch's AdamW (Triton's fp32 defaults are sqrt.approx and div.full)
+    denom = _div(tl.sqrt_rn(m2), tl.load(row + BC2_SQRT), ACC) + tl.load(scalars + EPS)
+    new_theta = theta * tl.load(scalars + DECAY) - _div(tl.load(row + STEP_SIZE) * m1, denom, ACC)
+    if P_VIA_FP32:
+        new_theta = new_theta.to(tl.float32)
+    return m1, m2, new_theta.to(P)
+
+
+@triton.jit
 def _step_kernel(
     tables, blocks, num_tensors, num_blocks, per_tensor, scalars, skip_ptr, partials,
     ACC: tl.constexpr, P: tl.constexpr, G: tl.constexpr, A: tl.constexpr, F: tl.constexpr, EWC: tl.constexpr,
@@ -60,35 +104,16 @@ def _step_kernel(
     g_task = tl.load(scalars + GRAD_FACTOR) * tl.load(
         _ptr(tables, GRAD, num_tensors, t, G) + offs, mask=mask, other=0
     ).to(ACC)
-    grad = g_task
+    f = tl.zeros_like(theta)
     if EWC:
-        a = tl.load(_ptr(tables, ANCHOR, num_tensors, t, A) + offs, mask=mask, other=0).to(ACC)
         f = tl.load(_ptr(tables, FISHER, num_tensors, t, F) + offs, mask=mask, other=0).to(ACC)
-        fd = f * (theta - a)
-        grad += tl.load(scalars + TWO_LAM) * fd
-        tl.store(partials + pid, tl.sum(fd * (theta - a), axis=0))
-    if PROTECT == 1:
-        grad *= tl.load(row + FACTOR)
-    if PROTECT == 2:  # the EMA of grad_ema_protect (Finch 2009)
-        alpha = tl.load(row + ALPHA)
-        em_ptr = _ptr(tables, EMA_MEAN, num_tensors, t, ACC) + offs
-        ev_ptr = _ptr(tables, EMA_VAR, num_tensors, t, ACC) + offs
-        mean = tl.load(em_ptr, mask=mask, other=0)
-        d = grad - mean
-        var = (1 - alpha) * (tl.load(ev_ptr, mask=mask, other=0) + alpha * d * d)
-        importance = _sigmoid(var * tl.load(row + VAR_SCALE), ACC)  # exact: a threshold decides
-        tl.store(em_ptr, mean + alpha * d, mask=mask)
-        tl.store(ev_ptr, var, mask=mask)
-        grad = tl.where(importance > tl.load(scalars + THRESHOLD), (1 - importance) * grad, grad)
+    grad, penalty = protected_grad(tables, num_tensors, t, offs, mask, theta, g_task, f, row, scalars, ACC, A, EWC,
+                                   PROTECT)  # fmt: skip
+    if EWC:
+        tl.store(partials + pid, tl.sum(penalty, axis=0))
     m1 = tl.load(m1_ptr, mask=mask, other=0)
-    m1 = m1 + tl.load(scalars + BETA1_C) * (grad - m1)  # torch's lerp(m1, grad, 1 - beta1)
-    m2 = tl.load(scalars + BETA2) * tl.load(m2_ptr, mask=mask, other=0) + tl.load(scalars + BETA2_C) * grad * grad
-    # correctly rounded sqrt and division, as torch's AdamW (Triton's fp32 defaults are sqrt.approx and div.full)
-    denom = _div(tl.sqrt_rn(m2), tl.load(row + BC2_SQRT), ACC) + tl.load(scalars + EPS)
-    new_theta = theta * tl.load(scalars + DECAY) - _div(tl.load(row + STEP_SIZE) * m1, denom, ACC)
-    if P_VIA_FP32:
-        new_theta = new_theta.to(tl.float32)
-    stored = new_theta.to(P)
+    m2 = tl.load(m2_ptr, mask=mask, other=0)
+    m1, m2, stored = adamw_update(theta, m1, m2, grad, row, scalars, ACC, P, P_VIA_FP32)
     tl.store(m1_ptr, m1, mask=mask)
     tl.store(m2_ptr, m2, mask=mask)
     tl.store(p_ptr, stored, mask=mask)
@@ -109,6 +134,34 @@ def _check_lengths(params, lists, per_tensor, steps):
         raise RuntimeError("fastforget: steps must hold one one-element tensor per param")
 
 
+def step_tables(
+    steps, factors, alpha, var_scale, grad_scale, acc, device, lr, beta1, beta2, eps, weight_decay, lam, threshold,
+    maximize,
+):  # fmt: skip
+    """(per_tensor, scalars) on the device in acc, read by the kernels: per tensor (columns STEP_SIZE ..
+    VAR_SCALE) lr / (1 - beta1^k), sqrt(1 - beta2^k) with k = step + 1 and the protection's values (1 where unused);
+    the scalars GRAD_FACTOR .. THRESHOLD."""
+    k = torch.stack([s.reshape(()) for s in steps]).double() + 1  # bias corrections in fp64, as torch's
+    ones = torch.ones(len(steps), dtype=acc, device=device)
+    per_tensor = torch.stack(
+        [
+            (lr / (1 - torch.pow(beta1, k))).to(acc),
+            torch.sqrt(1 - torch.pow(beta2, k)).to(acc),
+            ones if factors is None else factors.to(acc),
+            ones if alpha is None else alpha.to(acc),
+            ones if var_scale is None else var_scale.to(acc),
+        ],
+        dim=1,
+    ).contiguous()
+    grad_factor = torch.full((), -1.0 if maximize else 1.0, dtype=acc, device=device)
+    if grad_scale is not None:
+        grad_factor = grad_factor / grad_scale.reshape(()).to(acc)
+    rest = torch.tensor(
+        [2 * lam, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, threshold], dtype=acc, device=device
+    )
+    return per_tensor, torch.cat([grad_factor.reshape(1), rest])
+
+
 def protected_adamw_step(
     params, grads, exp_avg, exp_avg_sq, steps, anchors, fisher, factors, ema_mean, ema_var, alpha, var_scale,
     omega, grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay, lam, threshold, maximize,
@@ -124,26 +177,8 @@ def protected_adamw_step(
     grads, anchors, fisher = contiguous(grads), contiguous(anchors), contiguous(fisher)
     skip = torch.zeros((), dtype=torch.bool, device=device) if found_inf is None else found_inf.reshape(()) != 0
     with on_device(device):
-        k = torch.stack([s.reshape(()) for s in steps]).double() + 1  # bias corrections in fp64, as torch's
-        count = len(params)
-        ones = torch.ones(count, dtype=acc, device=device)
-        per_tensor = torch.stack(
-            [
-                (lr / (1 - torch.pow(beta1, k))).to(acc),
-                torch.sqrt(1 - torch.pow(beta2, k)).to(acc),
-                ones if factors is None else factors.to(acc),
-                ones if alpha is None else alpha.to(acc),
-                ones if var_scale is None else var_scale.to(acc),
-            ],
-            dim=1,
-        ).contiguous()
-        grad_factor = torch.full((), -1.0 if maximize else 1.0, dtype=acc, device=device)
-        if grad_scale is not None:
-            grad_factor = grad_factor / grad_scale.reshape(()).to(acc)
-        rest = torch.tensor(
-            [2 * lam, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, threshold], dtype=acc, device=device
-        )
-        scalars = torch.cat([grad_factor.reshape(1), rest])
+        per_tensor, scalars = step_tables(steps, factors, alpha, var_scale, grad_scale, acc, device, lr, beta1, beta2,
+                                          eps, weight_decay, lam, threshold, maximize)  # fmt: skip
         roles = [work, grads, exp_avg, exp_avg_sq]
         roles += [anchors or work, fisher or work, ema_mean or work, ema_var or work, omega or work]
         groups, total_blocks = launch_groups(roles, BLOCK)

@@ -35,9 +35,11 @@ from fastforget.ops.fisher_update import fisher_update_ref
 from fastforget.ops.grad_ema import grad_ema_protect_ref, grad_ema_stats_ref
 from fastforget.ops.grad_moments import grad_moments_ref
 from fastforget.ops.mofo import BINS, NONE_SELECTED, _digits, mofo_histogram_ref, mofo_update_ref
+from fastforget.ops.protected_adamw8bit_step import protected_adamw8bit_step_ref
 from fastforget.ops.protected_adamw_step import protected_adamw_step_ref
 from fastforget.ops.scale_grads import scale_grads_ref
 from fastforget.ops.weight_merge import weight_merge_ref
+from fastforget.quantize import dynamic_map, quantize_blockwise
 from fastforget.testing import TOLERANCES, assert_close
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -45,7 +47,7 @@ CXX = os.environ.get("CXX", "g++")
 FLAGS = ["-std=c++17", "-O1", "-shared", "-fPIC", "-U_FORTIFY_SOURCE", "-Wall", "-Wno-unknown-pragmas"]
 SEEDS = (0, 1, 2)
 CHUNK, BLOCK = 4096, 256  # multi_tensor.cuh's kChunkSize and kBlockThreads
-CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3, torch.uint8: 4}
 
 pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX})")
 
@@ -323,6 +325,35 @@ class Emulator:
                    ctypes.c_double(1 - lr * weight_decay), ctypes.c_double(eps), _ptr(skip),
                    int(acc == torch.float64))  # fmt: skip
         _copy_back(params, work)
+
+    def protected_adamw8bit_step(self, params, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
+                                 qmap_signed, qmap_unsigned, steps, anchors, fisher, fisher_absmax, factors, ema_mean,
+                                 ema_var, alpha, var_scale, omega, grad_scale, found_inf, lr, beta1, beta2, eps,
+                                 weight_decay, lam, threshold, maximize):  # fmt: skip
+        work = _contiguous(params)
+        roles = [work, _contiguous(grads), exp_avg, exp_avg_sq, _contiguous(anchors), _contiguous(fisher), ema_mean,
+                 ema_var, omega, exp_avg_absmax, exp_avg_sq_absmax, fisher_absmax]  # fmt: skip
+        k = torch.stack(steps).reshape(-1).double() + 1  # adamw_device_args of adamw_binding.h
+        ones = torch.ones(len(params))
+        table = torch.stack(
+            [(lr / (1 - beta1**k)).float(), (1 - beta2**k).sqrt().float()]
+            + [ones if t is None else t.reshape(-1).float() for t in (factors, alpha, var_scale)],
+            1,
+        ).contiguous()
+        grad_factor = torch.full((), -1.0 if maximize else 1.0)
+        if grad_scale is not None:
+            grad_factor = grad_factor / grad_scale.reshape(()).float()
+        skip = torch.zeros(()) if found_inf is None else found_inf.reshape(()).float()
+        scalars = (ctypes.c_double * 7)(2 * lam, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, threshold)
+        protect = 1 if factors is not None else 2 if ema_mean else 0
+        penalty = torch.empty(())
+        self._call("ff_emu_protected_adamw8bit_step", self._lists(roles), int(bool(anchors)), protect,
+                   int(bool(omega)), _ptr(table), _ptr(grad_factor), scalars, _ptr(qmap_signed.contiguous()),
+                   _ptr(qmap_unsigned.contiguous()), _ptr(skip), ctypes.c_double(lam), _ptr(penalty))  # fmt: skip
+        _copy_back(params, work)
+        for step in steps:
+            step.add_((1 - skip).to(step.dtype))
+        return penalty
 
     def anchored_lm_loss_rows(self, logits, ref, labels, weights, scale, kl_weight, temperature, reverse, ignore,
                               dft=False):  # fmt: skip
@@ -646,6 +677,79 @@ def test_protected_adamw_step(emu, case, size, dtype):
     expected = call(protected_adamw_step_ref, *fresh())
     for a, e in zip(got, expected):
         agree(a, e)
+
+
+ADAMW8BIT_CASES = {
+    # name: (ewc: None / "float" / "8bit", protection, si, found_inf, maximize)
+    "plain": (None, None, False, False, False),
+    "ewc-float-si": ("float", None, True, False, False),
+    "ewc-8bit-tensor": ("8bit", "tensor", False, False, True),
+    "element-si": (None, "element", True, False, False),
+    "ewc-8bit-element-si-found-inf": ("8bit", "element", True, True, False),
+}
+
+
+def quantized(values, signed):
+    """The (codes, absmax) lists of fp32 values."""
+    pairs = [quantize_blockwise(v, dynamic_map(signed)) for v in values]
+    return [c for c, _ in pairs], [a for _, a in pairs]
+
+
+def agree_codes(actual, expected):
+    """Equal codes but where the two sides' fp32 moments straddle a midpoint of the map (then one apart): rare."""
+    differ = actual != expected
+    assert int(differ.sum()) <= max(2, actual.numel() // 500), f"{int(differ.sum())} of {actual.numel()} codes differ"
+    assert not differ.any() or int((actual.int() - expected.int()).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("case", list(ADAMW8BIT_CASES))
+@pytest.mark.parametrize("size", [1, BLOCK - 1, BLOCK + 1, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_protected_adamw8bit_step(emu, case, size, dtype):
+    """The 8-bit kernel against dequantize -> the 32-bit reference -> quantize: one warp per quantization block,
+    partial blocks and chunks, empty tensors in the list, an all-zero block (absmax 0)."""
+    ewc, protection, si, found_inf, maximize = ADAMW8BIT_CASES[case]
+    gen = torch.Generator().manual_seed(size)
+    shapes = shapes_of(size, "many" if size % 2 else "one")
+    params = [randn(n, dtype, gen) for n in shapes]
+    grads = [randn(n, torch.bfloat16 if i % 2 else dtype, gen) for i, n in enumerate(shapes)]
+    m1 = [randn(n, torch.float32, gen, 0.1) for n in shapes]
+    m1[0][:BLOCK] = 0
+    state = [*quantized(m1, True), *quantized([torch.rand(n, generator=gen) for n in shapes], False)]
+    steps = [torch.tensor(float(3 + i)) for i in range(len(shapes))]
+    anchors = [(p.float() + 0.1 * randn(p.shape, torch.float32, gen)).to(torch.bfloat16) for p in params]
+    fisher = [torch.rand(n, generator=gen) for n in shapes]
+    fisher, fisher_absmax = quantized(fisher, False) if ewc == "8bit" else (fisher, [])
+    if not ewc:
+        anchors, fisher = [], []
+    factors = torch.rand(len(shapes), generator=gen) if protection == "tensor" else None
+    element = protection == "element"
+    ema = [[randn(n, torch.float32, gen, 0.1) for n in shapes], [torch.rand(n, generator=gen) for n in shapes]]
+    alpha = torch.full((len(shapes),), 0.3) if element else None
+    var_scale = torch.full((len(shapes),), 2.0) if element else None
+    omega = [torch.zeros(n) for n in shapes] if si else []
+    grad_scale = torch.tensor(2.0)
+    inf = torch.tensor(1.0 if found_inf else 0.0)
+    hyper = (1e-2, 0.9, 0.999, 1e-8, 0.01, 0.3, 0.5, maximize)
+    maps = (dynamic_map(True), dynamic_map(False))
+
+    def fresh():
+        codes1, absmax1, codes2, absmax2 = state
+        mutable = [params, codes1, codes2, absmax1, absmax2, steps, *(ema if element else ([], [])), omega]
+        return [[t.clone() for t in lst] for lst in mutable]
+
+    def call(op, p, c1, c2, a1, a2, k, em, ev, om):
+        penalty = op(p, grads, c1, c2, a1, a2, *maps, k, anchors, fisher, fisher_absmax, factors, em, ev, alpha,
+                     var_scale, om, grad_scale, inf, *hyper)  # fmt: skip
+        return [penalty, *p, *c1, *c2, *a1, *a2, *k, *em, *ev, *om]
+
+    got = under_seeds(emu, lambda: call(emu.protected_adamw8bit_step, *fresh()))
+    expected = call(protected_adamw8bit_step_ref, *fresh())
+    for a, e in zip(got, expected):
+        if e.dtype == torch.uint8:
+            agree_codes(a, e)
+        else:
+            agree(a, e)
 
 
 def anchored_rows_ref(logits, ref, labels, weights, scale, kl_weight, temperature, reverse, ignore, dft=False):
@@ -1049,6 +1153,12 @@ MUTATIONS = {
         "    if (digit >= 0) atomicAdd(&counts[digit], 1);\n  }\n  __syncthreads();\n",
         "    if (digit >= 0) atomicAdd(&counts[digit], 1);\n  }\n",
         lambda emu: test_mofo_histogram(emu, CHUNK, torch.float32),
+    ),
+    "8-bit absmax of one lane, not the warp's": (
+        "protected_adamw8bit_step.cuh",
+        "    max1 = warp_max(max1);\n",
+        "",
+        lambda emu: test_protected_adamw8bit_step(emu, "plain", BLOCK + 1, torch.float32),
     ),
     "barrier in divergent code": (
         "grad_moments.cuh",

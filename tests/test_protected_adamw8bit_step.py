@@ -72,7 +72,7 @@ def make_case(shapes, param_dtype, parts, device, seed=0, anchor_dtype=torch.flo
             ema_mean=[rand(s) for s in shapes],
             ema_var=[rand(s, positive=True) for s in shapes],
             alpha=torch.linspace(0.1, 1.0, count, device=device),
-            var_scale=torch.full((count,), 2.0, device=device),
+            var_scale=torch.full((count,), 0.25, device=device),  # unsaturated: 1 - sigmoid keeps its digits
         )
     if "si" in parts:
         kw.update(omega=[rand(s) for s in shapes])

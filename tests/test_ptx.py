@@ -37,6 +37,7 @@ EXACT_MATH_KERNELS = (
     "_merge_moments_kernel",
     "_step_kernel",
     "_update_kernel",
+    "_step8bit_kernel",
 )
 SHOWN_CONSTEXPRS = ("PASS", "ALIGNED", "KEEP_A", "RANK", "KEEP_C", "BIAS", "BLOCK_N", "SPLIT")
 APPROXIMATE = re.compile(r"\b(?:ex2\.approx|lg2\.approx|div\.full|div\.approx|rcp\.approx|sqrt\.approx)[\w.]*")
@@ -115,10 +116,12 @@ def _workloads():
         grad_moments,
         lora_linear,
         mofo,
+        protected_adamw8bit_step,
         protected_adamw_step,
         scale_grads,
         weight_merge,
     )
+    from fastforget.quantize import dynamic_map
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
     for label in LIST_DTYPES:
@@ -167,6 +170,27 @@ def _workloads():
                        torch.tensor([5, -1]), [p.clone() for p in params], [m.clone() for m in moments], None, None,
                        1e-3, 0.9, 0.999, 1e-8, 0.01, False)  # fmt: skip
         yield label, mofo.mofo_update, update_args
+    for label in ("fp32", "bf16"):  # the 8-bit step: plain, EWC (float Fisher) + factors, EWC (8-bit) + element + SI
+        params = [torch.zeros(2 * 4096 + 100, dtype=dtypes[label]), torch.zeros(4097, dtype=dtypes[label])[1:]]
+
+        def codes(params=params):
+            return [torch.zeros(p.shape, dtype=torch.uint8) for p in params]
+
+        def absmax(params=params):
+            return [torch.zeros(-(-p.numel() // 256)) for p in params]
+
+        def state(params=params):
+            return [torch.zeros(p.shape) for p in params]
+
+        steps, count = [torch.zeros(1) for _ in params], torch.full((2,), 0.5)
+        step = protected_adamw8bit_step.protected_adamw8bit_step
+        base = (params, [p.clone() for p in params], codes(), codes(), absmax(), absmax(), dynamic_map(True),
+                dynamic_map(False), steps)  # fmt: skip
+        hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01, 0.5, 0.1, False)
+        yield label, step, (*base, [], [], [], None, [], [], None, None, [], None, None, *hyper)
+        yield label, step, (*base, state(), state(), [], count, [], [], None, None, [], None, None, *hyper)
+        ewc8 = (state(), codes(), absmax(), None, state(), state(), count, count, state(), None, None)
+        yield label, step, (*base, *ewc8, *hyper)
     for label in ("fp32", "bf16"):  # anchored LM loss rows: a vocabulary that is no multiple of the block
         logits = torch.zeros(8, 32001, dtype=dtypes[label])
         labels, weights, scale = torch.zeros(8, dtype=torch.long), torch.ones(8), torch.ones(1)

@@ -39,6 +39,7 @@ inline int64_t code_of(at::ScalarType type) {
     case at::kBFloat16: return gpu::kBFloat16;
     case at::kHalf: return gpu::kFloat16;
     case at::kDouble: return gpu::kFloat64;
+    case at::kByte: return gpu::kUInt8;  // the codes of a block-wise 8-bit state
     default: return checks::kUnsupported;
   }
 }

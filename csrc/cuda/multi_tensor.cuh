@@ -31,7 +31,8 @@ constexpr int kBlockThreads = 256;
 constexpr int64_t kChunkSize = 4096;        // elements per block: 16 per thread
 constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit
 
-enum DtypeCode : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+// kUInt8: the codes of a block-wise 8-bit state (read by the op's kernel itself, never by load/store).
+enum DtypeCode : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3, kUInt8 = 4 };
 
 template <int R>
 struct TensorMeta {

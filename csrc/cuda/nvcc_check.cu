@@ -10,6 +10,7 @@
 #include "grad_moments.cuh"
 #include "mofo.cuh"
 #include "multi_tensor.cuh"
+#include "protected_adamw8bit_step.cuh"
 #include "protected_adamw_step.cuh"
 #include "scale_grads.cuh"
 #include "weight_merge.cuh"
@@ -82,6 +83,12 @@ template cudaError_t launch_protected_adamw_step<float>(const int64_t*, int64_t,
 template cudaError_t launch_protected_adamw_step<double>(const int64_t*, int64_t, int64_t, bool, int, bool,
                                                          const double*, const double*, AdamwScalars<double>,
                                                          const float*, double*, double, double*, cudaStream_t);
+template void plan_blocks<Adamw8bitMeta>(int64_t*, int64_t);
+template int64_t meta_words<Adamw8bitMeta>(int64_t, int64_t);
+template cudaError_t launch_protected_adamw8bit_step<float>(const int64_t*, int64_t, int64_t, bool, int, bool,
+                                                            const float*, const float*, AdamwScalars<float>,
+                                                            const float*, const float*, const float*, float*, float,
+                                                            float*, cudaStream_t);
 
 template cudaError_t launch_anchored_lm_loss_rows<float, float>(const float*, const float*, const int64_t*,
                                                                  const float*, const float*, float*, float*, int64_t,

@@ -1,15 +1,8 @@
 // CUDA binding of protected_adamw_step (schema: fastforget/_schemas.py; kernels: protected_adamw_step.cuh).
 // Everything is read on the device (steps, found_inf, grad_scale, the per-tensor tensors): no host sync.
 #include <ATen/Dispatch.h>
-#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/ones.h>
-#include <ATen/ops/pow.h>
-#include <ATen/ops/sqrt.h>
-#include <ATen/ops/stack.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,6 +10,7 @@
 
 #include "../common.h"
 #include "../protected_adamw_step.h"
+#include "adamw_binding.h"
 #include "binding.h"
 #include "protected_adamw_step.cuh"
 
@@ -24,20 +18,6 @@ namespace fastforget {
 namespace {
 
 static_assert(gpu::kAdamwParam == 0, "pack_meta takes the tensor count, sizes and device from role 0");
-
-// num_tensors x kAdamwColumns: lr / (1 - beta1^k), sqrt(1 - beta2^k) with k = step + 1, and the protection's
-// per-tensor values (1 where unused), computed on the device.
-at::Tensor per_tensor_table(at::TensorList steps, const std::optional<at::Tensor>& factors,
-                            const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& var_scale,
-                            const at::TensorOptions& options, double lr, double beta1, double beta2) {
-  const at::Tensor k = at::stack(steps).reshape({-1}).to(at::kDouble) + 1;  // bias corrections in fp64, as torch's
-  const at::Tensor ones = at::ones({static_cast<int64_t>(steps.size())}, options);
-  const auto or_ones = [&](const std::optional<at::Tensor>& t) { return t ? t->reshape({-1}).to(options) : ones; };
-  return at::stack({(lr / (1 - at::pow(beta1, k))).to(options), at::sqrt(1 - at::pow(beta2, k)).to(options),
-                    or_ones(factors), or_ones(alpha), or_ones(var_scale)},
-                   1)
-      .contiguous();
-}
 
 at::Tensor protected_adamw_step_cuda(
     at::TensorList params_, at::TensorList grads_, at::TensorList exp_avg, at::TensorList exp_avg_sq,
@@ -65,27 +45,20 @@ at::Tensor protected_adamw_step_cuda(
       {params, grads, exp_avg, exp_avg_sq, anchors, fisher, ema_mean, ema_var, omega},
       gpu::SetIndex{});
   const auto options = params[0].options().dtype(acc);
-  const at::Tensor table = per_tensor_table(steps, factors, alpha, var_scale, options, lr, beta1, beta2);
-  at::Tensor grad_factor = at::full({}, maximize ? -1.0 : 1.0, options);
-  if (grad_scale) grad_factor = grad_factor / grad_scale->reshape({}).to(options);
-  const at::Tensor skip = found_inf ? found_inf->reshape({}).to(options.dtype(at::kFloat))
-                                    : at::zeros({}, options.dtype(at::kFloat));
+  const AdamwDeviceArgs args =
+      adamw_device_args(steps, factors, alpha, var_scale, grad_scale, found_inf, options, lr, beta1, beta2, maximize);
   at::Tensor partials = at::empty({std::max<int64_t>(meta.num_blocks, 1)}, options);
   at::Tensor penalty = at::empty({}, options);
   AT_DISPATCH_FLOATING_TYPES(acc, "protected_adamw_step_cuda", [&] {
-    const gpu::AdamwScalars<scalar_t> s{static_cast<scalar_t>(2 * lam),      static_cast<scalar_t>(1 - lr * weight_decay),
-                                        static_cast<scalar_t>(1 - beta1),    static_cast<scalar_t>(beta2),
-                                        static_cast<scalar_t>(1 - beta2),    static_cast<scalar_t>(eps),
-                                        static_cast<scalar_t>(threshold)};
     C10_CUDA_CHECK(gpu::launch_protected_adamw_step<scalar_t>(
         meta.words.data_ptr<int64_t>(), static_cast<int64_t>(params.size()), meta.num_blocks, ewc, protect, si,
-        table.data_ptr<scalar_t>(), grad_factor.data_ptr<scalar_t>(), s,
-        skip.data_ptr<float>(), partials.data_ptr<scalar_t>(), static_cast<scalar_t>(lam), penalty.data_ptr<scalar_t>(),
+        args.table.data_ptr<scalar_t>(), args.grad_factor.data_ptr<scalar_t>(),
+        adamw_scalars<scalar_t>(lr, beta1, beta2, eps, weight_decay, lam, threshold), args.skip.data_ptr<float>(),
+        partials.data_ptr<scalar_t>(), static_cast<scalar_t>(lam), penalty.data_ptr<scalar_t>(),
         c10::cuda::getCurrentCUDAStream()));
   });
   copy_back(params_, params);
-  const at::Tensor taken = 1 - skip;  // steps += 1 unless skipped
-  for (const auto& step : steps) step.add_(taken.to(step.scalar_type()));
+  advance_steps(steps, args.skip);
   return penalty;
 }
 

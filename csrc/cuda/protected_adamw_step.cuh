@@ -44,6 +44,33 @@ struct AdamwScalars {
   acc_t two_lam, decay, beta1_complement, beta2, beta2_complement, eps, threshold;  // decay = 1 - lr wd
 };
 
+// The gradient AdamW takes for element i of t: g_task, plus the EWC term 2 lam F (theta - anchor) (adding
+// F (theta - anchor)^2 to penalty_sum), times the tensor's protection factor or the element EMA protection's
+// (updating ema_mean, ema_var). Shared with the 8-bit step (protected_adamw8bit_step.cuh), whose records start
+// with these roles; `fisher` is F (unused without EWC).
+template <typename acc_t, bool kEwc, int kProtect, int R>
+__device__ __forceinline__ acc_t protected_grad(const TensorMeta<R>& t, int64_t i, acc_t theta, acc_t g_task,
+                                                acc_t fisher, const acc_t* row, const AdamwScalars<acc_t>& s,
+                                                acc_t& penalty_sum) {
+  acc_t grad = g_task;
+  if constexpr (kEwc) {
+    const auto [d, fd] = math::ewc_term(theta, load<acc_t>(t, kAdamwAnchor, i), fisher);
+    penalty_sum += fd * d;
+    grad += s.two_lam * fd;
+  }
+  if constexpr (kProtect == kProtectTensor) grad *= row[kFactor];
+  if constexpr (kProtect == kProtectElement) {
+    auto* em = reinterpret_cast<acc_t*>(t.ptr[kAdamwEmaMean]);
+    auto* ev = reinterpret_cast<acc_t*>(t.ptr[kAdamwEmaVar]);
+    const acc_t alpha = row[kAlpha], mean = em[i];
+    const acc_t var = math::ema_var(grad, mean, ev[i], alpha, acc_t(1) - alpha);
+    em[i] = math::ema_mean(grad, mean, alpha);
+    ev[i] = var;
+    grad *= math::protection_factor(exp(-(var * row[kVarScale])), s.threshold);
+  }
+  return grad;
+}
+
 template <typename acc_t, bool kEwc, int kProtect, bool kSi>
 __global__ void __launch_bounds__(kBlockThreads)
     protected_adamw_kernel(const int64_t* meta_words, int64_t num_tensors, const acc_t* per_tensor,
@@ -61,22 +88,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t i = begin + threadIdx.x; i < end; i += kBlockThreads) {
     const acc_t theta = load<acc_t>(t, kAdamwParam, i);
     const acc_t g_task = scale * load<acc_t>(t, kAdamwGrad, i);
-    acc_t grad = g_task;
-    if constexpr (kEwc) {
-      const auto [d, fd] = math::ewc_term(theta, load<acc_t>(t, kAdamwAnchor, i), load<acc_t>(t, kAdamwFisher, i));
-      sum += fd * d;
-      grad += s.two_lam * fd;
-    }
-    if constexpr (kProtect == kProtectTensor) grad *= row[kFactor];
-    if constexpr (kProtect == kProtectElement) {
-      auto* em = reinterpret_cast<acc_t*>(t.ptr[kAdamwEmaMean]);
-      auto* ev = reinterpret_cast<acc_t*>(t.ptr[kAdamwEmaVar]);
-      const acc_t alpha = row[kAlpha], mean = em[i];
-      const acc_t var = math::ema_var(grad, mean, ev[i], alpha, acc_t(1) - alpha);
-      em[i] = math::ema_mean(grad, mean, alpha);
-      ev[i] = var;
-      grad *= math::protection_factor(exp(-(var * row[kVarScale])), s.threshold);
-    }
+    const acc_t fisher = kEwc ? load<acc_t>(t, kAdamwFisher, i) : acc_t(0);
+    const acc_t grad = protected_grad<acc_t, kEwc, kProtect>(t, i, theta, g_task, fisher, row, s, sum);
     const auto [mi, vi] = math::adamw_moments(m1[i], m2[i], grad, s.beta1_complement, s.beta2, s.beta2_complement);
     m1[i] = mi;
     m2[i] = vi;

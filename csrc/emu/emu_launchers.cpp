@@ -21,6 +21,7 @@
 #include "../cuda/grad_moments.cuh"
 #include "../cuda/mofo.cuh"
 #include "../cuda/multi_tensor.cuh"
+#include "../cuda/protected_adamw8bit_step.cuh"
 #include "../cuda/protected_adamw_step.cuh"
 #include "../cuda/scale_grads.cuh"
 #include "../cuda/weight_merge.cuh"
@@ -64,6 +65,13 @@ checks::AccCode acc_code(int acc_fp64) { return acc_fp64 ? gpu::kFloat64 : gpu::
 int refuse(const std::string& message) {
   ff_emu::sched().last_message = message;
   return cudaErrorInvalidValue;
+}
+
+// gpu::AdamwScalars from two_lam, decay, beta1_complement, beta2, beta2_complement, eps, threshold (its order).
+template <typename acc_t>
+gpu::AdamwScalars<acc_t> adamw_scalars(const double* v) {
+  return {static_cast<acc_t>(v[0]), static_cast<acc_t>(v[1]), static_cast<acc_t>(v[2]), static_cast<acc_t>(v[3]),
+          static_cast<acc_t>(v[4]), static_cast<acc_t>(v[5]), static_cast<acc_t>(v[6])};
 }
 
 }  // namespace
@@ -210,15 +218,11 @@ int ff_emu_protected_adamw_step(const LaunchLists* lists, int ewc, int protect, 
   const Packed m = pack<gpu::AdamwMeta>(*lists, gpu::SetIndex{});
   return dispatch(acc_fp64, [&](auto zero) {
     using acc_t = decltype(zero);
-    const gpu::AdamwScalars<acc_t> s{static_cast<acc_t>(scalars[0]), static_cast<acc_t>(scalars[1]),
-                                     static_cast<acc_t>(scalars[2]), static_cast<acc_t>(scalars[3]),
-                                     static_cast<acc_t>(scalars[4]), static_cast<acc_t>(scalars[5]),
-                                     static_cast<acc_t>(scalars[6])};
     std::vector<acc_t> partials(m.num_blocks > 1 ? m.num_blocks : 1);
     return gpu::launch_protected_adamw_step<acc_t>(
         m.words.data(), n, m.num_blocks, ewc != 0, protect, si != 0, static_cast<const acc_t*>(per_tensor),
-        static_cast<const acc_t*>(grad_factor), s, found_inf, partials.data(), static_cast<acc_t>(lam),
-        static_cast<acc_t*>(penalty), nullptr);
+        static_cast<const acc_t*>(grad_factor), adamw_scalars<acc_t>(scalars), found_inf, partials.data(),
+        static_cast<acc_t>(lam), static_cast<acc_t*>(penalty), nullptr);
   });
 }
 
@@ -257,6 +261,21 @@ int ff_emu_mofo_update(const LaunchLists* lists, int si, const void* per_tensor,
                                           static_cast<const acc_t*>(grad_factor), static_cast<acc_t>(decay),
                                           static_cast<acc_t>(eps), found_inf, nullptr);
   });
+}
+
+// As ff_emu_protected_adamw_step (acc_t float: the 8-bit step's params are 16- or 32-bit), with
+// gpu::Adamw8bitMeta's roles and the two maps.
+int ff_emu_protected_adamw8bit_step(const LaunchLists* lists, int ewc, int protect, int si, const float* per_tensor,
+                                    const float* grad_factor,
+                                    const double* scalars, const float* qmap_signed, const float* qmap_unsigned,
+                                    const float* found_inf, double lam, float* penalty) {
+  const int64_t n = lists->length[0];
+  const Packed m = pack<gpu::Adamw8bitMeta>(*lists, gpu::SetIndex{});
+  std::vector<float> partials(m.num_blocks > 1 ? m.num_blocks : 1);
+  return gpu::launch_protected_adamw8bit_step<float>(
+      m.words.data(), n, m.num_blocks, ewc != 0, protect, si != 0, per_tensor, grad_factor,
+      adamw_scalars<float>(scalars), qmap_signed, qmap_unsigned, found_inf, partials.data(), static_cast<float>(lam),
+      penalty, nullptr);
 }
 
 // logits_dtype: a gpu::DtypeCode (acc_t is double for fp64 logits, else float).
