@@ -196,12 +196,14 @@ def test_the_forgetting_callback_measures_what_evaluate_does(tmp_path, corpora):
         assert result["curve"][-1][name] == result["ce"][name]
 
 
-def test_ewc_logs_each_estimators_fisher_scale_and_sweeps_lambda_with_it(tmp_path, corpora):
+def test_ewc_logs_each_estimators_fisher_scale_and_sweeps_lambda_with_it(tmp_path, corpora, monkeypatch):
     """Every EWC consolidation's Fisher scale is in the run (A's first): equal to ff.estimate_fisher of the
     pre-trained model on the sequences the trainer's end_task reads; estimator_sweep runs ewc's lambdas again with
     each estimator, and the batch Fisher is the smaller."""
+    from fastforget import ewc as ewc_module
     from fastforget.transformers import hf_batch_loss
 
+    monkeypatch.setattr(ewc_module, "_warned", set())  # the batch-scale warning is once per process
     config = replace(TINY, pretrain_steps=4, steps=4, cache=str(tmp_path), estimator_sweep=("batch",))
     with pytest.warns(UserWarning, match="estimator='batch' squares each batch's mean gradient"):
         result = lm.run_lm(config, ("ewc",), 1, "cpu", "auto")
