@@ -87,7 +87,6 @@ __global__ void __launch_bounds__(kBlockThreads)
        first += kWarps * math::kQuantBlock) {
     float new_m1[kLaneElements], new_m2[kLaneElements];  // the new moments as quantized (fp32)
     float max1 = 0.0f, max2 = 0.0f;
-#pragma unroll
     for (int j = 0; j < kLaneElements; ++j) {
       const int64_t i = first + lane + 32 * j;
       new_m1[j] = new_m2[j] = 0.0f;
@@ -121,7 +120,6 @@ __global__ void __launch_bounds__(kBlockThreads)
       absmax2[first / math::kQuantBlock] = max2;
     }
     const float inverse1 = math::inverse_absmax(max1), inverse2 = math::inverse_absmax(max2);
-#pragma unroll
     for (int j = 0; j < kLaneElements; ++j) {
       const int64_t i = first + lane + 32 * j;
       if (i >= end) continue;
